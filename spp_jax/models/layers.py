@@ -1,0 +1,135 @@
+"""Layer specs and the small layers the Table-1 backbones are built from.
+
+A backbone is a tuple of specs (:class:`Conv`, :class:`Pool`, :class:`LRN`);
+the Flax module and the receptive-field geometry are both derived from the same
+tuple, so they cannot disagree.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax.numpy as jnp
+from jax import lax
+
+
+@dataclasses.dataclass(frozen=True)
+class Conv:
+    """k x k convolution, ``features`` outputs, stride, symmetric zero padding, then ReLU."""
+
+    name: str
+    features: int
+    kernel: int
+    stride: int = 1
+    pad: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Pool:
+    """k x k max pooling.
+
+    ceil_mode=True is Caffe's rule (output ceil((in - k) / s) + 1; the last window
+    may hang over the right/bottom edge, where it sees only real cells), which the
+    released ZF-5 uses to get 55 and 13; False is the usual floor rule.
+    """
+
+    name: str
+    kernel: int
+    stride: int
+    ceil_mode: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class LRN:
+    """Local response normalisation.
+
+    within_channel (Caffe WITHIN_CHANNEL, the released ZF-5: size 3, alpha 5e-5,
+    beta 0.75): x / (1 + alpha * mean_{size x size window} x^2) ** beta, the window
+    zero-padded so the mean always divides by size*size (as Caffe's AVE pooling
+    over the padded map does).
+    across_channels (AlexNet / cuda-convnet, size 5, alpha 1e-4, beta 0.75):
+    x / (k + alpha / size * sum_{size neighbouring channels} x^2) ** beta.
+    """
+
+    name: str
+    size: int = 3
+    alpha: float = 5e-5
+    beta: float = 0.75
+    within_channel: bool = True
+    k: float = 1.0
+
+
+def conv_out(size: int, spec: Conv) -> int:
+    return (size + 2 * spec.pad - spec.kernel) // spec.stride + 1
+
+
+def pool_out(size: int, spec: Pool) -> int:
+    if spec.ceil_mode:
+        return -(-(size - spec.kernel) // spec.stride) + 1
+    return (size - spec.kernel) // spec.stride + 1
+
+
+def spec_out_size(size: int, spec) -> int:
+    """Output side length of one layer for an input side length (ints)."""
+    if isinstance(spec, Conv):
+        out = conv_out(size, spec)
+    elif isinstance(spec, Pool):
+        out = pool_out(size, spec)
+    else:
+        out = size
+    if out < 1:
+        raise ValueError(f"input side {size} is too small for layer {spec.name} "
+                         f"(kernel {getattr(spec, 'kernel', '?')}): output side {out}")
+    return out
+
+
+def max_pool(x, spec: Pool):
+    """(B, H, W, C) -> max pooled (B, H', W', C) with Caffe ceil mode if asked."""
+    h, w = x.shape[1], x.shape[2]
+    oh, ow = spec_out_size(h, spec), spec_out_size(w, spec)
+    # Extra right/bottom padding with -inf so the ceil-mode last window sees only real cells.
+    ph = max(0, (oh - 1) * spec.stride + spec.kernel - h)
+    pw = max(0, (ow - 1) * spec.stride + spec.kernel - w)
+    return lax.reduce_window(x, -jnp.inf, lax.max, (1, spec.kernel, spec.kernel, 1),
+                             (1, spec.stride, spec.stride, 1),
+                             ((0, 0), (0, ph), (0, pw), (0, 0)))
+
+
+def _pow_neg_beta(s, beta: float):
+    # s ** -0.75 as rsqrt(s) * sqrt(rsqrt(s)): avoids a general pow (exp/log), which
+    # costs a large share of ZF-5's forward time on CPU.
+    if beta == 0.75:
+        r = lax.rsqrt(s)
+        return r * jnp.sqrt(r)
+    return s ** (-beta)
+
+
+def lrn(x, spec: LRN):
+    """Local response normalisation of (B, H, W, C) maps (see :class:`LRN`)."""
+    sq = jnp.square(x)
+    if spec.within_channel:
+        p = spec.size // 2
+        total = lax.reduce_window(sq, 0.0, lax.add, (1, spec.size, spec.size, 1), (1, 1, 1, 1),
+                                  ((0, 0), (p, p), (p, p), (0, 0)))
+        scale = spec.k + spec.alpha * total / (spec.size * spec.size)
+    else:
+        p = spec.size // 2
+        total = lax.reduce_window(sq, 0.0, lax.add, (1, 1, 1, spec.size), (1, 1, 1, 1),
+                                  ((0, 0), (0, 0), (0, 0), (p, p)))
+        scale = spec.k + spec.alpha / spec.size * total
+    return x * _pow_neg_beta(scale, spec.beta)
+
+
+def receptive_layers(specs):
+    """(kernel, stride, left_pad) of every layer that moves cell centres, in order."""
+    out = []
+    for s in specs:
+        if isinstance(s, Conv):
+            out.append((s.kernel, s.stride, s.pad))
+        elif isinstance(s, Pool):
+            out.append((s.kernel, s.stride, 0))
+    return out
+
+
+def total_stride(specs) -> int:
+    return math.prod(k[1] for k in receptive_layers(specs))

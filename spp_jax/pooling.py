@@ -1,0 +1,171 @@
+"""Spatial pyramid pooling of whole feature maps: ``spp_jax.pool``.
+
+The pooled vector of a (B, H, W, C) map is laid out as
+
+    [level 0 bins | level 1 bins | ...]   levels in the order given,
+    each level: bins row-major (top row first, left to right), channels innermost,
+
+i.e. ``concat([p_n.reshape(B, n*n*C) for n in levels])`` where ``p_n`` is the
+(B, n, n, C) array of bin maxima.  (The released Caffe model orders levels
+1, 2, 3, 6 and flattens channel-major; :func:`caffe_permutation` maps between
+the two.)
+"""
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from spp_jax import bins as B
+
+MODES = ("appendix_a", "window_stride")
+
+
+def _check_fmap(fmap, rank: int, what: str):
+    shape = getattr(fmap, "shape", None)
+    if shape is None:
+        raise TypeError(f"{what} must be an array, got {type(fmap).__name__}")
+    if len(shape) != rank:
+        want = "(B, H, W, C)" if rank == 4 else "(H, W, C)"
+        raise ValueError(f"{what} must have rank {rank} {want}, got shape {tuple(shape)}")
+    if any(d == 0 for d in shape):
+        raise ValueError(f"{what} has a zero-size axis: shape {tuple(shape)}")
+    if not jnp.issubdtype(fmap.dtype, jnp.floating):
+        raise TypeError(f"{what} must have a floating dtype (max pooling of integers is not "
+                        f"differentiable and not what SPP-net does), got {fmap.dtype}")
+
+
+def _axis_max_appendix_a(x, axis: int, n: int):
+    """Max over the n Appendix A bins of one static axis: one gather + one reduce.
+
+    x: (..., a, ...) -> (..., n, ...).  Bins of unequal width are padded to the
+    widest by repeating their last index (max is idempotent, so repeats change
+    neither the value nor, after the scatter-add of the gradient, where the
+    gradient lands).
+    """
+    a = x.shape[axis]
+    edges = B.bin_edges(a, n)
+    if all(e - s == 1 for s, e in edges) and n == a:
+        return x  # every bin is one cell
+    widest = max(e - s for s, e in edges)
+    idx = np.array([[min(s + k, e - 1) for k in range(widest)] for s, e in edges])  # (n, widest)
+    if widest == 1:
+        return jnp.take(x, idx[:, 0], axis=axis)
+    g = jnp.take(x, idx.reshape(-1), axis=axis)  # (..., n*widest, ...)
+    g = g.reshape(x.shape[:axis] + (n, widest) + x.shape[axis + 1:])
+    return jnp.max(g, axis=axis + 1)
+
+
+def _level_appendix_a(fmap, n: int):
+    """(B, H, W, C) -> (B, n, n, C) bin maxima, separably: columns first, then rows.
+
+    A bin is a rectangle, so its max is the max over its rows of the per-row
+    max over its columns; this costs two gathers per level instead of n*n slices.
+    """
+    h, w = fmap.shape[1], fmap.shape[2]
+    ws = B.window_stride_bins(w, n)
+    hs = B.window_stride_bins(h, n)
+    if ws.valid and hs.valid:  # the recipe's windows equal Appendix A's here: one reduce_window
+        return _level_window_stride(fmap, n)
+    y = _axis_max_appendix_a(fmap, 2, n)
+    return _axis_max_appendix_a(y, 1, n)
+
+
+def _level_window_stride(fmap, n: int):
+    """Section 2.3's recipe as a VALID max pool (caller has checked it is exact)."""
+    h, w = fmap.shape[1], fmap.shape[2]
+    hs, ws = B.window_stride_bins(h, n), B.window_stride_bins(w, n)
+    return lax.reduce_window(fmap, -jnp.inf, lax.max, (1, hs.window, ws.window, 1),
+                             (1, hs.stride, ws.stride, 1), "VALID")
+
+
+def _coarsen(p, n_from: int, n_to: int):
+    """(B, n_from, n_from, C) -> (B, n_to, n_to, C): max over groups of finer bins."""
+    m = n_from // n_to
+    b, c = p.shape[0], p.shape[-1]
+    return p.reshape(b, n_to, m, n_to, m, c).max(axis=(2, 4))
+
+
+def _check_window_stride(h: int, w: int, levels):
+    for n in levels:
+        for name, a in (("height", h), ("width", w)):
+            d = B.window_stride_bins(a, n)
+            if not d.valid:
+                raise ValueError(
+                    f"mode='window_stride' (Section 2.3: window ceil(a/n), stride floor(a/n)) "
+                    f"does not give {n} bins covering the map {name}: {d.describe()}. "
+                    f"Use the default mode='appendix_a', which is defined for every size.")
+
+
+@functools.partial(jax.jit, static_argnames=("levels", "mode"))
+def _pool(fmap, levels: tuple[int, ...], mode: str):
+    _TRACE_COUNT[0] += 1  # lets tests prove a second call with the same shape does not retrace
+    b, c = fmap.shape[0], fmap.shape[-1]
+    plan = B.derivation_plan(levels)
+    direct = {}
+    for n in sorted(plan, reverse=True):
+        if plan[n] == n:
+            direct[n] = (_level_window_stride(fmap, n) if mode == "window_stride"
+                         else _level_appendix_a(fmap, n))
+        else:
+            direct[n] = _coarsen(direct[plan[n]], plan[n], n)
+    return jnp.concatenate([direct[n].reshape(b, n * n * c) for n in levels], axis=-1)
+
+
+_TRACE_COUNT = [0]
+
+
+def pool(fmap: jax.Array, levels: Sequence[int] = B.DEFAULT_LEVELS, *,
+         mode: str = "appendix_a") -> jax.Array:
+    """Spatial pyramid max pooling of whole feature maps.
+
+    Args:
+      fmap: (B, H, W, C) conv feature maps, any floating dtype; any H, W >= 1
+        (when H or W is smaller than a level's n, cells repeat: Appendix A).
+      levels: bins per side of each pyramid level, default (6, 3, 2, 1).
+      mode: ``"appendix_a"`` (default; the paper's Appendix A rule, the faithful
+        choice because it is defined for every map size) or ``"window_stride"``
+        (Section 2.3's window ceil(a/n) / stride floor(a/n) recipe, for fidelity
+        experiments; raises ``ValueError`` where it does not give exactly n bins
+        covering the axis, e.g. a = 10, n = 6).
+
+    Returns:
+      (B, C * sum(n*n)) array in fmap's dtype; layout in the module docstring.
+
+    Pure and jit-compiled once per (shape, dtype, levels, mode); differentiable
+    (the gradient of a bin reaches its arg-max cell, as in max pooling); usable
+    under ``jax.vmap`` and inside other jitted functions.
+    """
+    levels = B.normalize_levels(levels)
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; valid modes: {', '.join(MODES)}")
+    _check_fmap(fmap, 4, "fmap")
+    if mode == "window_stride":
+        _check_window_stride(fmap.shape[1], fmap.shape[2], levels)
+    return _pool(fmap, levels, mode)
+
+
+def caffe_permutation(channels: int, levels: Sequence[int] = B.DEFAULT_LEVELS,
+                      caffe_order: Sequence[int] = (1, 2, 3, 6)) -> np.ndarray:
+    """Index array ``perm`` with ``caffe_vec = ours[..., perm]``.
+
+    The released Caffe model concatenates levels in ``caffe_order`` and flattens
+    each level channel-major (C, y, x); ours is levels as given, (y, x, C).
+    Useful for loading fc6 weights trained by the released code.
+    """
+    levels = B.normalize_levels(levels)
+    if sorted(levels) != sorted(caffe_order):
+        raise ValueError(f"levels {levels} and caffe_order {tuple(caffe_order)} differ")
+    starts, off = {}, 0
+    for n in levels:
+        starts[n] = off
+        off += n * n * channels
+    perm = []
+    for n in caffe_order:
+        yx_c = np.arange(n * n * channels).reshape(n, n, channels)  # our (y, x, C) order
+        perm.append(starts[n] + yx_c.transpose(2, 0, 1).reshape(-1))  # read it as (C, y, x)
+    return np.concatenate(perm)
