@@ -1,0 +1,45 @@
+"""Brute-force numpy references used by the tests (written for clarity, not speed)."""
+from fractions import Fraction
+import math
+
+import numpy as np
+
+
+def appendix_a_bins(a, n):
+    """Bin i of n on an a-cell axis: [floor(i*a/n), ceil((i+1)*a/n)), with exact rationals."""
+    return [(math.floor(Fraction(i * a, n)), math.ceil(Fraction((i + 1) * a, n))) for i in range(n)]
+
+
+def pool_ref(x, levels):
+    """(B, H, W, C) -> (B, C*sum(n*n)): loops over every bin; levels in order, (y, x, C) inside."""
+    b, h, w, c = x.shape
+    out = []
+    for n in levels:
+        p = np.empty((b, n, n, c), x.dtype)
+        for i, (y0, y1) in enumerate(appendix_a_bins(h, n)):
+            for j, (x0, x1) in enumerate(appendix_a_bins(w, n)):
+                p[:, i, j] = x[:, y0:y1, x0:x1].max(axis=(1, 2))
+        out.append(p.reshape(b, -1))
+    return np.concatenate(out, axis=1)
+
+
+def project_ref(box, stride, offset, slack, h, w):
+    """Enumerate cells whose centre offset+stride*j lies in (x1-slack, x2+slack); released-code rule."""
+    out = []
+    for lo, hi, size in ((box[0], box[2], w), (box[1], box[3], h)):
+        js = [j for j in range(-1000, 1000) if lo - slack < offset + stride * j < hi + slack]
+        if js:
+            s, e = min(js), max(js)
+        else:  # no centre inside: start = first centre right of lo - slack, end = last left of hi + slack
+            s = min(j for j in range(-1000, 1000) if offset + stride * j > lo - slack)
+            e = max(j for j in range(-1000, 1000) if offset + stride * j < hi + slack)
+            s = e = (s + e) // 2
+        out.append((min(max(s, 0), size - 1), min(max(e, 0), size - 1)))
+    (xs, xe), (ys, ye) = out
+    return xs, ys, xe, ye
+
+
+def roi_pool_ref(fmap, cells, levels):
+    """(H, W, C), (R, 4) inclusive cells -> (R, C*sum(n*n)) by cropping and pooling each window."""
+    return np.concatenate([pool_ref(fmap[None, y0:y1 + 1, x0:x1 + 1], levels)
+                           for x0, y0, x1, y1 in np.asarray(cells)], axis=0)
