@@ -1,0 +1,165 @@
+"""The Table-1 backbones: map sizes, pooled lengths, geometry vs measured receptive fields, layers."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import spp_jax
+from spp_jax.models import BACKBONES, get_model, init_params, map_size
+from spp_jax.models import layers as L
+
+# SPP_FACTS section 3: last conv map side at a 224 input (and ZF-5's 10 at 180).
+PAPER_224 = {"zf5": 13, "convnet5": 13, "overfeat5": 18, "overfeat7": 18}
+TEST_SCALES = (224, 256, 300, 360, 448, 560)
+
+
+def _conv_shape(name, side, width=0.05):
+    m = get_model(name, width=width, fc_dim=8, num_classes=3)
+    v = jax.eval_shape(lambda: init_params(m, jax.random.key(0), side))  # traced, never compiled
+    out = jax.eval_shape(lambda v: m.apply(v, jnp.zeros((1, side, side, 3)), features=True), v)
+    return out
+
+
+@pytest.mark.parametrize("name", list(PAPER_224))
+def test_map_sizes_at_paper_sizes(name):
+    assert map_size(name, 224) == PAPER_224[name]
+    for side in (180,) + TEST_SCALES:
+        out = _conv_shape(name, side)
+        assert out["conv"].shape[1:3] == (map_size(name, side),) * 2
+        # the Flax module and the spec arithmetic agree; the map grows with the input
+    sizes = [map_size(name, s) for s in TEST_SCALES]
+    assert sizes == sorted(sizes) and len(set(sizes)) == len(sizes)
+
+
+def test_zf5_180_and_pooled_lengths():
+    assert map_size("zf5", 180) == 10  # released ZF-5
+    # fc6 inputs with SPP (6,3,2,1) at full width: 12,800 (256 ch) and 25,600 (Overfeat's 512 ch)
+    for name, dim in (("zf5", 12800), ("convnet5", 12800), ("overfeat5", 25600), ("overfeat7", 25600)):
+        m = get_model(name, num_classes=1000)
+        assert m.pooled_dim == dim
+        v = jax.eval_shape(lambda: init_params(m, jax.random.key(0), 180))
+        assert v["params"]["classifier"]["fc6"]["kernel"].shape == (dim, 4096)
+        out = jax.eval_shape(lambda v: m.apply(v, jnp.zeros((2, 180, 180, 3)), features=True), v)
+        assert out["pooled"].shape == (2, dim) and out["logits"].shape == (2, 1000)
+        assert out["fc7"].shape == (2, 4096)
+    assert get_model("zf5", spp=False).pooled_dim == 256 * 36  # no-SPP: the 6x6 level alone
+    assert get_model("zf5", levels=(4, 3, 2, 1)).pooled_dim == 256 * 30
+
+
+def test_no_spp_pools_to_6x6_at_224_and_refuses_other_sizes():
+    for name in PAPER_224:
+        m = get_model(name, spp=False, width=0.05, fc_dim=8, num_classes=3)
+        v = jax.eval_shape(lambda: init_params(m, jax.random.key(0), 224))
+        out = jax.eval_shape(lambda v: m.apply(v, jnp.zeros((1, 224, 224, 3)), features=True), v)
+        assert out["pooled"].shape == (1, 36 * m.channels)
+        with pytest.raises(ValueError, match="needs a conv map that pools to 6x6"):
+            jax.eval_shape(lambda v: m.apply(v, jnp.zeros((1, 180, 180, 3))), v)
+
+
+def test_unknown_model_lists_valid_names():
+    with pytest.raises(ValueError, match="zf5, convnet5, overfeat5, overfeat7"):
+        get_model("alexnet")
+    with pytest.raises(ValueError, match="valid: paper, he"):
+        init_params(get_model("zf5", init_scheme="xavier", width=0.05, fc_dim=4), jax.random.key(0), 64)
+
+
+def test_bad_image_shape():
+    m = get_model("zf5", width=0.05, fc_dim=4, num_classes=2)
+    with pytest.raises(ValueError, match=r"\(B, H, W, 3\)"):
+        jax.eval_shape(lambda: m.init(jax.random.key(0), jnp.zeros((1, 64, 64))))
+    with pytest.raises(ValueError, match="too small for layer"):
+        map_size("overfeat7", 10)
+    v = jax.eval_shape(lambda: init_params(m, jax.random.key(0), 64))
+    with pytest.raises(ValueError, match="too small for layer pool2"):
+        jax.eval_shape(lambda v: m.apply(v, jnp.zeros((1, 20, 20, 3))), v)
+
+
+def test_initialisation_paper_and_he():
+    m = get_model("zf5", width=0.25, fc_dim=64, num_classes=10)
+    p = init_params(m, jax.random.key(0), 64)["params"]
+    k = np.asarray(p["backbone"]["conv3"]["kernel"])
+    assert abs(k.std() - 0.01) < 0.001 and np.all(np.asarray(p["backbone"]["conv3"]["bias"]) == 0)
+    assert abs(np.asarray(p["classifier"]["fc6"]["kernel"]).std() - 0.01) < 0.001
+    mh = get_model("zf5", width=0.25, fc_dim=64, num_classes=10, init_scheme="he")
+    ph = init_params(mh, jax.random.key(0), 64)["params"]
+    kh = np.asarray(ph["backbone"]["conv3"]["kernel"])
+    fan_in = 3 * 3 * kh.shape[2]
+    assert abs(kh.std() / np.sqrt(2 / fan_in) - 1) < 0.05
+
+
+def _measured_rf_centre(name, j, side_w=400, side_h=None):
+    """Perturbation probe on the real Flax model: which input columns change conv-map column j?
+
+    All weights positive and the input constant makes every layer (ReLU, LRN with tiny alpha,
+    max pool) monotone, so raising one input column changes exactly the outputs whose receptive
+    field contains it. Returns the midpoint of that column range.
+    """
+    side_h = side_h or 64
+    m = get_model(name, width=0.03, fc_dim=4, num_classes=2)
+    v = init_params(m, jax.random.key(0), 64)
+    v = jax.tree.map(lambda a: jnp.full_like(a, 0.1 if a.ndim == 1 else 1.0 / a[..., 0].size), v)
+    conv = jax.jit(lambda x: m.apply(v, x, method=m.conv_map))
+    base = np.asarray(conv(jnp.ones((1, side_h, side_w, 3))))[0]
+    hit = []
+    for chunk in np.array_split(np.arange(side_w), 4):
+        x = np.ones((len(chunk), side_h, side_w, 3), np.float32)
+        x[np.arange(len(chunk)), :, chunk, :] += 1.0
+        out = np.asarray(conv(jnp.asarray(x)))
+        changed = np.any(out[:, :, j, :] != base[None, :, j, :], axis=(1, 2))
+        hit.extend(chunk[changed])
+    lo, hi = min(hit), max(hit)
+    assert lo > 0 and hi < side_w - 1, "receptive field clipped by the image edge: choose another j"
+    return (lo + hi) / 2, hi - lo + 1
+
+
+@pytest.mark.parametrize("name, j", [("zf5", 12), ("convnet5", 12), ("overfeat7", 16)])
+def test_geometry_matches_measured_receptive_field(name, j):
+    g = get_model(name).geometry
+    centre, extent = _measured_rf_centre(name, j)
+    assert centre == g.offset + g.stride * j
+    if name == "zf5":
+        assert (g.stride, g.offset) == (16.0, 20.0)  # released code: centre of cell j at 16 j + 20
+    assert g.stride == {"zf5": 16, "convnet5": 16, "overfeat7": 12}[name]
+
+
+def test_max_pool_ceil_mode_brute_force():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 10, 7, 2)).astype(np.float32)
+    spec = L.Pool("p", 3, 2, ceil_mode=True)
+    got = np.asarray(L.max_pool(jnp.asarray(x), spec))
+    oh, ow = -(-(10 - 3) // 2) + 1, -(-(7 - 3) // 2) + 1  # Caffe: ceil((in - k) / s) + 1
+    want = np.array([[[x[0, i * 2:i * 2 + 3, j * 2:j * 2 + 3, c].max() for c in range(2)]
+                      for j in range(ow)] for i in range(oh)])
+    np.testing.assert_array_equal(got[0], want)
+    assert got.shape[1:3] == (5, 3)
+    assert L.max_pool(jnp.asarray(x), L.Pool("p", 3, 2)).shape[1:3] == (4, 3)
+
+
+@pytest.mark.parametrize("within", [True, False])
+def test_lrn_brute_force(within):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((1, 5, 6, 7)).astype(np.float32) * 30
+    spec = L.LRN("n", size=3 if within else 5, alpha=5e-3, beta=0.75, within_channel=within)
+    got = np.asarray(L.lrn(jnp.asarray(x), spec))
+    want = np.empty_like(x)
+    n = spec.size
+    for y in range(5):
+        for xx in range(6):
+            for c in range(7):
+                if within:  # Caffe WITHIN_CHANNEL: mean over a zero-padded size x size window
+                    win = x[0, max(0, y - 1):y + 2, max(0, xx - 1):xx + 2, c]
+                    s = 1 + spec.alpha * (win ** 2).sum() / (n * n)
+                else:  # AlexNet ACROSS_CHANNELS
+                    win = x[0, y, xx, max(0, c - 2):c + 3]
+                    s = 1 + spec.alpha / n * (win ** 2).sum()
+                want[0, y, xx, c] = x[0, y, xx, c] * s ** -0.75
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-5)
+
+
+def test_backbone_tables_follow_table_1():
+    convs = {n: [(s.features, s.kernel) for s in specs if isinstance(s, L.Conv)] for n, specs in BACKBONES.items()}
+    assert convs["zf5"] == [(96, 7), (256, 5), (384, 3), (384, 3), (256, 3)]
+    assert convs["convnet5"] == [(96, 11), (256, 5), (384, 3), (384, 3), (256, 3)]
+    assert convs["overfeat5"] == [(96, 7), (256, 5), (512, 3), (512, 3), (512, 3)]
+    assert convs["overfeat7"] == convs["overfeat5"] + [(512, 3), (512, 3)]
+    assert spp_jax.get_model("overfeat7").channels == 512
