@@ -1,0 +1,180 @@
+"""The paper's testing protocols: 1 crop, 1 full, 10-view, multi-view on feature maps.
+
+``evaluate(model, variables, source, ...)`` returns, per protocol, top-1 and
+top-5 error (percent) over a split, averaging softmax probabilities over each
+image's views (as the paper averages scores).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Any, Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from spp_jax.data import augment
+from spp_jax.data.pipeline import AugmentConfig, EvalIterator, _load
+from spp_jax.evaluate.scoring import Scorer
+from spp_jax.evaluate.views import MULTIVIEW_SCALES, bucket_shape, nine_windows
+
+log = logging.getLogger(__name__)
+
+PROTOCOLS: tuple[str, ...] = ("1crop", "1full", "10view", "multiview")
+PROTOCOL_TITLES = {"1crop": "1 crop", "1full": "1 full", "10view": "10-view",
+                   "multiview": "multi-view (96+2)"}
+_SLOTS = 10  # 9 windows + 1 full view: one program per padded shape serves every call
+
+
+@dataclasses.dataclass
+class ProtocolResult:
+    top1_err: float  # percent
+    top5_err: float  # percent
+    num_images: int
+    views_per_image: float  # mean number of distinct views averaged per image
+    seconds: float
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def topk_errors(probs: np.ndarray, labels: np.ndarray, ks: Sequence[int] = (1, 5)) -> list[float]:
+    """Top-k error in percent: (N, classes) scores, (N,) int labels.
+
+    A label counts as found when its score is among the k largest; ties are
+    broken by class index (``argsort`` is stable), so a constant score vector
+    is not rewarded.
+    """
+    probs, labels = np.asarray(probs), np.asarray(labels)
+    if probs.ndim != 2 or labels.shape != probs.shape[:1]:
+        raise ValueError(f"probs (N, K) and labels (N,) expected, got {probs.shape}, {labels.shape}")
+    order = np.argsort(-probs, axis=1, kind="stable")
+    out = []
+    for k in ks:
+        hit = (order[:, :min(k, probs.shape[1])] == labels[:, None]).any(axis=1)
+        out.append(float(100.0 * (1.0 - hit.mean())))
+    return out
+
+
+def _crop_protocol(scorer: Scorer, source, view: str, cfg: AugmentConfig, batch_size: int,
+                   limit: int | None, progress: bool):
+    it = EvalIterator(source, view, batch_size, cfg=cfg, pad_last_batch=True,
+                      process_index=0, process_count=1)
+    probs, labels = [], []
+    n = 0
+    bar = tqdm(total=min(limit or len(source), len(source)), desc=f"eval {view}", disable=not progress,
+               leave=False)
+    for batch in it:
+        x = batch["image"]  # (B, V, S, S, 3)
+        b, v = x.shape[:2]
+        p = scorer.score_crops(x.reshape((b * v,) + x.shape[2:])).reshape(b, v, -1).mean(axis=1)
+        keep = batch["mask"]
+        probs.append(p[keep])
+        labels.append(batch["label"][keep])
+        n += int(keep.sum())
+        bar.update(int(keep.sum()))
+        if limit is not None and n >= limit:
+            break
+    bar.close()
+    probs, labels = np.concatenate(probs)[:limit], np.concatenate(labels)[:limit]
+    return probs, labels, v, it.num_skipped
+
+
+def _map_views(scorer: Scorer, img: np.ndarray, cfg: AugmentConfig, scales: Sequence[int],
+               want_multiview: bool):
+    """Full and multi-view probabilities of one uint8 image.
+
+    Returns (full (classes,), multiview (classes,) or None, number of multi-views).
+    """
+    views = []
+    full = None
+    todo = sorted(set(scales) | {cfg.resize_side}) if want_multiview else [cfg.resize_side]
+    for s in todo:
+        im = augment.resize_shorter(img, s)
+        h, w = im.shape[:2]
+        x = augment.subtract_mean(im, cfg.mean)
+        is_full_scale = s == cfg.resize_side
+        boxes = nine_windows(h, w, cfg.crop_size) if (want_multiview and s in scales) else np.zeros((0, 4))
+        p = scorer.score_windows(x, boxes, bucket_shape(h, w, s), _SLOTS, include_full=is_full_scale)
+        if is_full_scale:
+            full = p[:, -1]  # (2, classes): the full image and its flip
+            p = p[:, :-1]
+        views.append(p.reshape(-1, p.shape[-1]))
+    if not want_multiview:
+        return full[0], None, 0
+    mv = np.concatenate(views + [full])  # 96 windows (for typical images) + 2 full views
+    return full[0], mv.mean(axis=0), len(mv)
+
+
+def evaluate(model, variables, source, *, protocols: Sequence[str] = PROTOCOLS,
+             cfg: AugmentConfig | None = None, scales: Sequence[int] = MULTIVIEW_SCALES,
+             limit: int | None = None, multiview_limit: int | None = None, batch_size: int = 32,
+             progress: bool = True) -> dict[str, ProtocolResult]:
+    """Run testing protocols on a split.
+
+    Args:
+      model, variables: an ``SPPNet`` and its variables.
+      source: random-access source of ``{"image": uint8 (H, W, 3), "label": int}``.
+      protocols: subset of ``PROTOCOLS``. "1full" and "multiview" need an SPP model.
+      cfg: preprocessing (``resize_side`` 256, ``crop_size`` 224, ``mean``); the
+        training augmentation fields are ignored.
+      scales: multi-view scales (shorter sides), paper: 224, 256, 300, 360, 448, 560.
+      limit: evaluate only the first ``limit`` images (all protocols).
+      multiview_limit: a smaller limit for the two map-based protocols, which are
+        the expensive ones (they still use the first images of the split).
+      batch_size: images per batch for the crop protocols.
+    Returns:
+      {protocol: ProtocolResult}.
+    """
+    cfg = cfg or AugmentConfig()
+    unknown = [p for p in protocols if p not in PROTOCOLS]
+    if unknown:
+        raise ValueError(f"unknown protocols {unknown}; valid: {', '.join(PROTOCOLS)}")
+    if not model.spp:
+        dropped = [p for p in protocols if p in ("1full", "multiview")]
+        if dropped:
+            log.info("no-SPP model: skipping %s (they need pooling of arbitrary maps)", dropped)
+        protocols = [p for p in protocols if p not in dropped]
+    scorer = Scorer(model, variables)
+    results: dict[str, ProtocolResult] = {}
+    for name, view in (("1crop", "center"), ("10view", "ten")):
+        if name in protocols:
+            t = time.perf_counter()
+            probs, labels, v, skipped = _crop_protocol(scorer, source, view, cfg, batch_size, limit, progress)
+            e1, e5 = topk_errors(probs, labels)
+            results[name] = ProtocolResult(e1, e5, len(labels), float(v), time.perf_counter() - t)
+            if skipped:
+                log.warning("%s: skipped %d unreadable images", name, skipped)
+    want_full, want_mv = "1full" in protocols, "multiview" in protocols
+    if want_full or want_mv:
+        t = time.perf_counter()
+        n_total = min(len(source), limit or len(source))
+        n_mv = min(n_total, multiview_limit or n_total)
+        full_p, full_y, mv_p, mv_y, mv_views = [], [], [], [], []
+        skipped = 0
+        for i in tqdm(range(n_total if want_full else n_mv), desc="eval full/multi-view",
+                      disable=not progress, leave=False):
+            img, label = _load(source, i, cfg)
+            if img is None:
+                skipped += 1
+                continue
+            f, mv, nv = _map_views(scorer, img, cfg, scales, want_mv and i < n_mv)
+            full_p.append(f)
+            full_y.append(label)
+            if mv is not None:
+                mv_p.append(mv)
+                mv_y.append(label)
+                mv_views.append(nv)
+        dt = time.perf_counter() - t
+        if want_full:
+            e1, e5 = topk_errors(np.stack(full_p), np.array(full_y))
+            results["1full"] = ProtocolResult(e1, e5, len(full_y), 1.0, dt)
+        if want_mv:
+            e1, e5 = topk_errors(np.stack(mv_p), np.array(mv_y))
+            results["multiview"] = ProtocolResult(e1, e5, len(mv_y), float(np.mean(mv_views)), dt)
+        if skipped:
+            log.warning("full/multi-view: skipped %d unreadable images", skipped)
+    log.info("evaluation compiled %d programs: %s", len(scorer.compiled_shapes),
+             sorted(scorer.compiled_shapes))
+    return {p: results[p] for p in PROTOCOLS if p in results}

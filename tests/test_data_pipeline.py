@@ -1,0 +1,316 @@
+"""Tests for spp_jax.data.pipeline (grain train / eval input pipelines).
+
+Tiny in-memory sources with small images and small crop sizes keep this
+fast; labels are the source indices so batches show which samples they hold.
+"""
+
+import json
+import logging
+
+import cv2
+import numpy as np
+import pytest
+
+from spp_jax.data import augment as A
+from spp_jax.data import pipeline as P
+
+# Small geometry: shorter side 16, crops 12, alternate epochs at 10.
+CFG = P.AugmentConfig(resize_side=16, crop_size=12,
+                      mean=np.array([120.0, 110.0, 100.0], np.float32))
+SIZES = P.CycleSizes((12, 10))
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    logging.getLogger("spp_jax.data.pipeline").setLevel(logging.ERROR)
+    yield
+
+
+def make_source(n, seed=0, bad=()):
+    """n items of random size (12..30 px), label = index; ``bad`` indices get
+    corrupt data (alternating empty array / undecodable bytes / None)."""
+    rng = np.random.default_rng(seed)
+    items = []
+    for i in range(n):
+        h, w = rng.integers(12, 31, size=2)
+        items.append({"image": rng.integers(0, 256, (h, w, 3), dtype=np.uint8),
+                      "label": i})
+    for j, i in enumerate(bad):
+        items[i]["image"] = [np.zeros((0, 7, 3), np.uint8), b"\xff\xd8junk", None][j % 3]
+    return P.InMemorySource(items)
+
+
+def train_iter(source, batch_size=4, **kw):
+    kw.setdefault("seed", 0)
+    kw.setdefault("sizes", SIZES)
+    kw.setdefault("cfg", CFG)
+    kw.setdefault("process_index", 0)
+    kw.setdefault("process_count", 1)
+    kw.setdefault("num_threads", 0)
+    return P.TrainIterator(source, batch_size, **kw)
+
+
+def take(it, n):
+    return [next(it) for _ in range(n)]
+
+
+def assert_same_batches(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys() == {"image", "label"}
+        assert np.array_equal(x["label"], y["label"])
+        assert np.array_equal(x["image"], y["image"])
+
+
+# -- training ------------------------------------------------------------------
+
+
+def test_train_batch_format_and_sizes_per_epoch():
+    src = make_source(24)
+    it = train_iter(src, batch_size=4, num_epochs=2)
+    assert it.steps_per_epoch == 6
+    batches = list(it)
+    assert len(batches) == 12
+    for k, b in enumerate(batches):
+        s = 12 if k < 6 else 10  # CycleSizes((12, 10)): switch every epoch
+        assert b["image"].shape == (4, s, s, 3) and b["image"].dtype == np.float32
+        assert b["label"].shape == (4,) and b["label"].dtype == np.int32
+    assert it.epoch == 2 and it.batch_in_epoch == 0
+
+
+def test_train_epoch_is_permutation_and_epochs_differ():
+    src = make_source(24)
+    batches = list(train_iter(src, num_epochs=2))
+    e0 = np.concatenate([b["label"] for b in batches[:6]])
+    e1 = np.concatenate([b["label"] for b in batches[6:]])
+    assert sorted(e0) == list(range(24)) and sorted(e1) == list(range(24))
+    assert not np.array_equal(e0, e1)
+    assert not np.array_equal(e0, np.arange(24))  # shuffled
+
+
+def test_train_determinism():
+    src = make_source(20)
+    a = take(train_iter(src, seed=7), 8)
+    b = take(train_iter(src, seed=7), 8)
+    assert_same_batches(a, b)
+    c = take(train_iter(src, seed=8), 8)
+    assert not all(np.array_equal(x["label"], y["label"]) for x, y in zip(a, c))
+
+
+def test_train_drop_remainder():
+    it = train_iter(make_source(23), batch_size=5, num_epochs=1)
+    assert it.steps_per_epoch == 4
+    labels = np.concatenate([b["label"] for b in it])
+    assert len(labels) == 20 and len(set(labels.tolist())) == 20
+
+
+def test_train_augmentation_uses_per_sample_rng():
+    src = make_source(8)
+    seed = 3
+    batches = list(train_iter(src, batch_size=4, seed=seed, num_epochs=2))
+    for epoch, chunk in ((0, batches[:2]), (1, batches[2:])):
+        for b in chunk:
+            for img, idx in zip(b["image"], b["label"]):
+                rng = np.random.default_rng([seed, epoch, int(idx), 0])
+                ref = P.train_augment(src[int(idx)]["image"], rng, SIZES(epoch), CFG)
+                assert np.array_equal(img, ref)
+
+
+def test_train_augment_values():
+    cfg = P.AugmentConfig(resize_side=16, crop_size=12, pca_std=0.0, flip=False,
+                          mean=np.full((32, 32, 3), 100.0, np.float32))
+    img = np.full((20, 30, 3), 130, np.uint8)
+    out = P.train_augment(img, np.random.default_rng(0), 10, cfg)
+    assert out.shape == (10, 10, 3) and out.dtype == np.float32
+    assert np.allclose(out, 30.0)
+    # With PCA colour: a constant offset, identical for all pixels.
+    cfg2 = P.AugmentConfig(resize_side=16, crop_size=12, flip=False)
+    out2 = P.train_augment(img, np.random.default_rng(0), 12, cfg2)
+    assert np.allclose(out2, out2[0, 0]) and not np.allclose(out2, 130.0)
+
+
+@pytest.mark.parametrize("stop", [1, 5, 6, 9])  # mid-epoch, end of epoch, epoch 2
+def test_checkpoint_restore_gives_remaining_batches(stop):
+    src = make_source(26)  # 6 batches per epoch, 2 samples dropped per epoch
+    full = list(train_iter(src, num_epochs=2))
+    it = train_iter(src, num_epochs=2)
+    head = take(it, stop)
+    state = json.loads(json.dumps(it.get_state()))  # JSON-able
+    it.close()
+    assert state["step"] == stop
+    resumed = train_iter(src, num_epochs=2, num_threads=2)  # threads may differ
+    resumed.set_state(state)
+    assert resumed.epoch == stop // 6
+    tail = list(resumed)
+    assert_same_batches(head + tail, full)
+
+
+def test_set_state_rejects_other_run():
+    src = make_source(20)
+    it = train_iter(src)
+    next(it)
+    state = it.get_state()
+    with pytest.raises(ValueError):
+        train_iter(src, seed=1).set_state(state)
+    with pytest.raises(ValueError):
+        train_iter(src, batch_size=2).set_state(state)
+    with pytest.raises(ValueError):
+        train_iter(src, sizes=P.CycleSizes((10,))).set_state(state)
+
+
+def test_sharding_two_processes_disjoint_and_covering():
+    src = make_source(32)
+    per_process = []
+    for pi in range(2):
+        it = train_iter(src, num_epochs=2, process_index=pi, process_count=2)
+        assert it.steps_per_epoch == 4
+        bs = list(it)
+        per_process.append([np.concatenate([b["label"] for b in bs[:4]]),
+                            np.concatenate([b["label"] for b in bs[4:]])])
+    for epoch in range(2):
+        a, b = per_process[0][epoch], per_process[1][epoch]
+        assert not set(a.tolist()) & set(b.tolist())
+        assert sorted(np.concatenate([a, b]).tolist()) == list(range(32))
+
+
+def test_sharding_equal_steps_with_remainder():
+    src = make_source(33)
+    its = [train_iter(src, batch_size=4, process_index=i, process_count=3) for i in range(3)]
+    assert {it.steps_per_epoch for it in its} == {2}  # 11 samples each -> 2 batches
+
+
+def test_bad_samples_skipped_and_counted():
+    bad = (2, 5, 11)
+    src = make_source(16, bad=bad)
+    # Convertible oddities are kept: grayscale, RGBA, float, 16-bit.
+    src[0]["image"] = np.full((20, 20), 50, np.uint8)
+    src[1]["image"] = np.full((20, 20, 4), 60, np.uint8)
+    src[3]["image"] = np.full((20, 20, 3), 0.5, np.float32)
+    src[4]["image"] = np.full((20, 20, 1), 1000, np.uint16)
+    ok, png = cv2.imencode(".png", np.full((20, 24, 3), 9, np.uint8))
+    src[6]["image"] = png.tobytes()
+    it = train_iter(src, batch_size=4, num_epochs=2)
+    batches = list(it)
+    assert len(batches) == 8
+    labels = np.concatenate([b["label"] for b in batches])
+    assert not set(labels.tolist()) & set(bad)
+    assert {0, 1, 3, 4, 6} <= set(labels.tolist())
+    assert it.num_skipped == 2 * len(bad)  # each bad sample once per epoch
+    assert it.skipped_this_epoch == len(bad)
+    assert all(np.isfinite(b["image"]).all() for b in batches)
+
+
+def test_all_bad_raises():
+    src = make_source(8, bad=range(8))
+    with pytest.raises(RuntimeError):
+        next(train_iter(src))
+
+
+def test_worker_processes_do_not_change_output():
+    src = make_source(24, bad=(4,))
+    ref_it = train_iter(src, num_epochs=2, num_threads=0, num_workers=0)
+    ref = list(ref_it)
+    with train_iter(src, num_epochs=2, num_threads=1, num_workers=2) as it:
+        got = list(it)
+        assert it.num_skipped == ref_it.num_skipped == 2
+    assert_same_batches(got, ref)
+
+
+def test_size_schedules():
+    assert [P.CycleSizes((224, 180))(e) for e in range(4)] == [224, 180, 224, 180]
+    u = P.UniformSizes(180, 224, seed=1)
+    draws = [u(e) for e in range(50)]
+    assert all(180 <= d <= 224 for d in draws) and len(set(draws)) > 5
+    assert draws == [u(e) for e in range(50)]
+
+
+# -- evaluation ------------------------------------------------------------------
+
+
+def eval_iter(source, view="center", batch_size=4, **kw):
+    kw.setdefault("cfg", CFG)
+    kw.setdefault("process_index", 0)
+    kw.setdefault("process_count", 1)
+    kw.setdefault("num_threads", 0)
+    return P.EvalIterator(source, view, batch_size, **kw)
+
+
+def test_eval_center_in_order_no_drop():
+    src = make_source(10)
+    ev = eval_iter(src, "center", 4)
+    batches = list(ev)
+    assert [len(b["label"]) for b in batches] == [4, 4, 2]
+    assert np.concatenate([b["index"] for b in batches]).tolist() == list(range(10))
+    assert np.concatenate([b["label"] for b in batches]).tolist() == list(range(10))
+    b = batches[0]
+    assert b["image"].shape == (4, 1, 12, 12, 3) and b["image"].dtype == np.float32
+    assert b["valid_hw"].tolist() == [[12, 12]] * 4 and b["mask"].all()
+    # The view is the centre crop of the 16-resized image, mean-subtracted.
+    img = A.resize_shorter(src[0]["image"], 16)
+    ref = A.crop(img, A.crop_box(*img.shape[:2], 12, "center")).astype(np.float32) - CFG.mean
+    assert np.array_equal(b["image"][0, 0], ref)
+    assert [len(x["label"]) for x in ev] == [4, 4, 2]  # re-iterable
+
+
+def test_eval_pad_last_batch():
+    batches = list(eval_iter(make_source(10), "center", 4, pad_last_batch=True))
+    last = batches[-1]
+    assert last["image"].shape[0] == 4
+    assert last["mask"].tolist() == [True, True, False, False]
+    assert last["label"].tolist()[2:] == [-1, -1] and (last["image"][2:] == 0).all()
+
+
+def test_eval_ten_views():
+    src = make_source(3)
+    b = next(iter(eval_iter(src, "ten", 3)))
+    assert b["image"].shape == (3, 10, 12, 12, 3)
+    # Per-channel mean keeps the flip relation exact.
+    assert np.array_equal(b["image"][:, 5:], np.flip(b["image"][:, :5], axis=3))
+
+
+def test_eval_full_views_single_and_padded():
+    src = make_source(6)
+    singles = list(eval_iter(src, "full", 1))
+    assert len(singles) == 6
+    for b, i in zip(singles, range(6)):
+        h, w = A.resize_shorter(src[i]["image"], 16).shape[:2]
+        assert b["image"].shape == (1, 1, h, w, 3)
+        assert b["valid_hw"].tolist() == [[h, w]]
+    with pytest.raises(ValueError):
+        eval_iter(src, "full", 2)
+    ev = eval_iter(src, "full", 4, pad_to=(40, 40))
+    padded = list(ev)
+    assert padded[0]["image"].shape == (4, 1, 40, 40, 3)
+    for b in padded:
+        for img, (h, w), idx in zip(b["image"], b["valid_hw"], b["index"]):
+            assert np.array_equal(img[0, :h, :w], singles[idx]["image"][0, 0])
+            assert (img[0, h:] == 0).all() and (img[0, :, w:] == 0).all()
+    assert ev.num_cropped_to_fit == 0
+    ev = eval_iter(src, "full", 2, pad_to=(16, 16))
+    hw = np.concatenate([b["valid_hw"] for b in ev])
+    assert (hw == 16).all() and ev.num_cropped_to_fit > 0
+
+
+def test_eval_bad_samples_and_sharding():
+    src = make_source(11, bad=(3, 8))
+    seen = []
+    skipped = 0
+    for pi in range(2):
+        ev = eval_iter(src, "center", 3, process_index=pi, process_count=2)
+        seen.append(np.concatenate([b["index"] for b in ev]).tolist())
+        skipped += ev.num_skipped
+    assert not set(seen[0]) & set(seen[1])
+    assert sorted(seen[0] + seen[1]) == [i for i in range(11) if i not in (3, 8)]
+    assert skipped == 2
+
+
+def test_eval_workers_same_output():
+    src = make_source(7, bad=(2,))
+    ref = list(eval_iter(src, "center", 3))
+    got_ev = eval_iter(src, "center", 3, num_workers=2)
+    got = list(got_ev)
+    assert got_ev.num_skipped == 1
+    assert len(ref) == len(got)
+    for a, b in zip(ref, got):
+        for k in a:
+            assert np.array_equal(a[k], b[k])
