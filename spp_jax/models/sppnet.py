@@ -115,6 +115,8 @@ class SPPNet(nn.Module):
       levels: pyramid levels of the SPP head, default (6, 3, 2, 1) (50 bins).
       width: conv channel multiplier (1.0 = the paper); fc_dim: fc6/fc7 width.
       init_scheme: "paper" (Gaussian std 0.01, zero biases, as the released models) or "he".
+      input_scale: images (0..255 minus the mean) are multiplied by this before conv1.
+        1.0 is the paper; He initialisation wants unit-scale inputs (about 1/58).
 
     Use ``model.apply(variables, images, train=..., rngs={"dropout": key})`` for
     logits and features; ``method=SPPNet.conv_map`` / ``SPPNet.head`` for the
@@ -129,6 +131,7 @@ class SPPNet(nn.Module):
     fc_dim: int = 4096
     dropout: float = 0.5
     init_scheme: str = "paper"
+    input_scale: float = 1.0
     dtype: Any = jnp.float32
 
     def setup(self):
@@ -155,6 +158,8 @@ class SPPNet(nn.Module):
         """(B, H, W, 3) float images -> (B, h, w, C) last conv map."""
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"images must be (B, H, W, 3), got shape {tuple(images.shape)}")
+        if self.input_scale != 1.0:
+            images = images * self.input_scale
         return self.backbone(images)
 
     def pool_map(self, fmap):
