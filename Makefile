@@ -5,8 +5,12 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-MODEL   ?= overfeat7
-ARGS    ?=
+MODEL    ?= overfeat7
+WORKDIR  ?= runs/$(MODEL)
+# Optional knobs passed through as config overrides when set on the command line.
+OVERRIDES = model=$(MODEL) $(if $(SPP),spp=$(SPP)) $(if $(SIZES),sizes=$(SIZES) size_schedule=$(if $(findstring $(comma),$(SIZES)),multi,single)) \
+            $(if $(DATASET),dataset=$(DATASET)) $(if $(DATA_DIR),data_dir=$(DATA_DIR)) $(ARGS)
+comma := ,
 
 .PHONY: setup test train eval table2 bench clean-venv
 
@@ -20,6 +24,19 @@ $(STAMP): requirements.txt
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# make train MODEL=<zf5|convnet5|overfeat5|overfeat7> [SPP=0] [SIZES=224|180,224] [DATASET=shapes|imagenet2012]
+#            [DATA_DIR=...] [WORKDIR=...] [ARGS="key=value ..."]
+train: $(STAMP)
+	$(PY) -m experiments.train --workdir $(WORKDIR) $(OVERRIDES)
+
+eval: $(STAMP)
+	$(PY) -m experiments.eval --workdir $(WORKDIR) $(ARGS)
+
+# Table 2 of the paper (no SPP / SPP single-size / SPP multi-size) on the current dataset.
+table2: $(STAMP)
+	$(PY) -m experiments.table2 --workdir runs/$(MODEL)-table2 model=$(MODEL) \
+	    $(if $(DATASET),dataset=$(DATASET)) $(if $(DATA_DIR),data_dir=$(DATA_DIR)) $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

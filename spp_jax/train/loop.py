@@ -77,7 +77,7 @@ class _Interrupt:
 def build_model(cfg: TrainConfig, num_classes: int):
     return get_model(cfg.model, num_classes=num_classes, spp=cfg.spp, levels=tuple(cfg.levels),
                      width=cfg.width, fc_dim=cfg.fc_dim, dropout=cfg.dropout,
-                     init_scheme=cfg.init_scheme)
+                     init_scheme=cfg.init_scheme, input_scale=cfg.input_scale)
 
 
 def _metrics_path(workdir):

@@ -1,0 +1,144 @@
+"""Train-then-test as a library function: what ``make train`` runs.
+
+Builds the named dataset (the embedded ``shapes`` data is generated on first
+use), the paper's input pipeline, trains with :func:`spp_jax.train.train`
+(resuming from the workdir's checkpoints), and runs the testing protocols on
+the validation split, writing ``eval.md`` / ``eval.json`` in the workdir.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+
+import jax
+
+from spp_jax.data import augment
+from spp_jax.data.datasets import PipelineData, classification_dataset, mean_image
+from spp_jax.data.pipeline import AugmentConfig
+from spp_jax.evaluate import PROTOCOL_TITLES, evaluate
+from spp_jax.report import error_pair, markdown_table, write_report
+from spp_jax.train.checkpoint import Checkpointer
+from spp_jax.train.config import TrainConfig
+from spp_jax.train.loop import build_model, train
+from spp_jax.train.state import create_state, optimizer_from_config
+
+log = logging.getLogger(__name__)
+
+
+def data_dir_for(cfg: TrainConfig, workdir: str) -> str | None:
+    if cfg.data_dir:
+        return cfg.data_dir
+    return os.path.join(workdir, "data") if cfg.dataset == "shapes" else None
+
+
+def prepare_data(cfg: TrainConfig, workdir: str):
+    """(ClassificationData, AugmentConfig) for a config; the mean image is cached in the workdir."""
+    t = time.perf_counter()
+    ds = classification_dataset(cfg.dataset, data_dir_for(cfg, workdir), train_size=cfg.train_examples,
+                                val_size=cfg.val_examples, seed=cfg.seed)
+    mean = mean_image(ds.train, os.path.join(workdir, "mean_image.npy"), num_samples=cfg.mean_samples)
+    pca = {}
+    if cfg.pca_from_data:
+        eigval, eigvec = augment.estimate_pca_colour(ds.train, num_samples=min(500, len(ds.train)))
+        pca = dict(pca_eigval=eigval, pca_eigvec=eigvec)
+    log.info("data %s: %d train / %d validation images, %d classes (ready in %.1f s)", ds.name,
+             len(ds.train), len(ds.validation), ds.num_classes, time.perf_counter() - t)
+    return ds, AugmentConfig(mean=mean, **pca)
+
+
+def restore_params(cfg: TrainConfig, workdir: str, num_classes: int):
+    """Model and parameters of the latest usable checkpoint in ``workdir``."""
+    model = build_model(cfg, num_classes)
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(ckpt_dir):
+        raise FileNotFoundError(f"no checkpoints in {workdir}: train first (make train WORKDIR={workdir})")
+    tx = optimizer_from_config(cfg, 1)
+
+    def init_fn(key):
+        s = min(cfg.sizes)
+        return create_state(model.init(key, jax.numpy.zeros((1, s, s, 3)))["params"], tx)
+
+    abstract = jax.eval_shape(init_fn, jax.random.key(0))
+    ckpt = Checkpointer(ckpt_dir, cfg.keep_checkpoints, False)
+    try:
+        restored = ckpt.restore(abstract)
+    finally:
+        ckpt.close()
+    if restored is None:
+        raise FileNotFoundError(f"no usable checkpoint in {ckpt_dir}")
+    state, meta, step = restored
+    log.info("restored checkpoint %d (epoch %s)", step, meta.get("epoch"))
+    return model, {"params": state.params}, meta
+
+
+def run_protocols(cfg: TrainConfig, workdir: str, model, variables, ds, aug: AugmentConfig,
+                  title: str) -> dict:
+    t = time.perf_counter()
+    res = evaluate(model, variables, ds.validation, protocols=cfg.protocols, cfg=aug,
+                   limit=cfg.eval_limit or None, multiview_limit=cfg.multiview_limit or None,
+                   batch_size=cfg.eval_batch_size)
+    rows = [PROTOCOL_TITLES[p] for p in res]
+    cells = {(PROTOCOL_TITLES[p], title): error_pair(r.top1_err, r.top5_err) for p, r in res.items()}
+    md = (f"Top-1 / top-5 error (%), {ds.name} validation, {cfg.model}\n\n"
+          + markdown_table(rows, [title], cells, corner="test view")
+          + "\n\n" + "\n".join(f"- {PROTOCOL_TITLES[p]}: {r.num_images} images, {r.views_per_image:.1f} "
+                               f"views/image, {r.seconds:.1f} s" for p, r in res.items()))
+    data = {"model": cfg.model, "variant": title, "dataset": ds.name,
+            "results": {p: r.as_dict() for p, r in res.items()}, "seconds": time.perf_counter() - t}
+    write_report(workdir, "eval", md, data)
+    print(md, flush=True)
+    return data
+
+
+def variant_title(cfg: TrainConfig) -> str:
+    if not cfg.spp:
+        return "no SPP"
+    if cfg.size_schedule == "single" or len(set(cfg.sizes)) == 1:
+        return "SPP single-size"
+    return "SPP multi-size" if cfg.size_schedule == "multi" else "SPP random-size"
+
+
+def train_and_evaluate(cfg: TrainConfig, workdir: str) -> dict:
+    """``make train``: data, training (resumable), then the testing protocols."""
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    t0 = time.perf_counter()
+    ds, aug = prepare_data(cfg, workdir)
+    data = PipelineData(ds.train, ds.validation, ds.num_classes, aug, seed=cfg.seed,
+                        num_threads=cfg.data_threads)
+    if cfg.eval_size != aug.crop_size:
+        cfg = dataclasses.replace(cfg, eval_size=aug.crop_size)
+    result = train(cfg, workdir, data)
+    t_train = time.perf_counter() - t0
+    model = build_model(cfg, ds.num_classes)
+    out = run_protocols(cfg, workdir, model, {"params": result.state.params}, ds, aug, variant_title(cfg))
+    out["train_seconds"] = t_train
+    out["total_seconds"] = time.perf_counter() - t0
+    with open(os.path.join(workdir, "run_summary.json"), "w") as f:
+        json.dump({k: out[k] for k in ("train_seconds", "total_seconds")}, f)
+    log.info("total %.1f s (data + training %.1f s)", out["total_seconds"], t_train)
+    if data.skipped:
+        log.warning("validation skipped %d unreadable images", data.skipped)
+    return out
+
+
+def evaluate_workdir(cfg: TrainConfig, workdir: str) -> dict:
+    """``make eval``: the testing protocols on a trained workdir's latest checkpoint."""
+    ds, aug = prepare_data(cfg, workdir)
+    model, variables, _ = restore_params(cfg, workdir, ds.num_classes)
+    return run_protocols(cfg, workdir, model, variables, ds, aug, variant_title(cfg))
+
+
+def load_config(workdir: str) -> TrainConfig:
+    """The config a workdir was trained with (its config.json)."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: is {workdir} a training workdir?")
+    with open(path) as f:
+        raw = json.load(f)
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in raw.items() if k in fields}
+    return TrainConfig(**kw)
