@@ -68,15 +68,13 @@ def classification_dataset(name: str = "shapes", data_dir: str | os.PathLike | N
     kwargs = {} if data_dir is None else {"data_dir": os.fspath(data_dir)}
     try:
         builder = tfds.builder(name, **kwargs)
-        if not builder.is_prepared():
-            raise FileNotFoundError(IMAGENET_MANUAL_HELP.format(data_dir=builder.data_dir_root))
+        # download=False: ImageNet cannot be downloaded; a missing dataset must fail here,
+        # with instructions, not deep inside the first training step.
         train = tfds.data_source(name, split="train", download=False, **kwargs)
         val = tfds.data_source(name, split="validation", download=False, **kwargs)
-    except FileNotFoundError:
-        raise
-    except Exception as e:  # TFDS raises assorted errors for missing/partial data
-        raise FileNotFoundError(f"{name}: {e}\n" + IMAGENET_MANUAL_HELP.format(
-            data_dir=data_dir or "~/tensorflow_datasets")) from e
+    except Exception as e:  # TFDS raises assorted errors for missing or partial data
+        raise FileNotFoundError(f"{name} is not available ({type(e).__name__}: {str(e)[:300]})\n"
+                                + IMAGENET_MANUAL_HELP.format(data_dir=data_dir or "~/tensorflow_datasets")) from e
     info = builder.info
     return ClassificationData(name, train, val, info.features["label"].num_classes,
                               tuple(info.features["label"].names))
