@@ -60,3 +60,26 @@ __all__ = [
     "voc_ap_area",
     "voc_ap_per_class",
 ]
+
+# Detection system (SPP_FACTS section 6): records, proposals, scales, features,
+# fine-tuning, box regression, R-CNN mode, and the train/test orchestration.
+from spp_jax.detection.records import RecordSource, load_records, tfds_bbox_to_pixels  # noqa: E402
+from spp_jax.detection.scales import SCALES_1, SCALES_5, SCALES_5_RELEASED, choose_scales  # noqa: E402
+from spp_jax.detection.proposals import (ProposalSettings, compute_proposals,  # noqa: E402
+                                         load_proposal_file, selective_search)
+from spp_jax.detection.features import FeatureCache, SPPExtractor, cache_features, fc_features  # noqa: E402
+# (the finetune() function is not re-exported: it would shadow the finetune submodule)
+from spp_jax.detection.finetune import FinetuneConfig, window_labels  # noqa: E402
+from spp_jax.detection.bbox_reg import BBoxRegressor, fit_ridge, train_bbox_regressors  # noqa: E402
+from spp_jax.detection.rcnn import RCNNExtractor, time_windows, warp_windows  # noqa: E402
+from spp_jax.detection.detector import (LAYERS, Detector, DetectorConfig,  # noqa: E402
+                                        test_detector, train_detector)
+
+__all__ += [
+    "RecordSource", "load_records", "tfds_bbox_to_pixels", "SCALES_1", "SCALES_5", "SCALES_5_RELEASED",
+    "choose_scales", "ProposalSettings", "compute_proposals", "load_proposal_file", "selective_search",
+    "FeatureCache", "SPPExtractor", "cache_features", "fc_features", "FinetuneConfig",
+    "window_labels", "BBoxRegressor", "fit_ridge", "train_bbox_regressors", "RCNNExtractor",
+    "time_windows", "warp_windows", "LAYERS", "Detector", "DetectorConfig", "test_detector",
+    "train_detector",
+]

@@ -1,0 +1,244 @@
+"""Training and testing an SPP-net (or R-CNN mode) detector on cached pool5 features.
+
+Layers (the rows of the paper's Table 9):
+
+* ``pool5``: the cached pooled conv5 vectors;
+* ``fc6`` / ``fc7``: the pretrained network's fc layers applied to pool5;
+* ``ftfc6`` / ``ftfc7``: the fine-tuned fc layers (:mod:`spp_jax.detection.finetune`).
+
+:func:`train_detector`: one linear SVM per class (:func:`spp_jax.svm.mine_hard_negatives`,
+one pass of hard-negative mining) on features scaled to mean L2 norm 20;
+positives are the non-difficult ground-truth boxes, a window is a candidate
+negative for class k when its IoU with every class-k box is < 0.3. Optionally
+box regressors (:mod:`spp_jax.detection.bbox_reg`) on pool5.
+
+:func:`test_detector`: scores all proposals, per class NMS at IoU 0.3 (on the
+``pre_nms`` best-scoring windows of the class), keeps the 100 best detections
+per image, optionally moves them with the box regressors (then clips), and
+evaluates VOC 2007 11-point AP per class and mAP.
+
+Both take a :class:`~spp_jax.detection.features.FeatureCache` (entries hold
+windows, pool5 and the ground truth), so they never touch images.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Callable
+
+import numpy as np
+
+from spp_jax.detection.bbox_reg import DEFAULT_LAMBDA, BBoxRegressor, train_bbox_regressors
+from spp_jax.detection.boxes import pairwise_iou
+from spp_jax.detection.features import fc_features
+from spp_jax.detection.nms import nms_numpy
+from spp_jax.detection.records import log_empty
+from spp_jax.detection.voc_eval import detections_by_class, mean_ap
+from spp_jax.svm import mean_norm_scale, mine_hard_negatives
+
+log = logging.getLogger(__name__)
+
+LAYERS = ("pool5", "fc6", "fc7", "ftfc6", "ftfc7")
+
+__all__ = ["LAYERS", "DetectorConfig", "Detector", "DetectionResult", "layer_features",
+           "train_detector", "test_detector"]
+
+
+@dataclasses.dataclass
+class DetectorConfig:
+    """SVM, NMS and box-regression settings (defaults: SPP_FACTS section 6)."""
+
+    C: float = 1e-3
+    pos_weight: float = 2.0
+    bias_value: float = 10.0
+    neg_iou: float = 0.3
+    feat_norm: float = 20.0
+    retrain_every: int = 2000
+    svm_tol: float = 1e-3
+    nms_iou: float = 0.3
+    pre_nms: int = 300
+    max_per_image: int = 100
+    bbox_lambda: float = DEFAULT_LAMBDA
+    norm_sample_images: int = 50
+
+
+@dataclasses.dataclass
+class Detector:
+    """A trained detector: ``layer``, ``weights`` (K, D_layer), ``biases`` (K,), ``feat_scale``
+    (layer features are multiplied by it before the SVMs), ``head`` (fc params for fc layers),
+    ``bbox`` (optional :class:`BBoxRegressor`), ``config``, ``timing`` (training seconds)."""
+
+    layer: str
+    num_classes: int
+    weights: np.ndarray
+    biases: np.ndarray
+    feat_scale: float
+    head: dict | None
+    bbox: BBoxRegressor | None
+    config: DetectorConfig
+    timing: dict
+
+
+@dataclasses.dataclass
+class DetectionResult:
+    """aps: (K,) AP per class (NaN: no positives), mAP, detections: image_id ->
+    (boxes (n, 4), scores (n,), labels (n,)), timing: seconds per image of fc + scoring + NMS."""
+
+    aps: np.ndarray
+    mAP: float
+    detections: dict
+    timing: dict
+
+
+def layer_features(pool5: np.ndarray, layer: str, head: dict | None) -> np.ndarray:
+    """Features of ``layer`` from pool5 (N, D) -> (N, D_layer) float32 (unscaled)."""
+    if layer not in LAYERS:
+        raise ValueError(f"unknown layer {layer!r}; valid: {', '.join(LAYERS)}")
+    if layer == "pool5":
+        return np.asarray(pool5, np.float32)
+    if head is None:
+        raise ValueError(f"layer {layer} needs fc parameters (head=...)")
+    return fc_features(head, pool5, layer[-3:])
+
+
+def _negative_labels(boxes, gt_boxes, gt_labels, gt_difficult, k: int, neg_iou: float) -> np.ndarray:
+    """(K, R) int8: -1 = candidate negative of that class (IoU < neg_iou with all its boxes), 0 = ignore."""
+    r = len(boxes)
+    lab = -np.ones((k, r), np.int8)
+    if len(gt_boxes) and r:
+        ious = pairwise_iou(np.asarray(boxes, np.float32), np.asarray(gt_boxes, np.float32))  # (R, G)
+        for c in np.unique(gt_labels):
+            cmax = ious[:, np.asarray(gt_labels) == c].max(1)
+            lab[int(c), cmax >= neg_iou] = 0
+    return lab
+
+
+def train_detector(cache, layer: str, num_classes: int, *, head: dict | None = None,
+                   bbox_reg: bool = False, config: DetectorConfig = DetectorConfig(),
+                   log_fn: Callable[[str], None] | None = None) -> Detector:
+    """Train per-class linear SVMs (with hard-negative mining) on a trainval feature cache.
+
+    Args:
+      cache: FeatureCache of trainval images (windows = GT boxes + proposals).
+      layer: one of LAYERS; head: fc params (pretrained for fc6/fc7, fine-tuned for ft*).
+      num_classes: K (no background).
+      bbox_reg: also fit box regressors on pool5.
+    """
+    c = config
+    log_fn = log_fn or log.info
+    t_start = time.perf_counter()
+    ids = list(cache.ids)
+    if not ids:
+        raise ValueError("the training feature cache is empty")
+    t_feat = 0.0
+
+    def feats(e):
+        nonlocal t_feat
+        t0 = time.perf_counter()
+        f = layer_features(e["pool5"], layer, head)
+        t_feat += time.perf_counter() - t0
+        return f
+
+    # One scale for all features: mean L2 norm 20 over a sample of images.
+    sample = [feats(cache.load(i)) for i in ids[:c.norm_sample_images]]
+    scale = mean_norm_scale(np.concatenate(sample), c.feat_norm)
+    pos_x, pos_y = [], []
+    for i in ids:
+        e = cache.load(i)
+        g = e["num_gt"]
+        if len(e["gt_boxes"]) == 0:
+            log_empty({"image_id": i}, "used for negatives only")
+            continue
+        keep = np.flatnonzero(~np.asarray(e["gt_difficult"], bool)[:g])
+        if keep.size == 0:
+            continue
+        f = feats({"pool5": e["pool5"][keep]}) * scale
+        y = -np.ones((num_classes, len(keep)), np.int8)
+        y[np.asarray(e["gt_labels"])[keep], np.arange(len(keep))] = 1
+        pos_x.append(f)
+        pos_y.append(y)
+    if not pos_x:
+        raise ValueError("no positive (non-difficult ground-truth) box in the training images")
+    Xp, Yp = np.concatenate(pos_x), np.concatenate(pos_y, axis=1)
+    log_fn(f"SVM {layer}: {Xp.shape[0]} positives, {len(ids)} images for mining, dim {Xp.shape[1]}")
+
+    def images():
+        for i in ids:
+            e = cache.load(i)
+            lab = _negative_labels(e["boxes"], e["gt_boxes"], e["gt_labels"], e["gt_difficult"],
+                                   num_classes, c.neg_iou)
+            yield feats(e) * scale, lab
+
+    t0 = time.perf_counter()
+    res = mine_hard_negatives(images(), positives=(Xp, Yp), C=c.C, pos_weight=c.pos_weight,
+                              bias_value=c.bias_value, retrain_every=c.retrain_every,
+                              solver_kwargs={"tol": c.svm_tol}, log=log_fn)
+    t_svm = time.perf_counter() - t0
+    bbox = None
+    t_bb = 0.0
+    if bbox_reg:
+        t1 = time.perf_counter()
+        p5 = np.concatenate([cache.load(i)["pool5"] for i in ids[:c.norm_sample_images]])
+        bbox = train_bbox_regressors((cache.load(i) for i in ids), num_classes,
+                                     mean_norm_scale(p5, c.feat_norm), c.bbox_lambda)
+        t_bb = time.perf_counter() - t1
+    timing = {"svm_mining_s": t_svm - 0.0, "features_s": t_feat, "bbox_reg_s": t_bb,
+              "total_s": time.perf_counter() - t_start}
+    log_fn(f"SVM {layer}: trained in {timing['total_s']:.1f} s (mining {t_svm:.1f} s incl. "
+           f"feature computation, {len(res.history)} solver calls)")
+    return Detector(layer, num_classes, res.weights, res.biases, float(scale), head, bbox, c, timing)
+
+
+def detect_image(det: Detector, entry: dict, use_bbox_reg: bool = False) -> tuple:
+    """Detections of one cached test image -> (boxes (n, 4), scores (n,), labels (n,)), timing dict."""
+    c = det.config
+    rows = np.arange(entry["num_gt"], len(entry["boxes"]))  # proposals only
+    empty = (np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64))
+    if rows.size == 0:
+        log.info("image has no proposals: no detections")
+        return empty, {"fc_s": 0.0, "score_s": 0.0}
+    t0 = time.perf_counter()
+    f = layer_features(entry["pool5"][rows], det.layer, det.head) * det.feat_scale
+    t1 = time.perf_counter()
+    scores = f @ det.weights.T + det.biases[None, :]  # (R, K)
+    boxes = entry["boxes"][rows]
+    out_b, out_s, out_l, out_r = [], [], [], []
+    for k in range(det.num_classes):
+        cand = np.argsort(-scores[:, k], kind="stable")[:c.pre_nms]
+        keep = cand[nms_numpy(boxes[cand], scores[cand, k], c.nms_iou)]
+        out_b.append(boxes[keep])
+        out_s.append(scores[keep, k])
+        out_l.append(np.full(len(keep), k, np.int64))
+        out_r.append(keep)
+    b, s, lab, r = (np.concatenate(v) for v in (out_b, out_s, out_l, out_r))
+    top = np.argsort(-s, kind="stable")[:c.max_per_image]
+    b, s, lab, r = b[top], s[top], lab[top], r[top]
+    if use_bbox_reg:
+        if det.bbox is None:
+            raise ValueError("this detector has no box regressors (train with bbox_reg=True)")
+        b = det.bbox.refine(entry["pool5"][rows][r], b, lab, entry["image_hw"])
+    return (b.astype(np.float32), s.astype(np.float32), lab), {
+        "fc_s": t1 - t0, "score_s": time.perf_counter() - t1}
+
+
+def test_detector(det: Detector, cache, *, use_bbox_reg: bool = False,
+                  class_names=None) -> DetectionResult:
+    """Detect on every cached test image and evaluate VOC 2007 11-point AP per class and mAP."""
+    per_image, gt = {}, {}
+    t_fc = t_score = 0.0
+    for i in cache.ids:
+        e = cache.load(i)
+        gt[i] = {"boxes": e["gt_boxes"], "labels": e["gt_labels"], "difficult": e["gt_difficult"]}
+        dets, t = detect_image(det, e, use_bbox_reg)
+        per_image[i] = dets
+        t_fc += t["fc_s"]
+        t_score += t["score_s"]
+    n = max(1, len(cache.ids))
+    aps, m = mean_ap(detections_by_class(per_image), gt, classes=list(range(det.num_classes)))
+    ap_arr = np.array([aps[k] for k in range(det.num_classes)], np.float64)
+    names = class_names or [str(k) for k in range(det.num_classes)]
+    log.info("%s%s: mAP %.2f (%s)", det.layer, " bb" if use_bbox_reg else "", 100 * m,
+             ", ".join(f"{nm} {100 * a:.1f}" for nm, a in zip(names, ap_arr)))
+    return DetectionResult(ap_arr, float(m), per_image,
+                           {"fc_s_per_image": t_fc / n, "score_nms_s_per_image": t_score / n})

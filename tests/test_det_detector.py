@@ -1,0 +1,63 @@
+import numpy as np
+import pytest
+
+from spp_jax.detection import detector as D
+from spp_jax.detection.features import FeatureCache, cache_features
+from spp_jax.detection.finetune import FinetuneConfig, finetune
+from spp_jax.detection.proposals import ProposalSettings, compute_proposals
+from spp_jax.report import markdown_table
+from test_det_common import tiny_extractor, tiny_model, tiny_records
+
+
+@pytest.fixture(scope="module")
+def caches(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("det"))
+    ex = tiny_extractor()
+    s = ProposalSettings(max_side=160, min_side=8, max_boxes=150)
+    tr, te = tiny_records("trainval", 4), tiny_records("test", 2)
+    ptr = compute_proposals(tr, root, settings=s, workers=0, progress=False)
+    pte = compute_proposals(te, root, settings=s, workers=0, progress=False)
+    ctr = cache_features(tr, ptr, ex, FeatureCache(root, {"s": "tr"}), progress=False)
+    cte = cache_features(te, pte, ex, FeatureCache(root, {"s": "te"}), include_gt=False, progress=False)
+    return ctr, cte
+
+
+def test_end_to_end_smoke(caches):
+    ctr, cte = caches
+    m, v = tiny_model()
+    head0 = v["params"]["classifier"]
+    cells = {}
+    for layer in ("pool5", "fc7"):
+        det = D.train_detector(ctr, layer, 10, head=head0 if layer != "pool5" else None)
+        res = D.test_detector(det, cte)
+        assert np.isfinite(res.mAP) and 0 <= res.mAP <= 1
+        assert all(len(b) <= 100 for b, _, _ in res.detections.values())
+        cells[(layer, "SPP 1-scale")] = 100 * res.mAP
+    ft = finetune(ctr, head0, 11, FinetuneConfig(iters=(4, 2), eval_every=3, lrs=(1e-3, 1e-4)))
+    det = D.train_detector(ctr, "ftfc7", 10, head=ft.params, bbox_reg=True)
+    res_bb = D.test_detector(det, cte, use_bbox_reg=True)
+    res_plain = D.test_detector(det, cte)
+    assert np.isfinite(res_bb.mAP)
+    assert det.bbox is not None and det.bbox.trained.any()
+    moved = [not np.allclose(res_bb.detections[i][0], res_plain.detections[i][0]) for i in cte.ids]
+    assert any(moved)  # regression moves the kept boxes (same scores and order)
+    for b, _, _ in res_bb.detections.values():  # clipped to the 160 x 240 image
+        assert (b >= 0).all() and (b[:, 2] <= 239).all() and (b[:, 3] <= 159).all()
+    cells[("ftfc7 bb", "SPP 1-scale")] = 100 * res_bb.mAP
+    table = markdown_table(["pool5", "fc7", "ftfc7 bb"], ["SPP 1-scale"], cells)
+    assert table.count("\n") == 4 and "ftfc7 bb" in table
+
+
+def test_bad_inputs(caches, tmp_path):
+    ctr, cte = caches
+    empty = FeatureCache(str(tmp_path), {"empty": 1})
+    with pytest.raises(ValueError, match="empty"):
+        D.train_detector(empty, "pool5", 10)
+    with pytest.raises(ValueError, match="head"):
+        D.train_detector(ctr, "fc7", 10)
+    det = D.train_detector(ctr, "pool5", 10)
+    with pytest.raises(ValueError, match="box regressors"):
+        D.test_detector(det, cte, use_bbox_reg=True)
+    from experiments.voc_det import load_backbone
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_backbone(str(tmp_path / "nope.msgpack"), 11)

@@ -1,0 +1,107 @@
+import numpy as np
+import pytest
+
+import jax.numpy as jnp
+
+from spp_jax import roi_pool
+from spp_jax.detection.features import FeatureCache, cache_features, fc_features
+from spp_jax.models import SPPNet
+from test_det_common import tiny_extractor, tiny_model, tiny_records
+
+
+def unpadded_pool(ex, image, boxes):
+    """Reference: conv map of the unpadded resized image + roi_pool on the whole map."""
+    from spp_jax.detection.features import resize_for_scale
+    from spp_jax.detection.boxes import scale_boxes
+    m, v = tiny_model()
+    resized, f = resize_for_scale(image, ex.scales[0])
+    x = jnp.asarray(resized.astype(np.float32) - ex.mean)[None]
+    fmap = m.apply(v, x, method=SPPNet.conv_map)[0]
+    return np.asarray(roi_pool(fmap, np.asarray(scale_boxes(boxes, f), np.float32), ex.levels,
+                               geometry=m.geometry))
+
+
+def test_bucket_equals_image_exact():
+    ex = tiny_extractor()
+    rec = tiny_records("trainval", 1)[0]  # 160 x 240: exactly a bucket at scale 160
+    assert rec["image"].shape[:2] == (160, 240)
+    boxes = np.array([[0, 0, 239, 159], [10, 20, 100, 90], [150, 40, 239, 159], [5, 5, 30, 30]], np.float32)
+    got, sidx = ex.pool5(rec["image"], boxes)
+    want = unpadded_pool(ex, rec["image"], boxes)
+    assert got.shape == (4, ex.model.channels * 50) and (sidx == 0).all()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_padded_bucket_matches_away_from_border():
+    ex = tiny_extractor()
+    img = tiny_records("trainval", 1)[0]["image"][:, :200]  # 160 x 200 -> padded to 160 x 240
+    boxes = np.array([[0, 0, 80, 100], [20, 10, 90, 70]], np.float32)  # far from the right edge
+    got, _ = ex.pool5(img, boxes)
+    want = unpadded_pool(ex, img, boxes)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    # Windows touching the padded border pool only valid cells (finite, same length).
+    edge, _ = ex.pool5(img, np.array([[100, 0, 199, 159]], np.float32))
+    assert np.isfinite(edge).all()
+
+
+def test_dedup_identical_cells():
+    ex = tiny_extractor()
+    img = tiny_records("trainval", 1)[0]["image"]
+    # Three windows 1 px apart project to the same cells (cells are 16 px apart), plus a duplicate.
+    boxes = np.array([[32, 32, 111, 111], [33, 32, 111, 111], [32, 33, 112, 111], [32, 32, 111, 111],
+                      [0, 0, 239, 159]], np.float32)
+    before = dict(ex.stats)
+    got, _ = ex.pool5(img, boxes)
+    assert ex.stats["unique"] - before["unique"] == 2
+    for i in (1, 2, 3):
+        np.testing.assert_array_equal(got[i], got[0])
+    assert not np.array_equal(got[4], got[0])
+    with pytest.raises(ValueError, match="empty"):
+        ex.pool5(img, np.zeros((0, 4)))
+
+
+def test_multi_scale_uses_one_map_per_needed_scale():
+    from spp_jax.detection.features import SPPExtractor
+    m, v = tiny_model()
+    ex = SPPExtractor(m, v, scales=(160, 320))
+    img = tiny_records("trainval", 1)[0]["image"]
+    boxes = np.array([[0, 0, 239, 159], [10, 10, 40, 40]], np.float32)
+    got, sidx = ex.pool5(img, boxes)
+    assert list(sidx) == [0, 1] and np.isfinite(got).all()
+
+
+def test_fc_features_match_head():
+    m, v = tiny_model()
+    x = np.random.default_rng(0).normal(size=(5, m.pooled_dim)).astype(np.float32)
+    out = m.apply(v, jnp.asarray(x), method=SPPNet.head)
+    np.testing.assert_allclose(fc_features(v["params"]["classifier"], x, "fc7", batch=4),
+                               np.asarray(out["fc7"]), rtol=1e-5, atol=1e-5)
+
+
+def test_cache_resumes_and_float16(tmp_path):
+    ex = tiny_extractor()
+    recs = tiny_records("trainval", 2)
+    props = {r["image_id"]: np.array([[0, 0, 50, 50], [10, 10, 120, 100]], np.float32) for r in recs}
+    cache = FeatureCache(str(tmp_path), {"t": 1})
+    n0 = ex.stats["images"]
+    cache_features(recs, props, ex, cache, progress=False)
+    assert ex.stats["images"] - n0 == 2 and cache.ids == [r["image_id"] for r in recs]
+    e = cache.load(recs[0]["image_id"])
+    assert e["num_gt"] == len(recs[0]["boxes"]) and e["boxes"].shape[0] == e["num_gt"] + 2
+    import os
+    with np.load(cache.path(recs[0]["image_id"])) as z:
+        assert z["pool5"].dtype == np.float16
+    os.remove(cache.path(recs[1]["image_id"]))  # as if interrupted before image 1
+    n1 = ex.stats["images"]
+    cache_features(recs, props, ex, cache, progress=False)
+    assert ex.stats["images"] - n1 == 1
+    # flipped copies for fine-tuning
+    cache_features(recs, props, ex, cache, flip=True, progress=False)
+    ef = cache.load(recs[0]["image_id"], flip=True)
+    w = recs[0]["image"].shape[1]
+    np.testing.assert_array_equal(ef["boxes"][:, 0], w - 1 - e["boxes"][:, 2])
+    # an image without proposals keeps only its GT rows; no proposals and no GT -> skipped
+    empty = {"image_id": "empty", "image": recs[0]["image"], "boxes": np.zeros((0, 4), np.float32),
+             "labels": np.zeros(0, np.int64), "difficult": np.zeros(0, bool)}
+    c2 = cache_features([empty], {}, ex, FeatureCache(str(tmp_path), {"t": 2}), progress=False)
+    assert c2.ids == []
