@@ -50,16 +50,30 @@ def random_variables(model, seed: int = 0) -> dict:
 
 
 def load_backbone(checkpoint: str | None, num_classes: int, *, arch: str = "zf5", width: float = 0.25,
-                  fc_dim: int = 512, seed: int = 0):
+                  fc_dim: int = 512, seed: int = 0, pretrain_workdir: str | None = None,
+                  pretrain_overrides: tuple = ()):
     """The pretrained backbone to detect with -> (model, variables, mean (3,), description).
 
-    ``checkpoint``: a Flax msgpack file of the SPPNet variables with a JSON
-    sidecar ``<checkpoint>.json`` holding {"arch", "width", "fc_dim",
-    "num_classes", "mean" (optional)}. None: a **randomly initialised** ZF-5
-    at reduced width (logged loudly) so the pipeline runs end to end. This is
-    the one place to wire in the project's pretraining.
+    ``checkpoint`` is one of
+      * a ``make train`` workdir (``config.json`` + orbax ``checkpoints/``): its latest
+        checkpoint, and the channel means of its mean image;
+      * a Flax msgpack file of SPPNet variables with a JSON sidecar ``<checkpoint>.json``
+        holding {"arch", "width", "fc_dim", "num_classes", "mean" (optional)};
+      * None with ``pretrain_workdir``: ZF-5 is pretrained on the embedded data there with the
+        embedded preset (or the finished run found there is reused, or an interrupted one resumed);
+      * None without it: a **randomly initialised** ZF-5 at reduced width (logged loudly), which
+        measures the pipeline, not SPP-net.
+    The detector uses the backbone's conv layers and fc6/fc7 (fc8 is replaced).
     """
     from spp_jax.models import get_model
+    if checkpoint is None and pretrain_workdir is not None:
+        from spp_jax.train.config import get_config
+        from spp_jax.train.experiment import train_and_evaluate
+        cfg = get_config("embedded", ["model=zf5", "protocols=1crop", *pretrain_overrides])
+        log.info("no --checkpoint: pretraining %s on the embedded data in %s (reused if already "
+                 "trained there)", cfg.model, pretrain_workdir)
+        train_and_evaluate(cfg, pretrain_workdir)
+        checkpoint = pretrain_workdir
     if checkpoint is None:
         log.warning("NO CHECKPOINT: using a RANDOMLY INITIALISED %s (width %.2f, fc %d); the numbers "
                     "measure the pipeline, not SPP-net", arch, width, fc_dim)
@@ -67,6 +81,16 @@ def load_backbone(checkpoint: str | None, num_classes: int, *, arch: str = "zf5"
         return model, random_variables(model, seed), None, f"random {arch} width {width}"
     if not os.path.exists(checkpoint):
         raise FileNotFoundError(f"checkpoint {checkpoint!r} does not exist")
+    if os.path.isdir(checkpoint):
+        from spp_jax.train.experiment import load_config, restore_params
+        cfg = load_config(checkpoint)
+        from spp_jax.data import shapes
+        n_cls = shapes.num_classes("classification") if cfg.dataset == "shapes" else 1000
+        model, variables, meta = restore_params(cfg, checkpoint, n_cls)
+        mean_path = os.path.join(checkpoint, "mean_image.npy")
+        mean = np.load(mean_path).reshape(-1, 3).mean(axis=0) if os.path.exists(mean_path) else None
+        return model, variables, mean, (f"{checkpoint} ({cfg.model} width {cfg.width}, "
+                                        f"trained {meta.get('epoch')} epochs on {cfg.dataset})")
     meta_path = checkpoint + ".json"
     if not os.path.exists(meta_path):
         raise FileNotFoundError(f"checkpoint metadata {meta_path!r} is missing (needs arch, width, "
@@ -189,7 +213,12 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", choices=("shapes", "voc2007"), default="shapes")
     p.add_argument("--data-dir", default=None, help="TFDS data dir (voc2007)")
-    p.add_argument("--checkpoint", default=None, help="pretrained SPPNet variables (msgpack + .json)")
+    p.add_argument("--checkpoint", default=None,
+                   help="a make-train workdir, or SPPNet variables (msgpack + .json); default on the "
+                        "embedded data: pretrain ZF-5 in --pretrain-workdir (or reuse it)")
+    p.add_argument("--pretrain-workdir", default="runs/zf5")
+    p.add_argument("--random-backbone", action="store_true",
+                   help="skip pretraining: a random ZF-5 (measures the pipeline only)")
     p.add_argument("--scales", choices=("1", "5"), default=None,
                    help="only the SPP column with this many scales (default: both)")
     p.add_argument("--scale-rule", choices=("area", "released"), default="area")
@@ -215,7 +244,13 @@ def main(argv=None):
     tr = R.load_records(a.dataset, "trainval", size=size_tr, data_dir=a.data_dir)
     te = R.load_records(a.dataset, "test", size=size_te, data_dir=a.data_dir)
     K = len(tr.classes)
-    model, variables, mean, desc = load_backbone(a.checkpoint, K + 1)
+    pre = None if (a.random_backbone or a.dataset != "shapes") else a.pretrain_workdir
+    if pre and a.quick:
+        pre += "-quick"  # a tiny pretraining must never be reused by a full run
+    pre_over = ("train_examples=96", "val_examples=16", "epochs=1", "width=0.125", "fc_dim=256",
+                "mean_samples=16") if a.quick else ()
+    model, variables, mean, desc = load_backbone(a.checkpoint, K + 1, pretrain_workdir=pre,
+                                                 pretrain_overrides=pre_over)
     head0 = variables["params"]["classifier"]
     cache = os.path.join(a.workdir, "cache")
     t0 = time.perf_counter()

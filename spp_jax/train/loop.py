@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from spp_jax.models import get_model
+from spp_jax.models.sppnet import run_once
 from spp_jax.train import sharding as shd
 from spp_jax.train.checkpoint import Checkpointer
 from spp_jax.train.config import TrainConfig
@@ -226,7 +227,7 @@ def _train(cfg: TrainConfig, workdir: str, data, is_main: bool) -> TrainResult:
         log.info("resumed from checkpoint %d: epoch %d, batch %d of %d", resumed_from,
                  start_epoch, start_pos, spe)
     else:
-        state = jax.jit(init_fn, out_shardings=rep)(key)
+        state = run_once(init_fn, key, out_shardings=rep)
         start_epoch, start_pos, data_state, resumed_from = 0, 0, None, None
         log.info("initialised %s (%d parameters)", cfg.model,
                  sum(x.size for x in jax.tree.leaves(state.params)))
