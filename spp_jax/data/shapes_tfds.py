@@ -47,6 +47,7 @@ Records are written in index order (``disable_shuffling=True``), so record
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import os
@@ -241,7 +242,8 @@ def load_shapes(
     """
     cfg = make_config(variant, seed=seed, **split_sizes)
     builder = make_builder(cfg, data_dir)
-    builder.download_and_prepare(file_format="array_record")
+    with _in_memory_shuffler():
+        builder.download_and_prepare(file_format="array_record")
     sizes = dict(cfg.split_sizes)
     if split not in sizes:
         raise ValueError(f"split {split!r} not in config {cfg.name!r} (splits: {list(sizes)})")
@@ -249,6 +251,25 @@ def load_shapes(
     if got != sizes[split]:  # e.g. an interrupted or hand-edited directory
         raise RuntimeError(f"{builder.data_dir}: split {split!r} has {got} examples, expected {sizes[split]}")
     return builder.as_data_source(split=split)
+
+
+@contextlib.contextmanager
+def _in_memory_shuffler(limit_bytes: int = 64 << 30):
+    """Keep TFDS's example shuffler in memory while building.
+
+    Past 1 GB (e.g. ~3,000 raw images) TFDS 4.9.10 spills the examples to bucket
+    files through ``tf.io.gfile``, which needs TensorFlow. The records are written
+    in index order anyway (``disable_shuffling``), so holding them in RAM (about
+    0.3 MB per image) is all the shuffler does here.
+    """
+    from tensorflow_datasets.core import shuffle
+
+    old = shuffle.MAX_MEM_BUFFER_SIZE
+    shuffle.MAX_MEM_BUFFER_SIZE = max(old, limit_bytes)
+    try:
+        yield
+    finally:
+        shuffle.MAX_MEM_BUFFER_SIZE = old
 
 
 def bbox_to_tfds_normalized(bbox: np.ndarray, height: int, width: int) -> np.ndarray:
