@@ -192,3 +192,16 @@ def test_bbox_to_tfds_normalized():
 
     out = bbox_to_tfds_normalized(np.array([[0, 0, 9, 19]]), height=40, width=10)
     np.testing.assert_allclose(out, [[0.0, 0.0, 0.5, 1.0]])
+
+
+def test_build_past_tfds_memory_buffer_needs_no_tensorflow(tmp_path, monkeypatch):
+    # TFDS spills examples to disk through tf.io.gfile once its shuffler holds more than
+    # MAX_MEM_BUFFER_SIZE (1 GB: ~3,000 raw images). Shrink the limit so a tiny build crosses it.
+    from tensorflow_datasets.core import shuffle
+
+    monkeypatch.setattr(shuffle, "MAX_MEM_BUFFER_SIZE", 1000)
+    src = shapes_tfds.load_shapes("classification", "validation", tmp_path, train=1, validation=3, test=1)
+    assert len(src) == 3
+    assert shuffle.MAX_MEM_BUFFER_SIZE == 1000  # restored after the build
+    import sys
+    assert "tensorflow" not in sys.modules
