@@ -199,6 +199,8 @@ def test_build_past_tfds_memory_buffer_needs_no_tensorflow(tmp_path, monkeypatch
     # MAX_MEM_BUFFER_SIZE (1 GB: ~3,000 raw images). Shrink the limit so a tiny build crosses it.
     from tensorflow_datasets.core import shuffle
 
+    from spp_jax.data import shapes_tfds
+
     monkeypatch.setattr(shuffle, "MAX_MEM_BUFFER_SIZE", 1000)
     src = shapes_tfds.load_shapes("classification", "validation", tmp_path, train=1, validation=3, test=1)
     assert len(src) == 3
