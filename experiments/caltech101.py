@@ -1,0 +1,54 @@
+"""Table 7: Caltech101 classification with linear SVMs on pretrained SPP-net features.
+
+    python -m experiments.caltech101 --checkpoint-workdir runs/zf5 [--workdir runs/zf5-caltech101]
+        [--dataset shapes|caltech101] [--data-dir DIR] [--nospp-checkpoint-workdir DIR]
+        [--splits 5] [--train-per-class 30] [--test-per-class 50] [--quick]
+
+The checkpoint workdir comes from ``make train`` (e.g. ``make train MODEL=zf5
+WORKDIR=runs/zf5``) and is only read.  Per random split: 30 training images per
+class and up to 50 of the rest for testing; accuracy (mean of per-class
+accuracies) is reported as mean +- std over the splits.  Writes
+``caltech101.md`` / ``.json`` / ``.png`` in ``--workdir`` (default
+``<checkpoint-workdir>-caltech101``); features are cached in ``<workdir>/features``.
+Embedded data (default): the shapes ``fine`` variant (30 classes), a pool of 2400 images.
+"""
+import argparse
+import logging
+import sys
+
+from experiments.voc_cls import add_common, common_kwargs, workdir_for
+from spp_jax.transfer.datasets import CALTECH_DATASETS
+from spp_jax.transfer.features import LAYERS
+from spp_jax.transfer.run import CALTECH_SETTINGS, run_caltech
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dataset", default="shapes", choices=CALTECH_DATASETS)
+    add_common(ap, CALTECH_SETTINGS)
+    ap.add_argument("--pool-size", type=int, default=2400, help="embedded data only: images in the pool")
+    ap.add_argument("--splits", type=int, default=5, help="random train/test splits")
+    ap.add_argument("--train-per-class", type=int, default=30)
+    ap.add_argument("--test-per-class", type=int, default=50)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    if args.quick:
+        args.pool_size, args.splits = min(args.pool_size, 450), min(args.splits, 2)
+        args.train_per_class, args.test_per_class = min(args.train_per_class, 3), min(args.test_per_class, 3)
+    bad = [k for k in args.layers.split(",") if k.strip() and k.strip() not in LAYERS]
+    if bad:
+        sys.exit(f"error: unknown layers {bad}; valid: {', '.join(LAYERS)}")
+    try:
+        wd = workdir_for(args, "caltech101")
+        if wd is None:
+            from spp_jax.transfer.run import NO_CHECKPOINT_HELP
+            raise FileNotFoundError(NO_CHECKPOINT_HELP)
+        return run_caltech(wd, args.checkpoint_workdir, pool_size=args.pool_size, splits=args.splits,
+                           train_per_class=args.train_per_class, test_per_class=args.test_per_class,
+                           **common_kwargs(args))
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

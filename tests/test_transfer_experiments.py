@@ -1,0 +1,129 @@
+"""End-to-end: experiments.voc_cls / experiments.caltech101 on tiny workdirs, TFDS mock data, errors."""
+import dataclasses
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from experiments import caltech101 as caltech_main
+from experiments import voc_cls as voc_main
+from spp_jax.train.checkpoint import Checkpointer
+from spp_jax.train.config import get_config
+from spp_jax.train.loop import build_model
+from spp_jax.train.state import create_state, optimizer_from_config
+from spp_jax.transfer import datasets as D
+
+
+def _make_workdir(path: str, spp: bool, seed: int) -> str:
+    """A `make train`-style workdir (config.json, an orbax checkpoint, mean_image.npy) holding a
+    tiny randomly initialised net: what the transfer experiments read, without training time."""
+    cfg = get_config("embedded", ["width=0.05", "fc_dim=16", "sizes=224", "size_schedule=single",
+                                  f"spp={str(spp).lower()}", "compile_cache_dir=none"])
+    model = build_model(cfg, 10)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 224, 224, 3)))["params"]
+    rng = np.random.default_rng(seed)
+
+    def fill(p, s):
+        fan_in = np.prod(s.shape[:-1]) if len(s.shape) > 1 else 1
+        std = np.sqrt(2 / fan_in) if jax.tree_util.keystr(p).endswith("['kernel']") else 0.1
+        return jnp.asarray(rng.normal(0, std, s.shape), s.dtype)
+
+    params = jax.tree_util.tree_map_with_path(fill, shapes)
+    ckpt = Checkpointer(os.path.join(path, "checkpoints"), 1, async_save=False)
+    ckpt.save(1, create_state(params, optimizer_from_config(cfg, 1)), {"epoch": 1})
+    ckpt.close()
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(dataclasses.asdict(cfg), f)
+    np.save(os.path.join(path, "mean_image.npy"), np.full((256, 256, 3), 110.0, np.float32))
+    return path
+
+
+@pytest.fixture(scope="module")
+def workdirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("transfer")
+    return (_make_workdir(str(root / "spp"), True, 0), _make_workdir(str(root / "nospp"), False, 1))
+
+
+COMMON = ["--quick", "--no-progress", "--batch-size", "8", "--bucket-step", "1.0"]
+
+
+def test_voc_cls_entry_point_and_resume(workdirs, tmp_path, capsys):
+    spp, nospp = workdirs
+    out = str(tmp_path / "voc")
+    args = ["--checkpoint-workdir", spp, "--nospp-checkpoint-workdir", nospp, "--workdir", out, *COMMON,
+            "--settings", "nospp_crop224,spp_crop224,spp_full224"]
+    data = voc_main.main(args)
+    assert data["num_trainval"] == 40 and data["num_test"] == 24
+    assert data["settings"] == ["nospp_crop224", "spp_crop224", "spp_full224"]
+    res = data["results"]
+    assert "spp_pool5" not in res["nospp_crop224"]["layers"]
+    for key in ("spp_crop224", "spp_full224"):
+        assert set(res[key]["layers"]) == {"conv4", "conv5", "pool5", "spp_pool5", "fc6", "fc7"}
+        for r in res[key]["layers"].values():
+            assert 0 <= r["map"] <= 100 and len(r["ap"]) == 10
+    md = open(os.path.join(out, "voc_cls.md")).read()
+    assert "| layer | no SPP crop 224 | SPP crop 224 | SPP full 224 |" in md
+    assert "| SPP pool5 | – |" in md  # the no-SPP net has no pyramid
+    assert os.path.getsize(os.path.join(out, "voc_cls.png")) > 1000
+    assert json.load(open(os.path.join(out, "voc_cls.json")))["table"] == "6"
+    assert "| fc7 |" in capsys.readouterr().out
+    # A second run reads every feature from the cache and gives the same table.
+    again = voc_main.main(args)
+    assert all(again["results"][k]["compiled_programs"] == 0 for k in again["results"])
+    assert again["results"]["spp_full224"]["layers"]["fc7"]["map"] == res["spp_full224"]["layers"]["fc7"]["map"]
+
+
+def test_caltech101_entry_point(workdirs, tmp_path):
+    spp, _ = workdirs
+    out = str(tmp_path / "cal")
+    data = caltech_main.main(["--checkpoint-workdir", spp, "--workdir", out, *COMMON,
+                              "--settings", "nospp_crop224,spp_crop224", "--layers", "spp_pool5,fc7"])
+    assert data["splits"] == 2 and data["num_classes"] == 30 and data["train_per_class"] == 3
+    assert data["test_images"] == [90, 90]  # 3 test images per class in each split
+    r = data["results"]["spp_crop224"]["layers"]["spp_pool5"]
+    assert len(r["accuracy"]) == 2 and r["std"] >= 0 and 0 <= r["mean"] <= 100
+    assert "no SPP crop 224: skipped" in data["notes"][0]
+    md = open(os.path.join(out, "caltech101.md")).read()
+    assert "| layer | SPP crop 224 |" in md and " ± " in md
+    assert os.path.exists(os.path.join(out, "caltech101.png"))
+
+
+def test_errors_name_what_is_missing(tmp_path):
+    with pytest.raises(SystemExit, match="make train MODEL=zf5"):
+        voc_main.main(["--workdir", str(tmp_path / "x"), "--quick"])
+    with pytest.raises(SystemExit, match="make train MODEL=zf5"):
+        caltech_main.main(["--checkpoint-workdir", str(tmp_path / "nothing"), "--quick"])
+    with pytest.raises(FileNotFoundError, match="tfds build voc/2007 --data_dir"):
+        D.voc_cls_data("voc/2007", str(tmp_path / "tfds"))
+    with pytest.raises(FileNotFoundError, match="tfds build caltech101"):
+        D.caltech_data("caltech101", str(tmp_path / "tfds"))
+
+
+def test_tfds_mock_data_labels(tmp_path):
+    with tfds.testing.mock_data(num_examples=5):
+        tv, te = D.voc_cls_data("voc/2007", progress=False)
+        raw = tfds.data_source("voc/2007", split="validation")
+        cal = D.caltech_data("caltech101", progress=False)
+        raw_cal = [tfds.data_source("caltech101", split=s) for s in ("train", "test")]
+        assert len(tv) == 10 and len(te) == 5  # trainval = train + validation
+        assert tv.labels.shape == (10, 20) and tv.labels.dtype == np.int8 and tv.num_classes == 20
+        assert tv.class_names[:3] == ("aeroplane", "bicycle", "bird")
+        ex = raw[2]
+        y = tv.labels[7]
+        pos, diff = set(ex["labels_no_difficult"].tolist()), set(ex["labels"].tolist())
+        for k in range(20):
+            assert y[k] == (1 if k in pos else 0 if k in diff else -1)
+        assert tv[7].dtype == np.uint8 and tv[7].shape == ex["image"].shape
+        assert len(cal) == 10 and cal.num_classes == 102 and cal.labels.dtype == np.int64
+        assert cal.labels.tolist() == [int(s[i]["label"]) for s in raw_cal for i in range(5)]
+        assert cal[6].shape == raw_cal[1][1]["image"].shape
+
+
+def test_shapes_voc_labels_rule():
+    ex = {"objects": {"label": np.array([2, 5, 5, 7]), "difficult": np.array([False, True, False, True])}}
+    y = D.voc_labels_from_shapes(ex, 10)
+    assert y.tolist() == [-1, -1, 1, -1, -1, 1, -1, 0, -1, -1]
