@@ -12,7 +12,7 @@ OVERRIDES = model=$(MODEL) $(if $(SPP),spp=$(SPP)) $(if $(SIZES),sizes=$(SIZES) 
             $(if $(DATASET),dataset=$(DATASET)) $(if $(DATA_DIR),data_dir=$(DATA_DIR)) $(ARGS)
 comma := ,
 
-.PHONY: setup test train eval table2 bench clean-venv
+.PHONY: setup test train eval table2 voc_cls caltech101 voc_det bench clean-venv
 
 setup: $(STAMP)
 
@@ -37,6 +37,17 @@ eval: $(STAMP)
 table2: $(STAMP)
 	$(PY) -m experiments.table2 --workdir runs/$(MODEL)-table2 model=$(MODEL) \
 	    $(if $(DATASET),dataset=$(DATASET)) $(if $(DATA_DIR),data_dir=$(DATA_DIR)) $(ARGS)
+
+# Transfer classification (Tables 6-8) on a trained workdir's features.
+voc_cls: $(STAMP)
+	$(PY) -m experiments.voc_cls --checkpoint-workdir $(WORKDIR) $(ARGS)
+
+caltech101: $(STAMP)
+	$(PY) -m experiments.caltech101 --checkpoint-workdir $(WORKDIR) $(ARGS)
+
+# Detection (Table 9) on the embedded data; pretrains ZF-5 in runs/zf5 when no checkpoint is given.
+voc_det: $(STAMP)
+	$(PY) -m experiments.voc_det $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)
