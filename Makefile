@@ -49,5 +49,21 @@ caltech101: $(STAMP)
 voc_det: $(STAMP)
 	$(PY) -m experiments.voc_det $(ARGS)
 
+# Benchmarks against PyTorch/torchvision, in their own venv (torch is never needed by the
+# library or its tests). pip, not uv/poetry: on Python 3.11 it takes torch from the local disk.
+BENCH_VENV  := .venv-bench
+BENCH_PY    := $(BENCH_VENV)/bin/python
+BENCH_STAMP := $(BENCH_VENV)/.installed
+
+$(BENCH_STAMP): requirements.txt requirements-bench.txt
+	test -x $(BENCH_PY) || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_PY) -m pip install --quiet --upgrade pip
+	$(BENCH_PY) -m pip install --quiet -r requirements-bench.txt
+	touch $(BENCH_STAMP)
+
+# make bench [QUICK=1] [DEVICE=gpu] [ARGS="--only 1,2"] -> bench/results/bench{,-quick}.{md,json,png}
+bench: $(BENCH_STAMP)
+	$(BENCH_PY) -m bench.run $(if $(QUICK),--quick) $(if $(DEVICE),--device $(DEVICE)) $(ARGS)
+
 clean-venv:
 	rm -rf $(VENV)

@@ -1,0 +1,346 @@
+"""3. Backbones: ZF-5 / Overfeat-7 forward and one SGD training step, spp_jax vs PyTorch.
+
+Also: the machine's measured f32 matmul peak (JAX and torch), LRN formulations
+(in-process, by swapping the layer function the Flax backbone calls: the library is
+not edited), and XLA flag variants (each in a child process that times JAX with the
+flag and torch in that same process, so each ratio is still from one process).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bench.common import (Config, Row, block, pair_ratio, pair_spread, time_pair, time_pair_samples,
+                          torch_device, tsync)
+from spp_jax.models import layers as L
+from spp_jax.models.sppnet import scaled_specs
+
+GOAL = (">=", 1.0)
+FLAG_VARIANTS = (
+    "--xla_cpu_use_thunk_runtime=false",
+    "--xla_cpu_multi_thread_eigen=false",
+    "--xla_cpu_use_onednn=true",
+    "--xla_cpu_use_xnnpack=true",
+)
+
+
+_TDEV = [None]  # torch device of this run (set by run / matmul_peak from the config)
+
+
+def _tdev():
+    import torch
+    return _TDEV[0] or torch.device("cpu")
+
+
+def conv_flops(arch: str, h: int, w: int, width: float = 1.0) -> float:
+    """Forward multiply-adds x 2 of the conv layers for one (h, w) image."""
+    total, cin = 0.0, 3
+    for s in scaled_specs(arch, width):
+        if isinstance(s, L.Conv):
+            h = (h + 2 * s.pad - s.kernel) // s.stride + 1
+            w = (w + 2 * s.pad - s.kernel) // s.stride + 1
+            total += 2.0 * h * w * s.features * cin * s.kernel * s.kernel
+            cin = s.features
+        elif isinstance(s, L.Pool):
+            h, w = L.pool_out(h, s), L.pool_out(w, s)
+    return total
+
+
+def head_flops(channels: int, levels=(6, 3, 2, 1), fc: int = 4096, classes: int = 1000) -> float:
+    d = channels * sum(n * n for n in levels)
+    return 2.0 * (d * fc + fc * fc + fc * classes)
+
+
+def setup_torch_threads():
+    import torch
+    n = os.cpu_count() or 1
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return torch.get_num_threads()
+
+
+# --------------------------------------------------------------------------- matmul peak
+
+def matmul_peak(cfg: Config, device) -> dict:
+    import torch
+    _TDEV[0] = torch_device(cfg)
+    n = cfg.matmul_n
+    rng = np.random.default_rng(0)
+    a_np = rng.standard_normal((n, n), dtype=np.float32)
+    b_np = rng.standard_normal((n, n), dtype=np.float32)
+    a, b = jax.device_put(a_np, device), jax.device_put(b_np, device)
+    mm = jax.jit(jnp.matmul)
+    at, bt = torch.from_numpy(a_np).to(_tdev()), torch.from_numpy(b_np).to(_tdev())
+    # Peak = best of several runs (on a shared machine the median underestimates the hardware).
+    sa, sb = time_pair_samples(lambda: mm(a, b).block_until_ready(),
+                               lambda: (torch.mm(at, bt), tsync(_tdev())), 1, cfg.repeats, cfg.min_seconds)
+    tj, tt = min(sa), min(sb)
+    fl = 2.0 * n ** 3
+    return {"n": n, "jax": fl / tj / 1e9, "torch": fl / tt / 1e9, "peak": max(fl / tj, fl / tt) / 1e9}
+
+
+# --------------------------------------------------------------------------- LRN variants
+
+def lrn_pow(x, spec):
+    """The textbook formulation: scale ** -beta (a general pow: exp(log))."""
+    sq = jnp.square(x)
+    p = spec.size // 2
+    total = jax.lax.reduce_window(sq, 0.0, jax.lax.add, (1, spec.size, spec.size, 1), (1, 1, 1, 1),
+                                  ((0, 0), (p, p), (p, p), (0, 0)))
+    return x * (spec.k + spec.alpha * total / (spec.size * spec.size)) ** (-spec.beta)
+
+
+def lrn_separable(x, spec):
+    """Within-channel LRN with the size x size box sum done as two 1-D sums (rows, then columns)
+    written as shifted adds of a zero-padded map, and rsqrt for the 0.75 power."""
+    if not spec.within_channel or spec.beta != 0.75:
+        return L.lrn(x, spec)
+    p = spec.size // 2
+    sq = jnp.square(x)
+    h, w = x.shape[1], x.shape[2]
+    padded = jnp.pad(sq, ((0, 0), (p, p), (0, 0), (0, 0)))
+    rows = sum(padded[:, i:i + h] for i in range(spec.size))
+    padded = jnp.pad(rows, ((0, 0), (0, 0), (p, p), (0, 0)))
+    total = sum(padded[:, :, j:j + w] for j in range(spec.size))
+    s = spec.k + (spec.alpha / (spec.size * spec.size)) * total
+    r = jax.lax.rsqrt(s)
+    return x * r * jnp.sqrt(r)
+
+
+def lrn_none(x, spec):
+    """No LRN at all: the lower bound of what any LRN formulation can cost."""
+    return x
+
+
+LRN_VARIANTS = {"library (rsqrt)": None, "pow": lrn_pow, "separable+rsqrt": lrn_separable,
+                "none (bound)": lrn_none}
+
+
+class _patched_lrn:
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __enter__(self):
+        self.orig = L.lrn
+        if self.fn is not None:
+            L.lrn = self.fn
+
+    def __exit__(self, *exc):
+        L.lrn = self.orig
+
+
+# --------------------------------------------------------------------------- models
+
+def build(arch: str, device, width: float = 1.0):
+    import torch
+    from bench import torch_models as TM
+    from spp_jax.models import SPPNet, get_model, init_params
+    model = get_model(arch, width=width)
+    variables = jax.device_put(init_params(model, jax.random.key(0)), device)
+    tnet = TM.TorchSPPNet(arch, model.channels, width=width)
+    TM.load_backbone_params(tnet.features, variables["params"]["backbone"])
+    tnet = tnet.to(_tdev(), memory_format=torch.channels_last)
+    return model, variables, tnet, SPPNet
+
+
+def jax_forward(model, SPPNet):
+    return jax.jit(lambda v, x: model.apply(v, x, method=SPPNet.conv_map))
+
+
+def torch_forward(tnet):
+    import torch
+
+    def f(x):
+        with torch.no_grad():
+            out = tnet.features(x)
+        tsync(_tdev())
+        return out
+    return f
+
+
+def images(b: int, h: int, w: int, device):
+    import torch
+    rng = np.random.default_rng(2)
+    x_np = (rng.standard_normal((b, h, w, 3), dtype=np.float32) * 50.0)
+    x = jax.device_put(jnp.asarray(x_np), device)
+    x_t = torch.from_numpy(x_np).to(_tdev()).permute(0, 3, 1, 2)  # channels_last view of the NHWC buffer
+    return x, x_t
+
+
+def check_forward(fj, ft, variables, x, x_t):
+    out_j = np.asarray(fj(variables, x))
+    out_t = ft(x_t).permute(0, 2, 3, 1).cpu().numpy()
+    assert out_j.shape == out_t.shape, (out_j.shape, out_t.shape)
+    scale = float(np.abs(out_t).max()) or 1.0
+    err = float(np.abs(out_j - out_t).max()) / scale
+    assert err < 1e-3, f"backbone outputs differ: max rel err {err}"
+    return err
+
+
+def train_steps(model, variables, tnet, b: int, side: int, device):
+    import optax
+    import torch
+    params = variables["params"]
+    tx = optax.sgd(0.01, momentum=0.9)
+    opt = tx.init(params)
+    rng = np.random.default_rng(3)
+    x_np = rng.standard_normal((b, side, side, 3), dtype=np.float32) * 50.0
+    y_np = rng.integers(0, 1000, b).astype(np.int32)
+    x, y = jax.device_put(jnp.asarray(x_np), device), jax.device_put(jnp.asarray(y_np), device)
+
+    @jax.jit
+    def step(params, opt, x, y, key):
+        def loss_fn(p):
+            logits = model.apply({"params": p}, x, train=True, rngs={"dropout": key})
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+        loss, g = jax.value_and_grad(loss_fn)(params)
+        upd, opt = tx.update(g, opt, params)
+        return optax.apply_updates(params, upd), opt, loss
+
+    state = {"p": params, "o": opt, "i": 0}
+
+    def jstep():
+        state["i"] += 1
+        p, o, loss = step(state["p"], state["o"], x, y, jax.random.key(state["i"]))
+        loss.block_until_ready()
+        state["p"], state["o"] = p, o
+
+    tnet.train()
+    topt = torch.optim.SGD(tnet.parameters(), lr=0.01, momentum=0.9)
+    x_t = torch.from_numpy(x_np).to(_tdev()).permute(0, 3, 1, 2)
+    y_t = torch.from_numpy(y_np.astype(np.int64)).to(_tdev())
+
+    def tstep():
+        topt.zero_grad(set_to_none=True)
+        loss = F_cross_entropy(tnet(x_t), y_t)
+        loss.backward()
+        topt.step()
+        tsync(_tdev())
+    return jstep, tstep
+
+
+def F_cross_entropy(logits, y):
+    import torch.nn.functional as F
+    return F.cross_entropy(logits, y)
+
+
+# --------------------------------------------------------------------------- main
+
+def run(cfg: Config, device, peak: dict) -> list[Row]:
+    _TDEV[0] = torch_device(cfg)
+    rows = []
+    pk = peak["peak"]
+    for arch in cfg.backbones:
+        b = cfg.batch if arch == "zf5" else cfg.batch_overfeat
+        model, variables, tnet, SPPNet = build(arch, device)
+        fj, ft = jax_forward(model, SPPNet), torch_forward(tnet)
+        tnet.eval()
+        for label, (n, h, w) in ((f"fwd batch {b} @224", (b, 224, 224)),
+                                 (f"fwd 1 image {cfg.big_image[0]}x{cfg.big_image[1]}", (1,) + tuple(cfg.big_image))):
+            x, x_t = images(n, h, w, device)
+            err = check_forward(fj, ft, variables, x, x_t)
+            tj, tt = time_pair(lambda: fj(variables, x).block_until_ready(), lambda: ft(x_t),
+                               1, cfg.bb_repeats)
+            fl = conv_flops(arch, h, w) * n
+            rows.append(Row("3 backbone", f"{arch} {label}", n / tj, n / tt, "img/s", pair_ratio(), GOAL,
+                            f"conv GFLOP/s jax {fl / tj / 1e9:.0f} ({fl / tj / 1e9 / pk:.0%} of peak), "
+                            f"torch {fl / tt / 1e9:.0f} ({fl / tt / 1e9 / pk:.0%}); max rel diff {err:.1e}; {pair_spread()}"))
+        jstep, tstep = train_steps(model, variables, tnet, b, 224, device)
+        tj, tt = time_pair(jstep, tstep, 1, cfg.train_repeats)
+        fl = 3.0 * b * (conv_flops(arch, 224, 224) + head_flops(model.channels))
+        rows.append(Row("3 backbone", f"{arch} SGD train step batch {b} @224", b / tj, b / tt, "img/s",
+                        pair_ratio(), GOAL, f"GFLOP/s (3x fwd) jax {fl / tj / 1e9:.0f} ({fl / tj / 1e9 / pk:.0%} "
+                        f"of peak), torch {fl / tt / 1e9:.0f} ({fl / tt / 1e9 / pk:.0%}); {pair_spread()}"))
+        del jstep, tstep, model, variables, tnet
+    rows += lrn_variants(cfg, device, pk)
+    if cfg.flag_variants and cfg.device == "cpu":  # XLA CPU flags
+        rows += flag_variants(cfg)
+    return rows
+
+
+def lrn_variants(cfg: Config, device, pk: float) -> list[Row]:
+    """ZF-5 forward (batch at 224) with each LRN formulation, each against the same torch model."""
+    model, variables, tnet, SPPNet = build("zf5", device)
+    tnet.eval()
+    ft = torch_forward(tnet)
+    b = cfg.batch
+    x, x_t = images(b, 224, 224, device)
+    rows = []
+    fl = conv_flops("zf5", 224, 224) * b
+    for name in cfg.lrn_variants:
+        fn = LRN_VARIANTS[name]
+        with _patched_lrn(fn):
+            fj = jax_forward(model, SPPNet)
+            if fn is not lrn_none:
+                check_forward(fj, ft, variables, x, x_t)
+            block(fj(variables, x))  # trace + compile while patched
+        tj, tt = time_pair(lambda: fj(variables, x).block_until_ready(), lambda: ft(x_t), 1, cfg.bb_repeats)
+        rows.append(Row("3 LRN", f"zf5 fwd batch {b} @224, LRN {name}", b / tj, b / tt, "img/s", pair_ratio(),
+                        None, f"jax {fl / tj / 1e9:.0f} GFLOP/s ({fl / tj / 1e9 / pk:.0%} of peak); {pair_spread()}"))
+    return rows
+
+
+def flag_variants(cfg: Config) -> list[Row]:
+    rows = []
+    for flags in ("",) + FLAG_VARIANTS:
+        env = dict(os.environ)
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + flags).strip()
+        cmd = [sys.executable, "-m", "bench.backbone", "--child", "--batch", str(cfg.batch),
+               "--repeats", str(cfg.bb_repeats), "--train-batch", str(cfg.flag_train_batch)]
+        try:
+            p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900,
+                               cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+            lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
+            if p.returncode != 0 or not lines:
+                err = (p.stderr.strip().splitlines() or ["?"])[-1][:120]
+                rows.append(Row("3 XLA flags", f"zf5 fwd, {flags or 'default'}", None, None, "img/s", None,
+                                None, f"failed: {err}"))
+                continue
+            r = json.loads(lines[-1])
+        except subprocess.TimeoutExpired:
+            rows.append(Row("3 XLA flags", f"zf5 fwd, {flags or 'default'}", None, None, "img/s", None,
+                            None, "timed out"))
+            continue
+        rows.append(Row("3 XLA flags", f"zf5 fwd batch {cfg.batch} @224, {flags or 'default flags'}",
+                        r["jax"], r["torch"], "img/s", r["ratio"], None,
+                        "own process: JAX with this XLA_FLAGS and torch timed interleaved"))
+        if "train_jax" in r:
+            rows.append(Row("3 XLA flags", f"zf5 train step batch {cfg.flag_train_batch} @224, "
+                            f"{flags or 'default flags'}", r["train_jax"], r["train_torch"], "img/s",
+                            r["train_ratio"], None, "same process as the row above"))
+    return rows
+
+
+def _child(argv):
+    import argparse
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--child", action="store_true")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--train-batch", type=int, default=0)
+    a = ap.parse_args(argv)
+    setup_torch_threads()
+    dev = jax.devices("cpu")[0]
+    model, variables, tnet, SPPNet = build("zf5", dev)
+    tnet.eval()
+    fj, ft = jax_forward(model, SPPNet), torch_forward(tnet)
+    x, x_t = images(a.batch, 224, 224, dev)
+    check_forward(fj, ft, variables, x, x_t)
+    tj, tt = time_pair(lambda: fj(variables, x).block_until_ready(), lambda: ft(x_t), 1, a.repeats)
+    out = {"jax": a.batch / tj, "torch": a.batch / tt, "jax_s": tj, "torch_s": tt, "ratio": pair_ratio()}
+    if a.train_batch:
+        jstep, tstep = train_steps(model, variables, tnet, a.train_batch, 224, dev)
+        tj, tt = time_pair(jstep, tstep, 1, a.repeats)
+        out.update(train_jax=a.train_batch / tj, train_torch=a.train_batch / tt, train_jax_s=tj, train_torch_s=tt,
+                   train_ratio=pair_ratio())
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    _child(sys.argv[1:])

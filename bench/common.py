@@ -1,0 +1,381 @@
+"""Shared pieces of the benchmarks: config, timing, the result row and table writer.
+
+Nothing here imports torch, and JAX only lazily, so the table writer and the
+config are testable in the project venv (tests/test_bench.py).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import statistics
+import threading
+import time
+from typing import Any, Callable, Sequence
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+# --------------------------------------------------------------------------- config
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """What every benchmark runs; ``quick`` shrinks repeats and batch sizes, not the code."""
+
+    quick: bool = False
+    device: str = "cpu"
+    warmup: int = 2
+    repeats: int = 7
+    min_seconds: float = 6.0  # cheap kernels: repeat until this much timed work (see time_pair)
+    # 1. whole-map SPP
+    spp_shapes: tuple = ((128, 13, 13, 256), (128, 10, 10, 256), (32, 18, 18, 512))
+    # 2. window SPP
+    windows: int = 2000
+    window_map: tuple = (42, 56, 256)
+    # 3. backbones
+    backbones: tuple = ("zf5", "overfeat7")
+    batch: int = 32
+    batch_overfeat: int = 32
+    big_image: tuple = (688, 917)
+    bb_repeats: int = 3
+    train_repeats: int = 2
+    matmul_n: int = 4096
+    flag_variants: bool = True
+    lrn_variants: tuple = ("library (rsqrt)", "pow", "separable+rsqrt", "none (bound)")
+    fc_repeats: int = 5
+    flag_train_batch: int = 8  # train step of the XLA-flag sweep (0: forward only)
+    # 5. detection
+    rcnn_windows: int = 128  # R-CNN is timed on this many windows and extrapolated
+    det_repeats: int = 2
+    # 6. compilation
+    compile_batch: int = 32
+
+    @property
+    def mode(self) -> str:
+        return "quick" if self.quick else "full"
+
+
+def make_config(quick: bool = False, device: str = "cpu") -> Config:
+    if not quick:
+        return Config(quick=False, device=device)
+    return Config(quick=True, device=device, warmup=1, repeats=3, min_seconds=1.0,
+                  spp_shapes=((128, 13, 13, 256), (128, 10, 10, 256), (32, 18, 18, 512)),
+                  batch=8, batch_overfeat=4, bb_repeats=2, train_repeats=1,
+                  flag_variants=False, rcnn_windows=32, fc_repeats=1,
+                  lrn_variants=("library (rsqrt)", "none (bound)"), det_repeats=1, compile_batch=8)
+
+
+# --------------------------------------------------------------------------- rows and table
+
+@dataclasses.dataclass
+class Row:
+    """One line of the result table.
+
+    ``ratio`` is what the goal is stated in: for a comparison it is
+    reference time / spp_jax time (> 1: spp_jax faster); for an efficiency row
+    it is a fraction (of peak, or warm / cold).  Comparisons use the median over
+    back-to-back pairs of (reference / spp_jax), see :func:`time_pair_samples`.  ``goal`` is ``(op, value)``
+    with op ``">="`` or ``"<="``.
+    """
+
+    bench: str
+    case: str
+    jax: float | None = None
+    ref: float | None = None
+    unit: str = ""
+    ratio: float | None = None
+    goal: tuple | None = None
+    note: str = ""
+
+    @property
+    def met(self) -> bool | None:
+        if self.goal is None or self.ratio is None or not math.isfinite(self.ratio):
+            return None
+        op, v = self.goal
+        return self.ratio >= v if op == ">=" else self.ratio <= v
+
+    def as_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["met"] = self.met
+        return d
+
+
+def _fmt(v, digits: int = 3) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            return str(v)
+        a = abs(v)
+        if a == 0:
+            return "0"
+        if a >= 1000:
+            return f"{v:,.0f}"
+        return f"{v:.{digits}g}"
+    return str(v)
+
+
+def goal_text(goal) -> str:
+    if goal is None:
+        return ""
+    op, v = goal
+    return f"{'≥' if op == '>=' else '≤'} {_fmt(float(v))}"
+
+
+def markdown(rows: Sequence[Row]) -> str:
+    """The result table (one line per row) in markdown."""
+    head = ["#", "case", "spp_jax", "reference", "unit", "ratio", "goal", "met", "notes"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        met = r.met
+        cells = [r.bench, r.case, _fmt(r.jax), _fmt(r.ref), r.unit,
+                 _fmt(r.ratio), goal_text(r.goal), "" if met is None else ("yes" if met else "**no**"),
+                 r.note.replace("|", "/")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_results(rows: Sequence[Row], meta: dict, out_dir: str = RESULTS_DIR, name: str = "bench",
+                  png: bool = True) -> dict:
+    """Write ``name.md``, ``name.json`` and (optionally) ``name.png`` into out_dir; return the paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    md = "# spp_jax benchmark ({})\n\n{}\n\n{}\n".format(meta.get("mode", "?"), describe_meta(meta),
+                                                      markdown(rows))
+    data = {"meta": meta, "rows": [r.as_dict() for r in rows]}
+    paths = {}
+    for ext, text in (("md", md), ("json", json.dumps(data, indent=2, default=str) + "\n")):
+        path = os.path.join(out_dir, f"{name}.{ext}")
+        with open(path + ".tmp", "w") as f:
+            f.write(text)
+        os.replace(path + ".tmp", path)
+        paths[ext] = path
+    if png:
+        paths["png"] = plot_ratios(rows, os.path.join(out_dir, f"{name}.png"), meta)
+    return paths
+
+
+def plot_ratios(rows: Sequence[Row], path: str, meta: dict | None = None) -> str | None:
+    """Horizontal bar chart of every row's ratio with its goal marked (log x axis)."""
+    rows = [r for r in rows if r.ratio is not None and math.isfinite(r.ratio) and r.ratio > 0]
+    if not rows:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(12, 0.32 * len(rows) + 1.5))
+    labels = [f"{r.bench} {r.case}"[:64] for r in rows]
+    colors = ["#999999" if r.met is None else ("#2a9d4b" if r.met else "#d1495b") for r in rows]
+    y = range(len(rows))[::-1]
+    ax.barh(list(y), [r.ratio for r in rows], color=colors)
+    for yi, r in zip(y, rows):
+        if r.goal is not None:
+            ax.plot([r.goal[1]] * 2, [yi - 0.4, yi + 0.4], color="black", lw=1.5)
+        ax.text(r.ratio, yi, f" {_fmt(r.ratio)}", va="center", fontsize=7)
+    ax.set_yticks(list(y))
+    ax.set_yticklabels(labels, fontsize=7)
+    ax.set_xscale("log")
+    ax.axvline(1.0, color="grey", lw=0.8, ls=":")
+    ax.set_xlabel("ratio (speed-up vs reference, or fraction of peak / of cold); black tick = goal")
+    title = "spp_jax benchmark"
+    if meta:
+        title += f" ({meta.get('mode', '')}, {meta.get('cpu', '')}, {meta.get('cores', '')} cores)"
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.subplots_adjust(left=0.42)  # room for the row labels
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------- machine
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_info(device: str = "cpu") -> dict:
+    import importlib.metadata as md
+    info = {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
+            "device": device}
+    for pkg in ("jax", "jaxlib", "flax", "optax", "numpy", "torch", "torchvision"):
+        try:
+            info[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            info[pkg] = None
+    try:
+        import torch
+        info["torch_threads"] = torch.get_num_threads()
+        info["torch_mkldnn"] = bool(torch.backends.mkldnn.is_available())
+    except ImportError:
+        pass
+    info["xla_flags"] = os.environ.get("XLA_FLAGS", "")
+    return info
+
+
+def describe_meta(meta: dict) -> str:
+    keys = ["mode", "cpu", "cores", "device", "python", "jax", "jaxlib", "flax", "numpy", "torch",
+            "torchvision", "torch_threads", "xla_flags", "seconds"]
+    return "\n".join(f"- {k}: {meta[k]}" for k in keys if k in meta and meta[k] not in (None, ""))
+
+
+# --------------------------------------------------------------------------- timing
+
+def median(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+def time_fn(fn: Callable[[], Any], warmup: int, repeats: int) -> float:
+    """Median wall seconds of ``fn()`` (which must block until its result is ready)."""
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(repeats):
+        time.sleep(SETTLE)
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return median(ts)
+
+
+def time_pair(fa: Callable[[], Any], fb: Callable[[], Any], warmup: int, repeats: int,
+              min_seconds: float = 0.0, max_repeats: int = 200) -> tuple[float, float]:
+    """Medians of two functions timed *interleaved* (a, b, a, b, ...) after warm-up.
+
+    Interleaving makes the ratio robust to load from other processes on a shared
+    machine.  At least ``repeats`` pairs; more (up to ``max_repeats``) until
+    ``min_seconds`` of timed work has accumulated, so cheap kernels get many samples.
+    """
+    ta, tb = time_pair_samples(fa, fb, warmup, repeats, min_seconds, max_repeats)
+    return median(ta), median(tb)
+
+
+def time_pair_samples(fa, fb, warmup: int, repeats: int, min_seconds: float = 0.0,
+                      max_repeats: int = 200) -> tuple[list, list]:
+    """The per-call seconds behind :func:`time_pair`.
+
+    Before every timed call the process sleeps ``SETTLE`` seconds (untimed): both
+    libraries' worker threads spin for a while after a parallel region (OpenMP in
+    torch, Eigen's pool in XLA), and on a 2-core machine a call that starts while the
+    *other* library's threads still spin runs up to 2-3x slower.
+    """
+    for _ in range(warmup):
+        fa()
+        fb()
+    ta, tb = [], []
+    while len(ta) < repeats or (sum(ta) + sum(tb) < min_seconds and len(ta) < max_repeats):
+        time.sleep(SETTLE)
+        t0 = time.perf_counter()
+        fa()
+        t1 = time.perf_counter()
+        time.sleep(SETTLE)
+        t2 = time.perf_counter()
+        fb()
+        t3 = time.perf_counter()
+        ta.append(t1 - t0)
+        tb.append(t3 - t2)
+    r = sorted(b / a for a, b in zip(ta, tb))
+    q = lambda f: r[min(len(r) - 1, int(f * len(r)))]
+    LAST_PAIRS.update(ratio=median(r), q1=q(0.25), q3=q(0.75), n=len(r))
+    return ta, tb
+
+
+# Per-pair ratio statistics (reference / spp_jax, each pair timed back to back) of the
+# last time_pair call: on a shared machine these are steadier than a ratio of medians.
+LAST_PAIRS: dict = {}
+
+
+def pair_ratio() -> float:
+    """Median over the last time_pair's pairs of (reference time / spp_jax time)."""
+    return LAST_PAIRS["ratio"]
+
+
+def pair_spread() -> str:
+    p = LAST_PAIRS
+    return f"{p['n']} pairs, ratio IQR {p['q1']:.2f}-{p['q3']:.2f}"
+
+
+SETTLE = 0.02
+
+
+def block(x):
+    """Block on every JAX array in a pytree (no-op for other leaves)."""
+    import jax
+    for leaf in jax.tree_util.tree_leaves(x):
+        if hasattr(leaf, "block_until_ready"):
+            leaf.block_until_ready()
+    return x
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_delta(fn: Callable[[], Any], interval: float = 0.0005) -> int:
+    """Peak resident-set growth (bytes) while ``fn()`` runs, sampled by a thread.
+
+    glibc's free lists are returned to the OS first (malloc_trim), otherwise memory
+    freed by an earlier call would be reused without showing up as growth.
+    """
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    base = rss_bytes()
+    peak = [base]
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], rss_bytes())
+            time.sleep(interval)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        t.join()
+    peak[0] = max(peak[0], rss_bytes())
+    return peak[0] - base
+
+
+def have_torch() -> bool:
+    try:
+        import torch  # noqa: F401
+        import torchvision  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def torch_device(cfg: Config):
+    """torch's device for ``cfg.device`` ("gpu" -> CUDA; raises when torch has none)."""
+    import torch
+    if cfg.device == "gpu":
+        if not torch.cuda.is_available():
+            raise RuntimeError("--device gpu: torch sees no CUDA device")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def tsync(dev) -> None:
+    """Wait for queued torch work on ``dev`` (a no-op on the CPU)."""
+    if getattr(dev, "type", "cpu") == "cuda":
+        import torch
+        torch.cuda.synchronize()
