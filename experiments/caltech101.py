@@ -18,7 +18,6 @@ import sys
 
 from experiments.voc_cls import add_common, common_kwargs, workdir_for
 from spp_jax.transfer.datasets import CALTECH_DATASETS
-from spp_jax.transfer.features import LAYERS
 from spp_jax.transfer.run import CALTECH_SETTINGS, run_caltech
 
 
@@ -35,14 +34,8 @@ def main(argv=None):
     if args.quick:
         args.pool_size, args.splits = min(args.pool_size, 450), min(args.splits, 2)
         args.train_per_class, args.test_per_class = min(args.train_per_class, 3), min(args.test_per_class, 3)
-    bad = [k for k in args.layers.split(",") if k.strip() and k.strip() not in LAYERS]
-    if bad:
-        sys.exit(f"error: unknown layers {bad}; valid: {', '.join(LAYERS)}")
     try:
         wd = workdir_for(args, "caltech101")
-        if wd is None:
-            from spp_jax.transfer.run import NO_CHECKPOINT_HELP
-            raise FileNotFoundError(NO_CHECKPOINT_HELP)
         return run_caltech(wd, args.checkpoint_workdir, pool_size=args.pool_size, splits=args.splits,
                            train_per_class=args.train_per_class, test_per_class=args.test_per_class,
                            **common_kwargs(args))

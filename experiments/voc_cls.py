@@ -49,11 +49,16 @@ def common_kwargs(args):
 
 
 def workdir_for(args, task):
+    """Checked layers, then the output workdir; FileNotFoundError (with how to get one) without a checkpoint."""
+    bad = [k for k in args.layers.split(",") if k.strip() and k.strip() not in LAYERS]
+    if bad:
+        raise ValueError(f"unknown layers {bad}; valid: {', '.join(LAYERS)}")
     if args.workdir:
         return args.workdir
     if args.checkpoint_workdir:
         return os.path.normpath(args.checkpoint_workdir) + f"-{task}"
-    return None
+    from spp_jax.transfer.run import NO_CHECKPOINT_HELP
+    raise FileNotFoundError(NO_CHECKPOINT_HELP)
 
 
 def main(argv=None):
@@ -66,14 +71,8 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     if args.quick:
         args.trainval_size, args.test_size = min(args.trainval_size, 40), min(args.test_size, 24)
-    bad = [k for k in args.layers.split(",") if k.strip() and k.strip() not in LAYERS]
-    if bad:
-        sys.exit(f"error: unknown layers {bad}; valid: {', '.join(LAYERS)}")
     try:
         wd = workdir_for(args, "voc-cls")
-        if wd is None:
-            from spp_jax.transfer.run import NO_CHECKPOINT_HELP
-            raise FileNotFoundError(NO_CHECKPOINT_HELP)
         return run_voc(wd, args.checkpoint_workdir, trainval_size=args.trainval_size, test_size=args.test_size,
                        limit=args.quick, **common_kwargs(args))
     except (FileNotFoundError, ValueError) as e:
