@@ -16,6 +16,7 @@ def main(argv=None):
     ap.add_argument("overrides", nargs="*", help="key=value (e.g. protocols=1crop,10view eval_limit=100)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax/grain chatter
     try:
         cfg = apply_overrides(load_config(args.workdir), args.overrides)
         evaluate_workdir(cfg, args.workdir)

@@ -29,6 +29,7 @@ def main(argv=None):
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax/grain chatter
     try:
         base = get_config(args.preset, args.overrides)
     except (ValueError, TypeError) as e:

@@ -24,6 +24,7 @@ def main(argv=None):
     ap.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax/grain chatter
     preset = args.preset or ("imagenet" if any(o.strip() == "dataset=imagenet2012" for o in args.overrides)
                              else "embedded")
     try:

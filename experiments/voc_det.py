@@ -228,6 +228,7 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="tiny run: few images, short fine-tuning")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax/grain chatter
 
     from spp_jax.detection import proposals as P
     from spp_jax.detection import records as R
