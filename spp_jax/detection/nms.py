@@ -58,10 +58,7 @@ def nms_numpy(boxes: Any, scores: Any, thresh: float = 0.3) -> np.ndarray:
     """
     boxes = np.asarray(boxes)
     scores = np.asarray(scores)
-    if boxes.ndim != 2 or boxes.shape[-1] != 4:
-        raise ValueError(f"boxes must have shape (N, 4); got {boxes.shape}")
-    if scores.shape != boxes.shape[:1]:
-        raise ValueError(f"scores must have shape ({boxes.shape[0]},); got {scores.shape}")
+    _check_shapes(boxes, scores)
     neg = -scores
     neg = np.where(neg == 0, 0, neg)  # make -0.0 and 0.0 tie, as in the jit version
     order = np.argsort(neg, kind="stable")
@@ -122,13 +119,18 @@ def _greedy_keep(suppress: jax.Array, order: jax.Array, rank: jax.Array, valid: 
     return lax.fori_loop(0, n, body, valid)
 
 
-def _check_inputs(boxes, scores, valid):
-    boxes = jnp.asarray(boxes)
-    scores = jnp.asarray(scores)
+def _check_shapes(boxes, scores):
+    """boxes (N, 4) and scores (N,), or a ValueError naming the wrong shape."""
     if boxes.ndim != 2 or boxes.shape[-1] != 4:
         raise ValueError(f"boxes must have shape (N, 4); got {boxes.shape}")
     if scores.shape != boxes.shape[:1]:
         raise ValueError(f"scores must have shape ({boxes.shape[0]},); got {scores.shape}")
+
+
+def _check_inputs(boxes, scores, valid):
+    boxes = jnp.asarray(boxes)
+    scores = jnp.asarray(scores)
+    _check_shapes(boxes, scores)
     if valid is None:
         valid = jnp.ones(scores.shape, bool)
     valid = jnp.asarray(valid, bool)
