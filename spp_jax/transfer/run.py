@@ -154,6 +154,32 @@ LAYER_NOTE = ("conv4/conv5: the last two conv maps max-pooled to the 224-input m
 # ---- VOC 2007 classification --------------------------------------------------------------
 
 
+def _run_settings(settings, fx, layers, splits: dict, cache: str, progress: bool, score) -> dict:
+    """Per setting: the features of every split once (cached), then ``score`` per layer.
+
+    ``splits`` maps a progress label to a dataset; ``score(setting, layer, *features)``
+    gets that layer's features of each split in order and returns the result dict,
+    to which the SVM time is added. Returns {setting key: {"title", "layers", ...}}.
+    """
+    results: dict[str, dict] = {}
+    for s in settings:
+        ex = fx[s.spp]
+        use = [k for k in layers if k in ex.layers]
+        t = time.perf_counter()
+        feats = [ex.extract(d, s, layers=use, cache_dir=cache, data_id=d.data_id, progress=progress,
+                            desc=f"{s.key} {label}".strip()) for label, d in splits.items()]
+        t_feat = time.perf_counter() - t
+        res = {}
+        for k in use:
+            t = time.perf_counter()
+            res[k] = score(s, k, *(f[k] for f in feats))
+            res[k]["svm_seconds"] = time.perf_counter() - t
+        results[s.key] = {"title": s.title, "layers": res, "feature_seconds": t_feat,
+                          "compiled_programs": len(ex.programs.get(s.key, ()))}
+        del feats
+    return results
+
+
 def run_voc(workdir: str, checkpoint_workdir: str | None, *, nospp_workdir: str | None = None,
             dataset: str = "shapes", data_dir: str | None = None, settings: Sequence[str] = VOC_SETTINGS,
             layers: Sequence[str] = LAYERS, trainval_size: int = 500, test_size: int = 300, seed: int = 0,
@@ -171,26 +197,16 @@ def run_voc(workdir: str, checkpoint_workdir: str | None, *, nospp_workdir: str 
     log.info("%s: %d trainval / %d test images, %d classes", dataset, len(trainval), len(test),
              trainval.num_classes)
     cache = os.path.join(workdir, "features")
-    results: dict[str, dict] = {}
-    for s in settings:
-        ex = fx[s.spp]
-        use = [k for k in layers if k in ex.layers]
-        t = time.perf_counter()
-        ftr = ex.extract(trainval, s, layers=use, cache_dir=cache, data_id=trainval.data_id,
-                         progress=progress, desc=f"{s.key} trainval")
-        fte = ex.extract(test, s, layers=use, cache_dir=cache, data_id=test.data_id,
-                         progress=progress, desc=f"{s.key} test")
-        t_feat = time.perf_counter() - t
-        res = {}
-        for k in use:
-            t = time.perf_counter()
-            r = classify.voc_classification(ftr[k], trainval.labels, fte[k], test.labels, C)
-            res[k] = {"map": 100 * r["map"], "ap": [100 * a for a in r["ap"]], "dim": int(ftr[k].shape[1]),
-                      "converged": r["converged"], "svm_seconds": time.perf_counter() - t}
-            log.info("%s %s: mAP %.2f (D=%d)", s.key, k, res[k]["map"], res[k]["dim"])
-        results[s.key] = {"title": s.title, "layers": res, "feature_seconds": t_feat,
-                          "compiled_programs": len(ex.programs.get(s.key, ()))}
-        del ftr, fte
+
+    def score(s, k, ftr, fte):
+        r = classify.voc_classification(ftr, trainval.labels, fte, test.labels, C)
+        out = {"map": 100 * r["map"], "ap": [100 * a for a in r["ap"]], "dim": int(ftr.shape[1]),
+               "converged": r["converged"]}
+        log.info("%s %s: mAP %.2f (D=%d)", s.key, k, out["map"], out["dim"])
+        return out
+
+    results = _run_settings(settings, fx, layers, {"trainval": trainval, "test": test}, cache, progress,
+                            score)
     rows = [LAYER_TITLES[k] for k in layers]
     cols = [results[s.key]["title"] for s in settings]
     cells = {(LAYER_TITLES[k], r["title"]): r["layers"][k]["map"]
@@ -252,26 +268,15 @@ def run_caltech(workdir: str, checkpoint_workdir: str | None, *, nospp_workdir: 
     labels = pool.labels[used]
     local = [(np.searchsorted(used, tr), np.searchsorted(used, te)) for tr, te in split_idx]
     cache = os.path.join(workdir, "features")
-    results: dict[str, dict] = {}
-    for s in settings:
-        ex = fx[s.spp]
-        use = [k for k in layers if k in ex.layers]
-        t = time.perf_counter()
-        feats = ex.extract(sub, s, layers=use, cache_dir=cache, data_id=sub.data_id, progress=progress,
-                           desc=s.key)
-        t_feat = time.perf_counter() - t
-        res = {}
-        for k in use:
-            t = time.perf_counter()
-            r = classify.caltech_classification(feats[k], labels, k_cls, split_indices=local, C=C)
-            res[k] = {"mean": 100 * r["mean"], "std": 100 * r["std"],
-                      "accuracy": [100 * a for a in r["accuracy"]],
-                      "overall": [100 * a for a in r["overall"]], "dim": int(feats[k].shape[1]),
-                      "svm_seconds": time.perf_counter() - t}
-            log.info("%s %s: %.2f +- %.2f (D=%d)", s.key, k, res[k]["mean"], res[k]["std"], res[k]["dim"])
-        results[s.key] = {"title": s.title, "layers": res, "feature_seconds": t_feat,
-                          "compiled_programs": len(ex.programs.get(s.key, ()))}
-        del feats
+
+    def score(s, k, feats):
+        r = classify.caltech_classification(feats, labels, k_cls, split_indices=local, C=C)
+        out = {"mean": 100 * r["mean"], "std": 100 * r["std"], "accuracy": [100 * a for a in r["accuracy"]],
+               "overall": [100 * a for a in r["overall"]], "dim": int(feats.shape[1])}
+        log.info("%s %s: %.2f +- %.2f (D=%d)", s.key, k, out["mean"], out["std"], out["dim"])
+        return out
+
+    results = _run_settings(settings, fx, layers, {"": sub}, cache, progress, score)
     rows = [LAYER_TITLES[k] for k in layers]
     cols = [results[s.key]["title"] for s in settings]
     cells = {(LAYER_TITLES[k], r["title"]): f"{r['layers'][k]['mean']:.2f} ± {r['layers'][k]['std']:.2f}"
