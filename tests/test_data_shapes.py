@@ -160,7 +160,7 @@ def test_tfds_reuses_files_and_data_source(tmp_path):
 
     src = shapes_tfds.load_shapes("detection", "test", tmp_path, trainval=2, test=2)
     cfg = shapes_tfds.make_config("detection", trainval=2, test=2)
-    shard_dir = tmp_path / "spp_shapes" / cfg.name / "1.0.0"
+    shard_dir = tmp_path / "spp_shapes" / cfg.name / str(shapes_tfds.SppShapes.VERSION)
     files = sorted(p.name for p in shard_dir.iterdir())
     assert any("array_record" in f for f in files)
     mtimes = {p: p.stat().st_mtime_ns for p in shard_dir.iterdir()}

@@ -21,8 +21,8 @@ Classes
 The class of an object is its **shape** (``CLASS_NAMES``, 10 classes); colour,
 fill texture (``FILL_STYLES``), scale, mild anisotropic stretch, position and
 rotation are nuisance factors drawn at random. The background is a smooth
-random colour field with stroke clutter (lines and curves, never filled
-shapes) and pixel noise. Objects often sit near or partly over the border, so
+random colour field with pixel noise; the detection and multilabel variants
+add stroke clutter (lines and curves, never filled shapes). Objects often sit near or partly over the border, so
 a centre crop can cut them.
 
 Objects
@@ -311,8 +311,8 @@ def _texture(
     return np.where(sel[..., None], c1, c2)
 
 
-def _background(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
-    """Cluttered background: smooth colour field + random strokes.
+def _background(rng: np.random.Generator, h: int, w: int, strokes: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Background: smooth colour field, plus random strokes if ``strokes``.
 
     Returns ``(img, mean)``: uint8 (h, w, 3) image and float32 (3,) approximate
     mean colour (of the coarse colour grid; cheaper than averaging the image).
@@ -324,7 +324,7 @@ def _background(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray, n
     img = cv2.resize(grid.astype(np.uint8), (w, h), interpolation=cv2.INTER_CUBIC)
     # Stroke clutter (lines and wiggly curves): edges everywhere, but nothing that
     # looks like a filled shape of one of the classes.
-    n_strokes = int(rng.integers(4, 20))
+    n_strokes = int(rng.integers(4, 20)) if strokes else 0
     scale = min(h, w)
     for _ in range(n_strokes):
         color = tuple(int(c) for c in rng.integers(0, 256, 3))
@@ -570,7 +570,10 @@ def generate(
         raise RuntimeError(f"no object could be placed for {variant}/{split}/{index}")
 
     # --- paint: background, then objects in order (later objects on top) ---
-    img, bg_mean = _background(rng, h, w)
+    # Single-label variants get no stroke clutter: with it, from-scratch training of
+    # the embedded classifiers stalled at chance for thousands of steps (README,
+    # "The embedded default"); detection keeps it, as hard negatives for the SVMs.
+    img, bg_mean = _background(rng, h, w, strokes=variant not in ("classification", "fine"))
     for k, obj in enumerate(placed):
         ix0, iy0, ix1, iy1, _ = _clip_window(obj.x0, obj.y0, obj.mask, h, w)
         # Only the pixels this object still owns get painted: same result as

@@ -136,8 +136,11 @@ def make_config(variant: str, seed: int = 0, **split_sizes: int) -> ShapesConfig
 class SppShapes(tfds.core.GeneratorBasedBuilder):
     """Synthetic shapes: ImageNet / VOC / Caltech101 stand-in (see ``shapes``)."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {
+        "1.0.0": "Initial release.",
+        "1.1.0": "No stroke clutter in the classification and fine variants.",
+    }
     BUILDER_CONFIGS = [make_config(v) for v in shapes.VARIANTS]
     DEFAULT_CONFIG_NAME = "classification"
 
@@ -228,7 +231,7 @@ def load_shapes(
       split: a split of the config (e.g. "train", "test", "trainval").
       data_dir: TFDS data directory (required; nothing goes to
         ``~/tensorflow_datasets``). Data lands in
-        ``data_dir/spp_shapes/<config name>/1.0.0``.
+        ``data_dir/spp_shapes/<config name>/<VERSION>``.
       seed: dataset seed.
       **split_sizes: split size overrides, e.g. ``train=200, validation=50``
         (see ``make_config``). Different sizes build a different config.

@@ -37,9 +37,12 @@ def decay_mask(params):
     return jax.tree_util.tree_map_with_path(is_kernel, params)
 
 
+OPTIMIZERS = ("sgd", "adam")
+
+
 def make_optimizer(learning_rate: float | Callable, momentum: float = 0.9,
-                   weight_decay: float = 5e-4) -> optax.GradientTransformation:
-    """SGD with momentum and L2 weight decay on kernels, hyperparameters injected.
+                   weight_decay: float = 5e-4, optimizer: str = "sgd") -> optax.GradientTransformation:
+    """SGD with momentum (the paper) or Adam, L2 weight decay on kernels, hyperparameters injected.
 
     ``learning_rate`` is a float or an optax schedule of the step count.  The applied
     rate is ``learning_rate(step) * lr_scale``; ``lr_scale`` lives in
@@ -48,19 +51,27 @@ def make_optimizer(learning_rate: float | Callable, momentum: float = 0.9,
 
     Update: v <- momentum * v + (g + wd * w);  w <- w - lr * v.  (Caffe keeps the rate
     inside the velocity, v <- m v + lr (g + wd w); the two agree while lr is constant.)
+
+    ``optimizer="adam"`` (the embedded preset only, see config.py) feeds the same
+    decayed gradient g + wd * w to Adam (b1 = ``momentum``, b2 = 0.999): plain L2, not
+    AdamW, so weight decay means the same loss term under both optimizers.
     """
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer={optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
+
     def factory(learning_rate, lr_scale, momentum, weight_decay):
-        return optax.chain(
-            optax.add_decayed_weights(weight_decay, mask=decay_mask),
-            optax.sgd(learning_rate * lr_scale, momentum=momentum),
-        )
+        rate = learning_rate * lr_scale
+        step = (optax.sgd(rate, momentum=momentum) if optimizer == "sgd"
+                else optax.adam(rate, b1=momentum))
+        return optax.chain(optax.add_decayed_weights(weight_decay, mask=decay_mask), step)
     return optax.inject_hyperparams(factory)(
         learning_rate=learning_rate, lr_scale=1.0, momentum=momentum, weight_decay=weight_decay)
 
 
 def optimizer_from_config(cfg: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
     from spp_jax.train.schedule import learning_rate_schedule
-    return make_optimizer(learning_rate_schedule(cfg, steps_per_epoch), cfg.momentum, cfg.weight_decay)
+    return make_optimizer(learning_rate_schedule(cfg, steps_per_epoch), cfg.momentum, cfg.weight_decay,
+                          cfg.optimizer)
 
 
 def create_state(params, tx: optax.GradientTransformation) -> TrainState:
