@@ -61,6 +61,24 @@ def test_weight_decay_on_kernels_only():
     np.testing.assert_allclose(u2["fc8"]["bias"], 1.9 * u1["fc8"]["bias"], rtol=1e-6)
 
 
+def test_adam_option_matches_hand_computed_updates():
+    """Adam's bias-corrected steps by hand: m1 = g, v1 = g^2 -> update -lr * g / (|g| + eps);
+    a constant gradient keeps |update| = lr. L2 decay enters the gradient (not AdamW)."""
+    params = {"fc": {"kernel": jnp.array([[2.0, -1.0]]), "bias": jnp.array([0.5])}}
+    g = {"fc": {"kernel": jnp.array([[0.3, 0.0]]), "bias": jnp.array([-4.0])}}
+    lr, wd = 1e-3, 0.1
+    tx = make_optimizer(lr, 0.9, wd, optimizer="adam")
+    st = tx.init(params)
+    u1, st = tx.update(g, st, params)
+    eff = np.array([[0.3 + wd * 2.0, 0.0 + wd * -1.0]])  # decayed gradient of the kernel
+    np.testing.assert_allclose(u1["fc"]["kernel"], -lr * np.sign(eff), rtol=1e-5)
+    np.testing.assert_allclose(u1["fc"]["bias"], [lr], rtol=1e-5)  # no decay on biases
+    u2, st = tx.update(g, st, params)
+    np.testing.assert_allclose(u2["fc"]["bias"], [lr], rtol=1e-5)
+    with pytest.raises(ValueError, match="optimizer='rmsprop'; valid: sgd, adam"):
+        make_optimizer(lr, optimizer="rmsprop")
+
+
 def test_one_program_per_size_sharing_params(env):
     steps = env["steps"]
     assert set(steps.compiled) == set(SIZES)
