@@ -61,3 +61,44 @@ def test_bad_inputs(caches, tmp_path):
     from experiments.voc_det import load_backbone
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_backbone(str(tmp_path / "nope.msgpack"), 11)
+
+
+def _iou_voc(a, b):
+    """VOC IoU with the +1-pixel convention, scalar and by hand."""
+    iw = min(a[2], b[2]) - max(a[0], b[0]) + 1
+    ih = min(a[3], b[3]) - max(a[1], b[1]) + 1
+    if iw <= 0 or ih <= 0:
+        return 0.0
+    inter = iw * ih
+    area = lambda z: (z[2] - z[0] + 1) * (z[3] - z[1] + 1)
+    return inter / (area(a) + area(b) - inter)
+
+
+def test_negative_dedup_hand_case():
+    # Windows 0 and 1 overlap with IoU 100/110 = 0.91 > 0.7; window 2 is far away; window 3
+    # sits on the class-1 ground truth, so it is no negative of class 1 and cannot suppress.
+    boxes = np.array([[0, 0, 9, 9], [0, 0, 9, 10], [50, 50, 59, 59], [100, 100, 119, 119]], np.float32)
+    gt = np.array([[100, 100, 119, 119]], np.float32)
+    lab = D._negative_labels(boxes, gt, np.array([1]), np.array([False]), 3, 0.3, dedup_iou=0.7)
+    np.testing.assert_array_equal(lab, [[-1, 0, -1, -1], [-1, 0, -1, 0], [-1, 0, -1, -1]])
+    no = D._negative_labels(boxes, gt, np.array([1]), np.array([False]), 3, 0.3, dedup_iou=1.0)
+    np.testing.assert_array_equal(no, [[-1, -1, -1, -1], [-1, -1, -1, 0], [-1, -1, -1, -1]])
+
+
+def test_negative_dedup_matches_brute_force():
+    rng = np.random.default_rng(3)
+    xy = rng.integers(0, 60, (80, 2))
+    wh = rng.integers(4, 30, (80, 2))
+    boxes = np.concatenate([xy, xy + wh], 1).astype(np.float32)
+    gt = boxes[[5, 40]]
+    gl = np.array([0, 2])
+    lab = D._negative_labels(boxes, gt, gl, np.zeros(2, bool), 4, 0.3, dedup_iou=0.7)
+    for c in range(4):
+        kept = []
+        for i, b in enumerate(boxes):
+            if any(_iou_voc(b, g) >= 0.3 for g, l in zip(gt, gl) if l == c):
+                continue
+            if all(_iou_voc(b, boxes[j]) <= 0.7 for j in kept):
+                kept.append(i)
+        np.testing.assert_array_equal(np.flatnonzero(lab[c] == -1), kept)
+    assert (lab == -1).sum() < 4 * len(boxes) - 2  # the rule did drop something

@@ -53,6 +53,10 @@ class DetectorConfig:
     pos_weight: float = 2.0
     bias_value: float = 10.0
     neg_iou: float = 0.3
+    # The paper drops a negative that overlaps an (earlier) kept negative of the same class
+    # by more than this IoU, so near-duplicate windows do not swamp the negative set; 1.0
+    # keeps every candidate (no such step is described for the released code's cache).
+    neg_dedup_iou: float = 0.7
     feat_norm: float = 20.0
     retrain_every: int = 2000
     svm_tol: float = 1e-3
@@ -102,15 +106,45 @@ def layer_features(pool5: np.ndarray, layer: str, head: dict | None) -> np.ndarr
     return fc_features(head, pool5, layer[-3:])
 
 
-def _negative_labels(boxes, gt_boxes, gt_labels, gt_difficult, k: int, neg_iou: float) -> np.ndarray:
-    """(K, R) int8: -1 = candidate negative of that class (IoU < neg_iou with all its boxes), 0 = ignore."""
+def _greedy_dedup(cand: np.ndarray, over: np.ndarray) -> np.ndarray:
+    """Indices of ``cand`` (in order) kept by greedy suppression: a window is dropped when it
+    overlaps an earlier kept one. ``over``: (R, R) bool, IoU above the threshold."""
+    alive = np.zeros(len(over), bool)
+    alive[cand] = True
+    keep = []
+    for i in cand:
+        if alive[i]:
+            keep.append(i)
+            alive &= ~over[i]
+    return np.asarray(keep, np.int64)
+
+
+def _negative_labels(boxes, gt_boxes, gt_labels, gt_difficult, k: int, neg_iou: float,
+                     dedup_iou: float = 1.0) -> np.ndarray:
+    """(K, R) int8: -1 = candidate negative of that class, 0 = ignore.
+
+    A window is a candidate negative of class c when its IoU with every box of c is
+    < ``neg_iou``; with ``dedup_iou`` < 1, a candidate that overlaps an earlier kept
+    candidate of c by more than ``dedup_iou`` is ignored too (windows in ``boxes`` order).
+    """
     r = len(boxes)
     lab = -np.ones((k, r), np.int8)
+    b = np.asarray(boxes, np.float32).reshape(-1, 4)
     if len(gt_boxes) and r:
-        ious = pairwise_iou(np.asarray(boxes, np.float32), np.asarray(gt_boxes, np.float32))  # (R, G)
+        ious = pairwise_iou(b, np.asarray(gt_boxes, np.float32))  # (R, G)
         for c in np.unique(gt_labels):
             cmax = ious[:, np.asarray(gt_labels) == c].max(1)
             lab[int(c), cmax >= neg_iou] = 0
+    if dedup_iou < 1.0 and r > 1:
+        over = pairwise_iou(b, b) > dedup_iou  # (R, R)
+        cache = {}  # classes absent from the image share one candidate set: dedup once
+        for c in range(k):
+            cand = np.flatnonzero(lab[c] == -1)
+            key = cand.tobytes() if len(cand) < r else "all"
+            if key not in cache:
+                cache[key] = _greedy_dedup(cand, over)
+            lab[c, cand] = 0
+            lab[c, cache[key]] = -1
     return lab
 
 
@@ -167,7 +201,7 @@ def train_detector(cache, layer: str, num_classes: int, *, head: dict | None = N
         for i in ids:
             e = cache.load(i)
             lab = _negative_labels(e["boxes"], e["gt_boxes"], e["gt_labels"], e["gt_difficult"],
-                                   num_classes, c.neg_iou)
+                                   num_classes, c.neg_iou, c.neg_dedup_iou)
             yield feats(e) * scale, lab
 
     t0 = time.perf_counter()
