@@ -43,3 +43,14 @@ def roi_pool_ref(fmap, cells, levels):
     """(H, W, C), (R, 4) inclusive cells -> (R, C*sum(n*n)) by cropping and pooling each window."""
     return np.concatenate([pool_ref(fmap[None, y0:y1 + 1, x0:x1 + 1], levels)
                            for x0, y0, x1, y1 in np.asarray(cells)], axis=0)
+
+
+def iou_voc(a, b):
+    """IoU of two (x1, y1, x2, y2) boxes with VOC's +1-pixel convention, by hand (scalar)."""
+    iw = min(a[2], b[2]) - max(a[0], b[0]) + 1
+    ih = min(a[3], b[3]) - max(a[1], b[1]) + 1
+    if iw <= 0 or ih <= 0:
+        return 0.0
+    inter = iw * ih
+    union = (a[2] - a[0] + 1) * (a[3] - a[1] + 1) + (b[2] - b[0] + 1) * (b[3] - b[1] + 1) - inter
+    return inter / union

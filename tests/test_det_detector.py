@@ -6,6 +6,7 @@ from spp_jax.detection.features import FeatureCache, cache_features
 from spp_jax.detection.finetune import FinetuneConfig, finetune
 from spp_jax.detection.proposals import ProposalSettings, compute_proposals
 from spp_jax.report import markdown_table
+from reference import iou_voc
 from test_det_common import tiny_extractor, tiny_model, tiny_records
 
 
@@ -63,17 +64,6 @@ def test_bad_inputs(caches, tmp_path):
         load_backbone(str(tmp_path / "nope.msgpack"), 11)
 
 
-def _iou_voc(a, b):
-    """VOC IoU with the +1-pixel convention, scalar and by hand."""
-    iw = min(a[2], b[2]) - max(a[0], b[0]) + 1
-    ih = min(a[3], b[3]) - max(a[1], b[1]) + 1
-    if iw <= 0 or ih <= 0:
-        return 0.0
-    inter = iw * ih
-    area = lambda z: (z[2] - z[0] + 1) * (z[3] - z[1] + 1)
-    return inter / (area(a) + area(b) - inter)
-
-
 def test_negative_dedup_hand_case():
     # Windows 0 and 1 overlap with IoU 100/110 = 0.91 > 0.7; window 2 is far away; window 3
     # sits on the class-1 ground truth, so it is no negative of class 1 and cannot suppress.
@@ -96,9 +86,9 @@ def test_negative_dedup_matches_brute_force():
     for c in range(4):
         kept = []
         for i, b in enumerate(boxes):
-            if any(_iou_voc(b, g) >= 0.3 for g, l in zip(gt, gl) if l == c):
+            if any(iou_voc(b, g) >= 0.3 for g, l in zip(gt, gl) if l == c):
                 continue
-            if all(_iou_voc(b, boxes[j]) <= 0.7 for j in kept):
+            if all(iou_voc(b, boxes[j]) <= 0.7 for j in kept):
                 kept.append(i)
         np.testing.assert_array_equal(np.flatnonzero(lab[c] == -1), kept)
     assert (lab == -1).sum() < 4 * len(boxes) - 2  # the rule did drop something

@@ -4,6 +4,7 @@ from fractions import Fraction
 
 import numpy as np
 import pytest
+from reference import iou_voc
 
 from spp_jax.detection.nms import Detections
 from spp_jax.detection.voc_eval import (
@@ -105,16 +106,6 @@ def test_11_point_threshold_exact_tenths():
 # ---------------------------------------------------------------------------
 
 
-def _iou_plus_one(a, b):
-    iw = min(a[2], b[2]) - max(a[0], b[0]) + 1
-    ih = min(a[3], b[3]) - max(a[1], b[1]) + 1
-    if iw <= 0 or ih <= 0:
-        return 0.0
-    inter = iw * ih
-    union = (a[2] - a[0] + 1) * (a[3] - a[1] + 1) + (b[2] - b[0] + 1) * (b[3] - b[1] + 1) - inter
-    return inter / union
-
-
 def _reference_ap(ids, scores, boxes, gt):
     """Returns (11-point AP, area AP) as Fractions, or None if npos == 0."""
     npos = sum(int((~d).sum()) for _, d in gt.values())
@@ -126,7 +117,7 @@ def _reference_ap(ids, scores, boxes, gt):
         gboxes, diff = gt.get(ids[d], (np.zeros((0, 4)), np.zeros(0, bool)))
         ovmax, jmax = -1.0, -1
         for j, g in enumerate(gboxes):
-            ov = _iou_plus_one(boxes[d], g)
+            ov = iou_voc(boxes[d], g)
             if ov > ovmax:
                 ovmax, jmax = ov, j
         if ovmax >= 0.5:
