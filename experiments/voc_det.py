@@ -225,6 +225,8 @@ def main(argv=None):
     p.add_argument("--no-rcnn", action="store_true", help="skip the R-CNN column")
     p.add_argument("--workdir", default="runs/voc_det")
     p.add_argument("--workers", type=int, default=2, help="selective-search processes")
+    p.add_argument("--ft-lrs", default=None,
+                   help="fine-tuning learning rates before,after the decay (default: the paper's 1e-4,1e-5)")
     p.add_argument("--quick", action="store_true", help="tiny run: few images, short fine-tuning")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -240,6 +242,14 @@ def main(argv=None):
     st = Settings()
     if a.quick:
         st = Settings(n_trainval=12, n_test=8, ft_iter_scale=0.02, ft_lrs=(1e-3, 1e-4), rcnn_images=4)
+    if a.ft_lrs:
+        try:
+            lrs = tuple(float(v) for v in a.ft_lrs.split(","))
+        except ValueError:
+            lrs = ()
+        if len(lrs) != 2 or min(lrs) <= 0:
+            p.error(f"--ft-lrs wants two positive rates like 1e-3,1e-4, got {a.ft_lrs!r}")
+        st = dataclasses.replace(st, ft_lrs=lrs)
     size_tr = st.n_trainval if a.dataset == "shapes" or a.quick else None
     size_te = st.n_test if a.dataset == "shapes" or a.quick else None
     tr = R.load_records(a.dataset, "trainval", size=size_tr, data_dir=a.data_dir)

@@ -21,8 +21,8 @@ Classes
 The class of an object is its **shape** (``CLASS_NAMES``, 10 classes); colour,
 fill texture (``FILL_STYLES``), scale, mild anisotropic stretch, position and
 rotation are nuisance factors drawn at random. The background is a smooth
-random colour field with pixel noise; the detection and multilabel variants
-add stroke clutter (lines and curves, never filled shapes). Objects often sit near or partly over the border, so
+random colour field with pixel noise (``_background`` can add stroke clutter,
+which version 1.0.0 of the data had; see the README for why it is off). Objects often sit near or partly over the border, so
 a centre crop can cut them.
 
 Objects
@@ -570,10 +570,10 @@ def generate(
         raise RuntimeError(f"no object could be placed for {variant}/{split}/{index}")
 
     # --- paint: background, then objects in order (later objects on top) ---
-    # Single-label variants get no stroke clutter: with it, from-scratch training of
-    # the embedded classifiers stalled at chance for thousands of steps (README,
-    # "The embedded default"); detection keeps it, as hard negatives for the SVMs.
-    img, bg_mean = _background(rng, h, w, strokes=variant not in ("classification", "fine"))
+    # No stroke clutter: with it, from-scratch training of the embedded classifiers
+    # stalled at chance for thousands of steps (README, "The embedded default"), and
+    # detectors built on those classifiers should see the same kind of images.
+    img, bg_mean = _background(rng, h, w, strokes=False)
     for k, obj in enumerate(placed):
         ix0, iy0, ix1, iy1, _ = _clip_window(obj.x0, obj.y0, obj.mask, h, w)
         # Only the pixels this object still owns get painted: same result as

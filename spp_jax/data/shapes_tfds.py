@@ -136,10 +136,11 @@ def make_config(variant: str, seed: int = 0, **split_sizes: int) -> ShapesConfig
 class SppShapes(tfds.core.GeneratorBasedBuilder):
     """Synthetic shapes: ImageNet / VOC / Caltech101 stand-in (see ``shapes``)."""
 
-    VERSION = tfds.core.Version("1.1.0")
+    VERSION = tfds.core.Version("1.2.0")
     RELEASE_NOTES = {
         "1.0.0": "Initial release.",
         "1.1.0": "No stroke clutter in the classification and fine variants.",
+        "1.2.0": "No stroke clutter in any variant.",
     }
     BUILDER_CONFIGS = [make_config(v) for v in shapes.VARIANTS]
     DEFAULT_CONFIG_NAME = "classification"
