@@ -111,7 +111,7 @@ class Settings:
     n_trainval: int = 200
     n_test: int = 100
     ft_iter_scale: float = 1.0
-    ft_lrs: tuple = (1e-4, 1e-5)
+    ft_lrs: tuple = (1e-4, 1e-5)   # the paper's; the embedded data overrides it (see main)
     rcnn_images: int | None = None  # R-CNN mode on this many images per split (None = all)
 
 
@@ -227,6 +227,8 @@ def main(argv=None):
     p.add_argument("--workers", type=int, default=2, help="selective-search processes")
     p.add_argument("--ft-lrs", default=None,
                    help="fine-tuning learning rates before,after the decay (default: the paper's 1e-4,1e-5)")
+    p.add_argument("--trainval-size", type=int, default=None, help="embedded data: trainval images (200)")
+    p.add_argument("--test-size", type=int, default=None, help="embedded data: test images (100)")
     p.add_argument("--quick", action="store_true", help="tiny run: few images, short fine-tuning")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -242,6 +244,16 @@ def main(argv=None):
     st = Settings()
     if a.quick:
         st = Settings(n_trainval=12, n_test=8, ft_iter_scale=0.02, ft_lrs=(1e-3, 1e-4), rcnn_images=4)
+    if a.dataset == "shapes" and not a.quick:
+        # The embedded ZF-5 is 1/8 wide and Adam-trained: at the paper's 1e-4 its fc layers
+        # barely moved in fine-tuning (held-out accuracy stayed at the background share);
+        # 1e-3 -> 1e-4 gave ftfc7 bb 42.0 vs 36.0 mAP (README, Detection).
+        st = dataclasses.replace(st, ft_lrs=(1e-3, 1e-4))
+    if a.trainval_size or a.test_size:
+        if a.dataset != "shapes":
+            p.error("--trainval-size/--test-size are for the embedded data only")
+        st = dataclasses.replace(st, n_trainval=a.trainval_size or st.n_trainval,
+                                 n_test=a.test_size or st.n_test)
     if a.ft_lrs:
         try:
             lrs = tuple(float(v) for v in a.ft_lrs.split(","))

@@ -92,3 +92,16 @@ def test_negative_dedup_matches_brute_force():
                 kept.append(i)
         np.testing.assert_array_equal(np.flatnonzero(lab[c] == -1), kept)
     assert (lab == -1).sum() < 4 * len(boxes) - 2  # the rule did drop something
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["--ft-lrs", "1e-3"], "--ft-lrs wants two positive rates"),
+    (["--ft-lrs", "1e-3,-1"], "--ft-lrs wants two positive rates"),
+    (["--dataset", "voc2007", "--trainval-size", "10"], "embedded data only"),
+])
+def test_voc_det_rejects_bad_options(argv, msg, capsys):
+    from experiments.voc_det import main
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    assert msg in capsys.readouterr().err
