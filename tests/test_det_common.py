@@ -12,8 +12,7 @@ SCALE = 160
 
 @functools.lru_cache(maxsize=None)
 def tiny_model():
-    from experiments.voc_det import random_variables
-    from spp_jax.models import get_model
+    from spp_jax.models import get_model, random_variables
     m = get_model("zf5", num_classes=11, **TINY)
     return m, random_variables(m, 0)
 

@@ -59,9 +59,6 @@ def test_bad_inputs(caches, tmp_path):
     det = D.train_detector(ctr, "pool5", 10)
     with pytest.raises(ValueError, match="box regressors"):
         D.test_detector(det, cte, use_bbox_reg=True)
-    from experiments.voc_det import load_backbone
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        load_backbone(str(tmp_path / "nope.msgpack"), 11)
 
 
 def test_negative_dedup_hand_case():
@@ -98,6 +95,9 @@ def test_negative_dedup_matches_brute_force():
     (["--ft-lrs", "1e-3"], "--ft-lrs wants two positive rates"),
     (["--ft-lrs", "1e-3,-1"], "--ft-lrs wants two positive rates"),
     (["--dataset", "voc2007", "--trainval-size", "10"], "embedded data only"),
+    (["--rcnn-images", "0"], "--rcnn-images must be >= 1"),
+    (["--ft-iter-scale", "-1"], "--ft-iter-scale must be > 0"),
+    (["--proposals", "/nonexistent.npz"], "does not exist"),
 ])
 def test_voc_det_rejects_bad_options(argv, msg, capsys):
     from experiments.voc_det import main
@@ -105,3 +105,47 @@ def test_voc_det_rejects_bad_options(argv, msg, capsys):
         main(argv)
     assert e.value.code == 2
     assert msg in capsys.readouterr().err
+
+
+def _toy_detector(w, bbox_dx=None):
+    from spp_jax.detection.bbox_reg import BBoxRegressor
+    bb = None
+    if bbox_dx is not None:
+        bb = BBoxRegressor(np.zeros((1, 2, 4), np.float32), np.array([[bbox_dx, 0, 0, 0]], np.float32),
+                           1.0, np.array([True]))
+    return D.Detector("pool5", 1, np.array([w], np.float32), np.zeros(1, np.float32), 1.0, None, bb,
+                      D.DetectorConfig(), {})
+
+
+def test_combination_nms_over_the_union_hand_case():
+    # Windows 0 and 1 overlap (IoU 81/119 = 0.68 > 0.3); window 2 is apart. Model A scores
+    # (3, 0, 1), model B (0, 5, 1). On the union, B's window 1 (5) suppresses A's window 0 (3);
+    # window 2 ties at 1 and A's copy (visited first) suppresses B's.
+    boxes = np.array([[0, 0, 9, 9], [1, 1, 10, 10], [50, 50, 59, 59]], np.float32)
+    entry = {"boxes": boxes, "num_gt": 0, "pool5": np.array([[3, 0], [0, 5], [1, 1]], np.float32),
+             "image_hw": np.array([100, 100])}
+    a, b = _toy_detector([1, 0], bbox_dx=0.5), _toy_detector([0, 1], bbox_dx=0.0)
+    (bx, sc, lab), _ = D.combine_image([a, b], [entry, entry])
+    np.testing.assert_array_equal(bx, boxes[[1, 2]])
+    np.testing.assert_allclose(sc, [5, 1])
+    np.testing.assert_array_equal(lab, [0, 0])
+    (alone, sa, _), _ = D.combine_image([a], [entry])  # A alone keeps its window 0
+    np.testing.assert_array_equal(alone, boxes[[0, 2]])
+    np.testing.assert_allclose(sa, [3, 1])
+    # Box regression by the owner: B (dx 0) leaves window 1; A (dx 0.5 of the 10-px width)
+    # moves window 2 right by 5 px.
+    (rb, _, _), _ = D.combine_image([a, b], [entry, entry], use_bbox_reg=True)
+    np.testing.assert_allclose(rb, [[1, 1, 10, 10], [55, 50, 64, 59]], atol=1e-4)
+
+
+def test_combining_a_detector_with_itself_changes_nothing(caches):
+    ctr, cte = caches
+    det = D.train_detector(ctr, "pool5", 10)
+    one = D.test_detector(det, cte)
+    two = D.test_combined([det, det], [cte, cte])
+    assert two.mAP == one.mAP
+    for i in cte.ids:
+        for x, y in zip(one.detections[i], two.detections[i]):
+            np.testing.assert_array_equal(x, y)
+    with pytest.raises(ValueError, match="lacks"):
+        D.test_combined([det, det], [cte, ctr])  # the trainval cache has other images

@@ -39,11 +39,12 @@ def test_cache_and_half_written_rebuild(tmp_path, caplog):
     stats = {}
     a = compute_proposals(recs, str(tmp_path), settings=FAST, workers=0, progress=False, stats=stats)
     assert stats["cached"] is False and set(a) == {r["image_id"] for r in recs}
+    spi = stats["seconds_per_image"]
     path = cache_path(str(tmp_path), recs.name, recs.split, FAST)
     assert os.path.exists(path) and os.path.exists(path + ".done")
     stats = {}
     b = compute_proposals(recs, str(tmp_path), settings=FAST, workers=0, progress=False, stats=stats)
-    assert stats["cached"] is True
+    assert stats["cached"] is True and stats["seconds_per_image"] == spi > 0  # kept with the cache
     for k in a:
         np.testing.assert_array_equal(a[k], b[k])
     # Simulate a crash mid-write: truncated file, no marker -> rebuilt.

@@ -45,11 +45,11 @@ def test_embedded_train_resume_and_eval(tmp_path, capsys):
     out3 = json.load(open(os.path.join(wd, "eval.json")))
     assert out3["results"]["1crop"]["top1_err"] == out["results"]["1crop"]["top1_err"]
     # detection reads the same workdir as its backbone: conv layers and fc6/fc7, the mean colour
-    from experiments.voc_det import load_backbone
-    model, variables, mean, desc = load_backbone(wd, 11)
-    assert model.arch == "zf5" and model.width == 0.05 and mean.shape == (3,)
-    assert variables["params"]["classifier"]["fc7"]["kernel"].shape == (16, 16)
-    assert "trained 2 epochs on shapes" in desc
+    from spp_jax.detection.backbone import load_backbone
+    net = load_backbone(wd)
+    assert net.model.arch == "zf5" and net.model.width == 0.05 and net.mean.shape == (3,)
+    assert net.variables["params"]["classifier"]["fc7"]["kernel"].shape == (16, 16)
+    assert "trained 2 epochs on shapes" in net.description
 
 
 def test_imagenet_code_path_on_mock_data(tmp_path):

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import spp_jax
+from spp_jax import models
 from spp_jax.roi import roi_pool_cells
 from spp_jax.transfer.features import LAYERS, FeatureExtractor, Setting
 
@@ -15,16 +16,7 @@ MEAN = np.full(3, 120.0, np.float32)
 
 
 def random_variables(model, seed):
-    """He-normal kernels, small random biases; shapes from eval_shape (no slow eager init)."""
-    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 224, 224, 3)))
-    rng = np.random.default_rng(seed)
-
-    def fill(path, s):
-        if jax.tree_util.keystr(path).endswith("['kernel']"):
-            return jnp.asarray(rng.normal(0, np.sqrt(2 / np.prod(s.shape[:-1])), s.shape), s.dtype)
-        return jnp.asarray(rng.normal(0, 0.1, s.shape), s.dtype)
-
-    return jax.tree_util.tree_map_with_path(fill, shapes)
+    return models.random_variables(model, seed, bias_std=0.1)  # small random biases
 
 
 @pytest.fixture(scope="module")

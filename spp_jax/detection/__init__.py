@@ -73,13 +73,13 @@ from spp_jax.detection.finetune import FinetuneConfig, window_labels  # noqa: E4
 from spp_jax.detection.bbox_reg import BBoxRegressor, fit_ridge, train_bbox_regressors  # noqa: E402
 from spp_jax.detection.rcnn import RCNNExtractor, time_windows, warp_windows  # noqa: E402
 from spp_jax.detection.detector import (LAYERS, Detector, DetectorConfig,  # noqa: E402
-                                        test_detector, train_detector)
+                                        test_combined, test_detector, train_detector)
 
 __all__ += [
     "RecordSource", "load_records", "tfds_bbox_to_pixels", "SCALES_1", "SCALES_5", "SCALES_5_RELEASED",
     "choose_scales", "ProposalSettings", "compute_proposals", "load_proposal_file", "selective_search",
     "FeatureCache", "SPPExtractor", "cache_features", "fc_features", "FinetuneConfig",
     "window_labels", "BBoxRegressor", "fit_ridge", "train_bbox_regressors", "RCNNExtractor",
-    "time_windows", "warp_windows", "LAYERS", "Detector", "DetectorConfig", "test_detector",
+    "time_windows", "warp_windows", "LAYERS", "Detector", "DetectorConfig", "test_detector", "test_combined",
     "train_detector",
 ]

@@ -94,7 +94,9 @@ def fc_features(head_params: dict, pool5, layer: str, batch: int = 512) -> np.nd
         ``variables["params"]["classifier"]`` of an SPPNet or a fine-tuned head.
       pool5: (N, D) float pool5 features.
       layer: "fc6" or "fc7".
-      batch: rows per call; the last batch is zero-padded so one program is compiled.
+      batch: rows per call. Fewer rows are zero-padded up to a multiple of ``batch // 8``
+        (so images with 150, 170, 190 windows share programs: at most 8 compiled shapes
+        per head, not one per window count).
     Returns:
       (N, fc_dim) float32.
     """
@@ -104,7 +106,8 @@ def fc_features(head_params: dict, pool5, layer: str, batch: int = 512) -> np.nd
     pool5 = np.asarray(pool5, np.float32)
     n = len(pool5)
     out = np.zeros((n, fc["fc6"]["bias"].shape[0]), np.float32)
-    bsz = min(batch, max(1, n))
+    step = max(1, batch // 8)
+    bsz = min(batch, -(-max(1, n) // step) * step)
     for i in range(0, n, bsz):
         chunk = pool5[i:i + bsz]
         m = len(chunk)

@@ -33,7 +33,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 __all__ = ["ProposalSettings", "selective_search", "clean_boxes", "compute_proposals",
-           "load_proposal_file", "save_proposal_file", "cache_path"]
+           "load_proposal_file", "save_proposal_file", "cache_path", "file_sha1"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,6 +147,15 @@ def save_proposal_file(path: str, proposals: Mapping[str, np.ndarray]) -> None:
     os.replace(tmp, path)
 
 
+def file_sha1(path: str) -> str:
+    """Short SHA-1 of a file's bytes (cache keys of features built on user proposals)."""
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:12]
+
+
 def load_proposal_file(path: str, image_ids: Iterable[str] | None = None) -> dict[str, np.ndarray]:
     """Load a user ``.npz`` (image_id -> (R, 4) 0-based inclusive boxes) -> dict of float32 arrays.
 
@@ -172,8 +181,8 @@ def compute_proposals(records, cache_dir: str | None = None, *,
       cache_dir: directory of the cache (None = no cache).
       settings: :class:`ProposalSettings`.
       workers: worker processes (spawn context); 0 = run in this process.
-      stats: if given, receives "seconds_per_image" (mean worker time) and
-        "cached" (True if loaded from the cache).
+      stats: if given, receives "seconds_per_image" (mean worker time, also when loaded from
+        the cache: it is stored with it) and "cached" (True if loaded from the cache).
     Returns:
       image_id -> (R, 4) float32 boxes (R may be 0; callers skip such images).
     """
@@ -186,7 +195,10 @@ def compute_proposals(records, cache_dir: str | None = None, *,
                 if len(out) == len(records):
                     log.info("proposals: loaded %d images from %s", len(out), path)
                     if stats is not None:
-                        stats.update(cached=True)
+                        with open(path + ".done") as f:  # the time it took when it was computed
+                            done = json.loads(f.read() or "{}")
+                        stats.update(cached=True, seconds_per_image=done.get("seconds_per_image",
+                                                                             float("nan")))
                     return out
                 log.warning("proposal cache %s has %d images, expected %d: rebuilding",
                             path, len(out), len(records))
@@ -227,5 +239,5 @@ def compute_proposals(records, cache_dir: str | None = None, *,
     if path is not None:
         save_proposal_file(path, out)
         with open(path + ".done", "w") as f:  # the marker comes last: its presence means complete
-            f.write(json.dumps({"images": len(out)}))
+            f.write(json.dumps({"images": len(out), "seconds_per_image": spi}))
     return out

@@ -3,9 +3,11 @@
 Each window is enlarged so that, after warping to 224 x 224, it has 16 pixels
 of context on every side (R-CNN's "padding 16" warp: the box is scaled about
 its centre by 224 / (224 - 2 * 16)), cropped and warped anisotropically to
-224 x 224 (image regions outside the image are filled with the mean colour,
-i.e. zero after mean subtraction; R-CNN instead shrinks the padding at the
-border), mean-subtracted and run through the conv layers in fixed-size
+224 x 224 (parts of the enlarged window outside the image are filled with
+the mean colour, i.e. zero after mean subtraction, as R-CNN's
+``rcnn_im_crop`` does; R-CNN also rounds the enlarged window to whole pixels,
+where the affine warp here keeps it exact), mean-subtracted and run through
+the conv layers in fixed-size
 batches (one compiled program). pool5 is the SPP pooling of the 13 x 13 conv5
 map with the model's own levels, so the same fc6/fc7 (pretrained or
 fine-tuned), SVM and box-regression code apply to both modes.

@@ -199,6 +199,29 @@ def init_params(model: SPPNet, rng: jax.Array, side: int = 224):
     return run_once(model.init, rng, jnp.zeros((1, side, side, 3), model.dtype))
 
 
+def random_variables(model: SPPNet, seed: int = 0, bias_std: float = 0.0) -> dict:
+    """He-normal kernels and Gaussian(0, ``bias_std``) biases for ``model``, without compiling.
+
+    Shapes come from ``jax.eval_shape`` (tracing only), values from NumPy, so this
+    takes milliseconds where ``model.init`` compiles the network. For pipelines that
+    need *some* network (tests, ``--random-backbone``): He scaling keeps activations
+    O(1) through a random conv stack, where std 0.01 would shrink conv5 towards zero.
+    """
+    import numpy as np
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 224, 224, 3), jnp.float32))
+    rng = np.random.default_rng(seed)
+
+    def fill(path, s):
+        if jax.tree_util.keystr(path).endswith("['kernel']"):
+            fan_in = int(np.prod(s.shape[:-1]))
+            return jnp.asarray(rng.normal(0, np.sqrt(2.0 / fan_in), s.shape), s.dtype)
+        if bias_std > 0:
+            return jnp.asarray(rng.normal(0, bias_std, s.shape), s.dtype)
+        return jnp.zeros(s.shape, s.dtype)
+
+    return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
 def run_once(fn, *args, out_shardings=None):
     """Run ``fn`` once as a single XLA program compiled without backend optimisation.
 

@@ -49,6 +49,16 @@ def prepare_data(cfg: TrainConfig, workdir: str):
     return ds, AugmentConfig(mean=mean, **pca)
 
 
+def trained_num_classes(cfg: TrainConfig) -> int:
+    """Number of classes of the net a config trains (10 on the embedded data, 1000 on ImageNet)."""
+    if cfg.dataset == "shapes":
+        from spp_jax.data import shapes
+        return shapes.num_classes("classification")
+    if cfg.dataset == "imagenet2012":
+        return 1000
+    raise ValueError(f"cannot tell the number of classes of a net trained on {cfg.dataset!r}")
+
+
 def restore_params(cfg: TrainConfig, workdir: str, num_classes: int):
     """Model and parameters of the latest usable checkpoint in ``workdir``."""
     model = build_model(cfg, num_classes)

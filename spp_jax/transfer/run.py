@@ -40,27 +40,17 @@ class Net:
     fingerprint: str = ""
 
 
-def _trained_num_classes(cfg) -> int:
-    from spp_jax.data import shapes
-
-    if cfg.dataset == "shapes":
-        return shapes.num_classes("classification")
-    if cfg.dataset == "imagenet2012":
-        return 1000
-    raise ValueError(f"cannot tell the number of classes of a net trained on {cfg.dataset!r}")
-
-
 def load_net(workdir: str | None) -> Net:
     """The latest checkpoint of a ``make train`` workdir, with its mean image (nothing is written)."""
     if not workdir:
         raise FileNotFoundError(NO_CHECKPOINT_HELP)
-    from spp_jax.train.experiment import load_config, restore_params
+    from spp_jax.train.experiment import load_config, restore_params, trained_num_classes
 
     workdir = os.path.abspath(workdir)
     if not os.path.isdir(os.path.join(workdir, "checkpoints")):
         raise FileNotFoundError(f"{workdir} has no checkpoints/: {NO_CHECKPOINT_HELP}")
     cfg = load_config(workdir)
-    model, variables, _ = restore_params(cfg, workdir, _trained_num_classes(cfg))
+    model, variables, _ = restore_params(cfg, workdir, trained_num_classes(cfg))
     mpath = os.path.join(workdir, "mean_image.npy")
     if os.path.exists(mpath):
         mean = np.load(mpath)

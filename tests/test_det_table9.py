@@ -1,0 +1,70 @@
+"""The Table 9 / Table 12 experiment end to end on tiny data (tiny random ZF-5, 160-px images)."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from spp_jax.detection import table9 as T
+from spp_jax.detection.finetune import FinetuneConfig
+from spp_jax.detection.proposals import ProposalSettings, compute_proposals
+from spp_jax.detection.rcnn import RCNNExtractor
+from test_det_common import tiny_extractor, tiny_model, tiny_records
+
+
+@pytest.fixture(scope="module")
+def table(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("table9"))
+    m, v = tiny_model()
+    head0 = v["params"]["classifier"]
+    tr, te = tiny_records("trainval", 4), tiny_records("test", 2)
+    s = ProposalSettings(max_side=160, min_side=8, max_boxes=60)
+    ptr = compute_proposals(tr, root, settings=s, workers=0, progress=False)
+    pte = compute_proposals(te, root, settings=s, workers=0, progress=False)
+    cols = [T.Column(T.COL_SPP1, tiny_extractor(), head0, tr, te),
+            T.Column(T.COL_RCNN, RCNNExtractor(m, v, batch=8), head0, tr, te)]
+    cfg = T.Table9Config(finetune=FinetuneConfig(iters=(3, 2), eval_every=2, lrs=(1e-3, 1e-4)),
+                         flip_finetune=True, timing_images=1)
+    names = [str(k) for k in range(10)]
+    res, comb = T.run_table9(cols, ptr, pte, 10, os.path.join(root, "cache"), cfg, names,
+                             combos=[(T.COL_SPP1, T.COL_RCNN), (T.COL_SPP1, "absent")],
+                             proposal_seconds=0.5)
+    md, js = T.write_tables(root, "tiny", res, comb, names, {"total_seconds": 1.0})
+    return res, comb, md, js
+
+
+def test_every_cell_and_timing_row_is_filled(table):
+    res, comb, md, js = table
+    data = json.load(open(js))
+    assert data["columns"] == [T.COL_SPP1, T.COL_RCNN]
+    for r in T.ROWS:
+        for c in data["columns"]:
+            assert 0 <= data["cells"][f"{r}|{c}"] <= 100
+    t = data["timing"]
+    for c in data["columns"]:
+        total = t[f"{T.T_CONV}|{c}"] + t.get(f"{T.T_POOL}|{c}", 0.0) + t[f"{T.T_FC}|{c}"]
+        assert t[f"{T.T_TOTAL}|{c}"] == pytest.approx(total)
+        assert t[f"{T.T_PROPOSALS}|{c}"] == 0.5 and t[f"{T.T_FT}|{c}"] > 0
+        # speed-up = R-CNN total / this column's total (1 for R-CNN itself)
+        assert t[f"{T.T_SPEEDUP}|{c}"] == pytest.approx(t[f"{T.T_TOTAL}|{T.COL_RCNN}"] / t[f"{T.T_TOTAL}|{c}"])
+    text = open(md).read()
+    assert "| ftfc7 bb |" in text and "Table 12" in text and T.T_SPEEDUP in text
+
+
+def test_combination_is_reported_and_only_for_present_columns(table):
+    res, comb, md, js = table
+    assert list(comb) == [f"{T.COL_SPP1} + {T.COL_RCNN}"]  # the absent column is skipped
+    c = comb[f"{T.COL_SPP1} + {T.COL_RCNN}"]
+    assert 0 <= c.mAP <= 1 and len(c.aps) == 10
+    for b, s, _ in c.detections.values():
+        assert len(b) <= 100 and np.all(np.diff(s) <= 0)  # best first, capped per image
+
+
+def test_flipped_training_features_are_cached(table):
+    res, _, _, _ = table
+    spp = res[0]
+    assert spp.finetune.best_iter >= 1
+    tr_dir = os.path.dirname(spp.test_cache.dir)
+    flipped = [f for d in os.listdir(tr_dir) if os.path.isdir(os.path.join(tr_dir, d))
+               for f in os.listdir(os.path.join(tr_dir, d)) if f.endswith("__flip.npz")]
+    assert len(flipped) == 2 * 4  # 4 trainval images, flipped, for both columns
