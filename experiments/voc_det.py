@@ -39,7 +39,9 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint", default=None,
                    help="a make-train workdir, or SPPNet variables (msgpack + .json); default on the "
                         "embedded data: pretrain ZF-5 in --pretrain-workdir (or reuse it)")
-    p.add_argument("--pretrain-workdir", default="runs/zf5")
+    p.add_argument("--pretrain-workdir", default="runs/zf5-det",
+                   help="where the embedded data's ZF-5 is pretrained (20 epochs) when no --checkpoint "
+                        "is given; reused when finished there, resumed when interrupted")
     p.add_argument("--random-backbone", action="store_true",
                    help="skip pretraining: a random ZF-5 (measures the pipeline only)")
     p.add_argument("--second-checkpoint", default=None,

@@ -149,3 +149,32 @@ def test_combining_a_detector_with_itself_changes_nothing(caches):
             np.testing.assert_array_equal(x, y)
     with pytest.raises(ValueError, match="lacks"):
         D.test_combined([det, det], [cte, ctr])  # the trainval cache has other images
+
+
+def _select_reference(boxes, scores, pre_nms, nms_iou, max_per_image):
+    """Per class: the pre_nms best windows, greedy NMS (NumPy reference); then the best overall."""
+    from spp_jax.detection.nms import nms_numpy
+    out_s, out_l, out_r = [], [], []
+    for k in range(scores.shape[1]):
+        cand = np.argsort(-scores[:, k], kind="stable")[:pre_nms]
+        keep = cand[nms_numpy(boxes[cand], scores[cand, k], nms_iou)]
+        out_s.append(scores[keep, k])
+        out_l.append(np.full(len(keep), k))
+        out_r.append(keep)
+    s, lab, r = (np.concatenate(v) for v in (out_s, out_l, out_r))
+    top = np.argsort(-s, kind="stable")[:max_per_image]
+    return r[top], s[top], lab[top]
+
+
+@pytest.mark.parametrize("r", [1, 97, 300])
+def test_jit_selection_matches_numpy_reference(r):
+    rng = np.random.default_rng(r)
+    xy = rng.integers(0, 80, (r, 2))
+    boxes = np.concatenate([xy, xy + rng.integers(3, 40, (r, 2))], 1).astype(np.float32)
+    boxes[r // 2:r // 2 + r // 10] = boxes[:r // 10]  # duplicate windows
+    scores = np.round(rng.normal(size=(r, 4)), 1).astype(np.float32)  # many ties
+    cfg = D.DetectorConfig(pre_nms=60, max_per_image=25)
+    got = D.select_detections(boxes, scores, cfg)
+    want = _select_reference(boxes, scores, 60, 0.3, 25)
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)

@@ -105,3 +105,30 @@ def test_cache_resumes_and_float16(tmp_path):
              "labels": np.zeros(0, np.int64), "difficult": np.zeros(0, bool)}
     c2 = cache_features([empty], {}, ex, FeatureCache(str(tmp_path), {"t": 2}), progress=False)
     assert c2.ids == []
+
+
+def test_bad_windows_empty_proposals_and_corrupt_files(tmp_path, caplog):
+    ex = tiny_extractor()
+    recs = tiny_records("test", 2)  # 160 x 240 images with objects
+    h, w = recs[0]["image"].shape[:2]
+    good = np.array([[0, 0, 50, 50], [-20, 10, 300, 100]], np.float32)  # the second is clipped
+    bad = np.array([[300, 0, 320, 50], [0, 200, 20, 220], [30, 30, 20, 40]], np.float32)  # outside/inverted
+    props = {recs[0]["image_id"]: np.concatenate([good, bad]), recs[1]["image_id"]: np.zeros((0, 4))}
+    cache = FeatureCache(str(tmp_path), {"t": "bad"})
+    cache_features(recs, props, ex, cache, include_gt=False, progress=False)
+    assert "dropped 3 proposal(s)" in caplog.text
+    e0 = cache.load(recs[0]["image_id"])
+    np.testing.assert_array_equal(e0["boxes"], [[0, 0, 50, 50], [0, 10, w - 1, 100]])
+    # A test image without proposals is kept with no windows: its objects still count (as missed).
+    e1 = cache.load(recs[1]["image_id"])
+    assert cache.ids == [r["image_id"] for r in recs]
+    assert e1["pool5"].shape == (0, ex.dim) and len(e1["gt_boxes"]) == len(recs[1]["boxes"]) > 0
+    # A truncated file is detected and recomputed, never read back as complete.
+    with open(cache.path(recs[0]["image_id"]), "r+b") as f:
+        f.truncate(100)
+    assert not cache.valid(recs[0]["image_id"])
+    with pytest.raises(ValueError, match="unreadable.*delete it"):
+        cache.load(recs[0]["image_id"])
+    cache_features(recs, props, ex, cache, include_gt=False, progress=False)
+    assert "incomplete or unreadable: recomputing" in caplog.text
+    np.testing.assert_allclose(cache.load(recs[0]["image_id"])["pool5"], e0["pool5"])

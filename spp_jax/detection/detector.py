@@ -25,16 +25,19 @@ windows, pool5 and the ground truth), so they never touch images.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 from typing import Callable
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from spp_jax.detection.bbox_reg import DEFAULT_LAMBDA, BBoxRegressor, train_bbox_regressors
 from spp_jax.detection.boxes import pairwise_iou
 from spp_jax.detection.features import fc_features
-from spp_jax.detection.nms import nms_numpy
+from spp_jax.detection.nms import multiclass_nms
 from spp_jax.detection.records import log_empty
 from spp_jax.detection.voc_eval import detections_by_class, mean_ap
 from spp_jax.svm import mean_norm_scale, mine_hard_negatives
@@ -249,24 +252,43 @@ def score_windows(det: Detector, entry: dict) -> tuple[np.ndarray, np.ndarray, n
 def select_detections(boxes, scores, config: DetectorConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-class NMS over scored windows, then the best ``max_per_image`` of all classes.
 
+    Runs the jit-compiled :func:`spp_jax.detection.nms.multiclass_nms` on the ``pre_nms``
+    best windows of each class; R is padded to a multiple of 128 (padding masked out), so
+    images with different window counts share a few compiled programs.
+
     Args:
       boxes: (R, 4) windows; scores: (R, K) one column per class.
     Returns:
-      (index (n,) int64 into the R windows, scores (n,) float32, labels (n,) int64), best first.
+      (index (n,) int64 into the R windows, scores (n,) float32, labels (n,) int64), best first
+      (ties: lower class, then lower window index, as :func:`nms_numpy`).
     """
     c = config
-    out_s, out_l, out_r = [], [], []
-    for k in range(scores.shape[1]):
-        cand = np.argsort(-scores[:, k], kind="stable")[:c.pre_nms]
-        keep = cand[nms_numpy(boxes[cand], scores[cand, k], c.nms_iou)]
-        out_s.append(scores[keep, k])
-        out_l.append(np.full(len(keep), k, np.int64))
-        out_r.append(keep)
-    if not out_s:
+    r, k = scores.shape
+    if r == 0 or k == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.int64)
-    s, lab, r = (np.concatenate(v) for v in (out_s, out_l, out_r))
-    top = np.argsort(-s, kind="stable")[:c.max_per_image]
-    return r[top].astype(np.int64), s[top].astype(np.float32), lab[top]
+    n = -(-r // 128) * 128
+    b = np.zeros((n, 4), np.float32)
+    b[:r] = boxes
+    sc = np.zeros((k, n), np.float32)
+    sc[:, :r] = np.asarray(scores, np.float32).T
+    det = _select(jnp.asarray(b), jnp.asarray(sc), r, c.nms_iou, pre_nms=min(c.pre_nms, n),
+                  max_per_image=c.max_per_image)
+    keep = np.asarray(det.valid)
+    return (np.asarray(det.indices)[keep].astype(np.int64), np.asarray(det.scores)[keep],
+            np.asarray(det.classes)[keep].astype(np.int64))
+
+
+@functools.partial(jax.jit, static_argnames=("pre_nms", "max_per_image"))
+def _select(boxes, scores, num_valid, thresh, *, pre_nms: int, max_per_image: int):
+    """boxes (N, 4), scores (K, N) with the first ``num_valid`` windows real."""
+    n = boxes.shape[0]
+    real = jnp.arange(n) < num_valid
+    s = jnp.where(real[None, :], scores, -jnp.inf)
+    order = jnp.argsort(-s, axis=1, stable=True)  # (K, N) visiting order
+    rank = jnp.argsort(order, axis=1)  # rank of each window within its class
+    valid = real[None, :] & (rank < pre_nms)
+    return multiclass_nms(boxes, scores, valid, thresh, max_per_class=max_per_image,
+                          max_per_image=max_per_image)
 
 
 def detect_image(det: Detector, entry: dict, use_bbox_reg: bool = False) -> tuple:

@@ -51,7 +51,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MEAN_RGB = np.array([123.675, 116.28, 103.53], np.float32)  # per-channel, 0..255 units
 
-__all__ = ["SPPExtractor", "FeatureCache", "cache_features", "fc_features", "resize_for_scale",
+_ENTRY_KEYS = ("boxes", "num_gt", "pool5", "scale_idx", "gt_boxes", "gt_labels", "gt_difficult", "image_hw")
+
+__all__ = ["SPPExtractor", "FeatureCache", "cache_features", "fc_features", "resize_for_scale", "valid_windows",
            "params_fingerprint", "DEFAULT_MEAN_RGB"]
 
 
@@ -154,6 +156,12 @@ class SPPExtractor:
     @property
     def kind(self) -> str:
         return "spp"
+
+    @property
+    def dim(self) -> int:
+        """pool5 length: channels x sum(n^2) over the levels (12,800 for the full ZF-5)."""
+        from spp_jax.bins import output_dim
+        return output_dim(self.model.channels, self.levels)
 
     def key(self) -> dict:
         """Everything that changes the features (for cache keys)."""
@@ -279,11 +287,27 @@ class FeatureCache:
     def load(self, image_id: str, flip: bool = False) -> dict:
         """{"boxes" (R, 4) f32, "num_gt" int, "pool5" (R, D) f32, "scale_idx" (R,),
         "gt_boxes" (G, 4), "gt_labels" (G,), "gt_difficult" (G,), "image_hw" (2,)}."""
-        with np.load(self.path(image_id, flip)) as z:
-            e = {k: z[k] for k in z.files}
+        path = self.path(image_id, flip)
+        try:
+            with np.load(path) as z:
+                e = {k: z[k] for k in z.files}
+        except Exception as err:  # noqa: BLE001 - say which file, and what to do
+            raise ValueError(f"feature cache file {path} is unreadable ({type(err).__name__}: {err}); "
+                             f"delete it and run again to recompute it") from err
         e["pool5"] = e["pool5"].astype(np.float32)
         e["num_gt"] = int(e["num_gt"])
         return e
+
+    def valid(self, image_id: str, flip: bool = False) -> bool:
+        """True when the image's file exists and opens as a complete entry (headers only)."""
+        path = self.path(image_id, flip)
+        if not os.path.exists(path):
+            return False
+        try:
+            with np.load(path) as z:
+                return set(_ENTRY_KEYS) <= set(z.files)
+        except Exception:  # noqa: BLE001 - truncated or foreign file
+            return False
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -302,32 +326,58 @@ def cache_features(records, proposals: dict, extractor, cache: FeatureCache, *, 
     is cached too (windows and GT flipped). Sets ``cache.ids`` to the cached ids.
     """
     from tqdm import tqdm
-    ids, skipped, done = [], 0, 0
+    ids, skipped, done, dropped = [], 0, 0, 0
+    dim = getattr(extractor, "dim", None) or extractor.model.pooled_dim
     for rec in tqdm(records, total=len(records), desc=f"pool5 {getattr(records, 'split', '')}",
                     disable=not progress):
         iid = rec["image_id"]
-        props = np.asarray(proposals.get(iid, np.zeros((0, 4))), np.float32).reshape(-1, 4)
+        h, w = rec["image"].shape[:2]
+        props, bad = valid_windows(proposals.get(iid, np.zeros((0, 4))), (h, w))
+        dropped += bad
         gt = rec["boxes"] if include_gt else np.zeros((0, 4), np.float32)
         boxes = np.concatenate([gt, props]).astype(np.float32)
-        if len(boxes) == 0:
+        if len(boxes) == 0 and len(rec["boxes"]) == 0:
             log.warning("image %s has no proposals and no objects: skipped", iid)
             skipped += 1
             continue
         if len(props) == 0:
-            log.warning("image %s has no proposals: only its ground-truth boxes are cached", iid)
+            # A test image keeps an entry without windows, so its objects count as missed.
+            log.warning("image %s has no proposals: %s", iid, "only its ground-truth boxes are cached"
+                        if include_gt else "no detections, its objects count as missed")
         ids.append(iid)
-        h, w = rec["image"].shape[:2]
         for fl in ((False, True) if flip else (False,)):
-            if cache.has(iid, fl):
+            if cache.valid(iid, fl):
                 continue
+            if cache.has(iid, fl):
+                log.warning("feature cache file %s is incomplete or unreadable: recomputing", cache.path(iid, fl))
             b = flip_boxes_lr(boxes, w) if fl else boxes
             g = flip_boxes_lr(rec["boxes"], w) if fl else rec["boxes"]
-            pool5, sidx = extractor.pool5(rec["image"], b, flip=fl)
+            if len(b):
+                pool5, sidx = extractor.pool5(rec["image"], b, flip=fl)
+            else:
+                pool5, sidx = np.zeros((0, dim), np.float32), np.zeros(0, np.int64)
             cache.save(iid, {"boxes": b, "num_gt": len(gt), "pool5": pool5, "scale_idx": sidx,
                              "gt_boxes": g, "gt_labels": rec["labels"],
                              "gt_difficult": rec["difficult"], "image_hw": np.array([h, w])}, fl)
             done += 1
     cache.ids = ids
+    if dropped:
+        log.warning("dropped %d proposal(s) lying outside their image or under a pixel wide", dropped)
     log.info("features: %d computed, %d already cached, %d skipped; %s", done,
              len(ids) * (2 if flip else 1) - done, skipped, extractor.describe())
     return cache
+
+
+def valid_windows(boxes, image_hw) -> tuple[np.ndarray, int]:
+    """Proposals clipped to the image; those empty after clipping (outside it, or with
+    x2 < x1 / y2 < y1: under a pixel) dropped -> ((R', 4) float32, number dropped)."""
+    b = np.asarray(boxes, np.float32).reshape(-1, 4)
+    if len(b) == 0:
+        return b, 0
+    h, w = image_hw
+    ok = np.isfinite(b).all(1) & (b[:, 2] >= 0) & (b[:, 3] >= 0) & (b[:, 0] <= w - 1) & (b[:, 1] <= h - 1)
+    c = b.copy()
+    c[:, 0::2] = np.clip(c[:, 0::2], 0, w - 1)
+    c[:, 1::2] = np.clip(c[:, 1::2], 0, h - 1)
+    ok &= (c[:, 2] >= c[:, 0]) & (c[:, 3] >= c[:, 1])
+    return c[ok], int((~ok).sum())
