@@ -68,3 +68,19 @@ def test_flipped_training_features_are_cached(table):
     flipped = [f for d in os.listdir(tr_dir) if os.path.isdir(os.path.join(tr_dir, d))
                for f in os.listdir(os.path.join(tr_dir, d)) if f.endswith("__flip.npz")]
     assert len(flipped) == 2 * 4  # 4 trainval images, flipped, for both columns
+
+
+def test_drawing_shows_only_confident_detections(tmp_path):
+    from spp_jax.detection.draw import draw_detections
+    recs = tiny_records("test", 1)
+    iid = recs[0]["image_id"]
+    box = np.array([[10, 10, 80, 60]], np.float32)
+
+    def png(score):
+        dets = {} if score is None else {iid: (box, np.array([score]), np.array([2]))}
+        path = draw_detections(recs, dets, str(tmp_path / f"{score}.png"), [str(k) for k in range(10)], n=1)
+        return open(path, "rb").read()
+
+    none, weak, strong = png(None), png(-0.5), png(1.5)
+    assert none[:8] == b"\x89PNG\r\n\x1a\n"
+    assert weak == none and strong != none  # below the SVM boundary: not drawn

@@ -9,8 +9,9 @@ __all__ = ["draw_detections"]
 
 
 def draw_detections(records, detections: dict, path: str, class_names: Sequence[str], n: int = 6,
-                    per_image: int = 5) -> str:
-    """Draw the first ``n`` records with their ``per_image`` best detections.
+                    per_image: int = 5, min_score: float = 0.0) -> str:
+    """Draw the first ``n`` records with their ``per_image`` best detections scoring >= ``min_score``
+    (0: the SVMs' decision boundary).
 
     Args:
       records: a record source (``image``, ``boxes``, ``image_id``).
@@ -36,7 +37,8 @@ def draw_detections(records, detections: dict, path: str, class_names: Sequence[
             ax.add_patch(plt.Rectangle((b[0], b[1]), b[2] - b[0] + 1, b[3] - b[1] + 1, fill=False,
                                        ec="white", lw=1, ls="--"))
         boxes, scores, labels = detections.get(rec["image_id"], (np.zeros((0, 4)), [], []))
-        for b, s, lab in list(zip(boxes, scores, labels))[:per_image]:
+        shown = [(b, s, lab) for b, s, lab in zip(boxes, scores, labels) if s >= min_score]
+        for b, s, lab in shown[:per_image]:
             ax.add_patch(plt.Rectangle((b[0], b[1]), b[2] - b[0] + 1, b[3] - b[1] + 1, fill=False,
                                        ec="lime", lw=1.5))
             ax.text(b[0], b[1], f"{class_names[lab]} {s:.2f}", color="black", fontsize=6,

@@ -80,7 +80,9 @@ class TrainConfig:
     max_decays: int = 2
 
     # --- bookkeeping ---
-    seed: int = 0
+    seed: int = 0                  # initialisation, augmentation, data order (and data_seed if unset)
+    data_seed: Optional[int] = None  # the embedded data's generation; None: `seed`. Set it to train
+                                     # two nets on the same images (the paper's Table 12 models)
     log_every: int = 50            # steps between metrics.jsonl lines / progress updates
     eval_every: int = 1            # epochs between validations (0: never)
     checkpoint_every: int = 1000   # steps between mid-epoch checkpoints (0: epoch ends only)
@@ -93,6 +95,11 @@ class TrainConfig:
     memory_check: str = "warn"     # CPU activation-memory estimate vs available RAM
     progress: bool = True          # tqdm bar per epoch (process 0 only)
     plot: bool = True              # PNG of loss / accuracy curves at the end
+
+    @property
+    def dataset_seed(self) -> int:
+        """Seed of the embedded data's generation (``data_seed``, else ``seed``)."""
+        return self.seed if self.data_seed is None else self.data_seed
 
     @property
     def num_epochs(self) -> int:

@@ -38,7 +38,7 @@ def prepare_data(cfg: TrainConfig, workdir: str):
     """(ClassificationData, AugmentConfig) for a config; the mean image is cached in the workdir."""
     t = time.perf_counter()
     ds = classification_dataset(cfg.dataset, data_dir_for(cfg, workdir), train_size=cfg.train_examples,
-                                val_size=cfg.val_examples, seed=cfg.seed)
+                                val_size=cfg.val_examples, seed=cfg.dataset_seed)
     mean = mean_image(ds.train, os.path.join(workdir, "mean_image.npy"), num_samples=cfg.mean_samples)
     pca = {}
     if cfg.pca_from_data:
