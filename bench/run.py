@@ -10,7 +10,6 @@ this machine has no GPU).  Compilation timings (6) run in child processes.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 import traceback

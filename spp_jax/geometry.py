@@ -16,7 +16,6 @@ import dataclasses
 from typing import Iterable, Sequence
 
 import jax.numpy as jnp
-import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,7 +1,6 @@
 import numpy as np
 
 from spp_jax.detection.bbox_reg import fit_ridge, regression_samples, train_bbox_regressors
-from spp_jax.detection.boxes import apply_deltas
 
 
 def test_ridge_recovers_known_map_primal_and_dual():

@@ -1,8 +1,5 @@
 """Configs, overrides, schedules, plateau controller, memory hint (no compilation)."""
-import types
 
-import numpy as np
-import optax
 import pytest
 
 from spp_jax.train import (PRESETS, PlateauController, TrainConfig, apply_overrides, check_memory,

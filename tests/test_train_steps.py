@@ -2,7 +2,6 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from spp_jax.train import (CompiledSteps, batch_sharding, build_model, create_state, decay_mask,

@@ -9,7 +9,7 @@ import pytest
 import spp_jax
 from spp_jax import models
 from spp_jax.roi import roi_pool_cells
-from spp_jax.transfer.features import LAYERS, FeatureExtractor, Setting
+from spp_jax.transfer.features import FeatureExtractor, Setting
 
 KW = dict(num_classes=5, width=0.05, fc_dim=8, init_scheme="he", input_scale=1 / 58)
 MEAN = np.full(3, 120.0, np.float32)

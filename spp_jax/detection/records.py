@@ -24,7 +24,7 @@ to sit in memory):
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 

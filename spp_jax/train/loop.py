@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 import signal
 import threading
@@ -34,7 +33,7 @@ from spp_jax.train.checkpoint import Checkpointer
 from spp_jax.train.config import TrainConfig
 from spp_jax.train.memory import check_memory
 from spp_jax.train.schedule import PlateauController, lr_at, size_schedule
-from spp_jax.train.state import create_state, get_lr_scale, optimizer_from_config, set_lr_scale
+from spp_jax.train.state import create_state, optimizer_from_config, set_lr_scale
 from spp_jax.train.steps import (CompiledSteps, abstract_with_sharding, enable_compilation_cache,
                                  init_key, make_eval_step, make_train_step, pad_eval_batch)
 
