@@ -68,7 +68,7 @@ class Table9Config:
     finetune: FT.FinetuneConfig = dataclasses.field(default_factory=FT.FinetuneConfig)
     detector: D.DetectorConfig = dataclasses.field(default_factory=D.DetectorConfig)
     flip_finetune: bool = False
-    timing_images: int = 3
+    timing_images: int = 10
     timing_windows: int | None = None
     cache_dtype: str = "float16"
     proposals_key: dict = dataclasses.field(default_factory=lambda: {"proposals": "ss-fast"})
