@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from spp_jax.bins import DEFAULT_LEVELS
-from spp_jax.detection.boxes import flip_boxes_lr, scale_boxes
+from spp_jax.detection.boxes import clip_boxes, flip_boxes_lr, scale_boxes
 from spp_jax.detection.scales import choose_scales
 from spp_jax.geometry import project_boxes
 from spp_jax.models import SPPNet, map_size
@@ -376,8 +376,6 @@ def valid_windows(boxes, image_hw) -> tuple[np.ndarray, int]:
         return b, 0
     h, w = image_hw
     ok = np.isfinite(b).all(1) & (b[:, 2] >= 0) & (b[:, 3] >= 0) & (b[:, 0] <= w - 1) & (b[:, 1] <= h - 1)
-    c = b.copy()
-    c[:, 0::2] = np.clip(c[:, 0::2], 0, w - 1)
-    c[:, 1::2] = np.clip(c[:, 1::2], 0, h - 1)
+    c = clip_boxes(b, (h, w))
     ok &= (c[:, 2] >= c[:, 0]) & (c[:, 3] >= c[:, 1])
     return c[ok], int((~ok).sum())

@@ -30,6 +30,8 @@ from typing import Iterable, Mapping
 import cv2
 import numpy as np
 
+from spp_jax.detection.boxes import clip_boxes
+
 log = logging.getLogger(__name__)
 
 __all__ = ["ProposalSettings", "selective_search", "clean_boxes", "compute_proposals",
@@ -68,9 +70,7 @@ def clean_boxes(boxes, image_hw, min_side: int = 8, max_boxes: int = 2000) -> np
       (R', 4) float32, R' <= max_boxes, in the input's order.
     """
     h, w = image_hw
-    b = np.round(np.asarray(boxes, np.float64).reshape(-1, 4))
-    b[:, 0::2] = np.clip(b[:, 0::2], 0, w - 1)
-    b[:, 1::2] = np.clip(b[:, 1::2], 0, h - 1)
+    b = clip_boxes(np.round(np.asarray(boxes, np.float64).reshape(-1, 4)), (h, w))
     ok = (b[:, 2] - b[:, 0] + 1 >= min_side) & (b[:, 3] - b[:, 1] + 1 >= min_side)
     b = b[ok]
     _, first = np.unique(b, axis=0, return_index=True)

@@ -28,6 +28,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from spp_jax.detection.boxes import clip_boxes
+
 log = logging.getLogger(__name__)
 
 VOC_CLASSES: tuple[str, ...] = (
@@ -63,9 +65,7 @@ def tfds_bbox_to_pixels(bbox, height: int, width: int) -> np.ndarray:
     ymin, xmin, ymax, xmax = (np.floor(b[:, i] * s + 0.5) for i, s in
                               enumerate((height, width, height, width)))
     out = np.stack([xmin, ymin, xmax, ymax], axis=1) - 1.0
-    out[:, 0::2] = np.clip(out[:, 0::2], 0, width - 1)
-    out[:, 1::2] = np.clip(out[:, 1::2], 0, height - 1)
-    return out.astype(np.float32)
+    return clip_boxes(out, (height, width)).astype(np.float32)
 
 
 def _objects(boxes, labels, difficult) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
