@@ -48,13 +48,12 @@ def pretrain_overrides(quick: bool = False, seed: int = 0) -> tuple[str, ...]:
 
 
 def _from_workdir(workdir: str) -> Backbone:
-    from spp_jax.train.experiment import load_config, restore_params, trained_num_classes
-    cfg = load_config(workdir)
-    model, variables, meta = restore_params(cfg, workdir, trained_num_classes(cfg))
-    mean_path = os.path.join(workdir, "mean_image.npy")
-    mean = np.load(mean_path).reshape(-1, 3).mean(axis=0) if os.path.exists(mean_path) else None
+    from spp_jax.train.experiment import restore_trained
+    cfg, model, variables, meta, mean_image = restore_trained(workdir)
+    mean = None if mean_image is None else mean_image.reshape(-1, 3).mean(axis=0)
     if mean is None:
-        log.warning("%s not found: the detector subtracts the default mean colour", mean_path)
+        log.warning("%s not found: the detector subtracts the default mean colour",
+                    os.path.join(workdir, "mean_image.npy"))
     return Backbone(model, variables, mean, f"{workdir} ({cfg.model} width {cfg.width}, trained "
                                             f"{meta.get('epoch')} epochs on {cfg.dataset})")
 

@@ -14,6 +14,7 @@ import os
 import time
 
 import jax
+import numpy as np
 
 from spp_jax.data import augment
 from spp_jax.data.datasets import PipelineData, classification_dataset, mean_image
@@ -57,6 +58,20 @@ def trained_num_classes(cfg: TrainConfig) -> int:
     if cfg.dataset == "imagenet2012":
         return 1000
     raise ValueError(f"cannot tell the number of classes of a net trained on {cfg.dataset!r}")
+
+
+def restore_trained(workdir: str):
+    """A finished (or interrupted) ``make train`` workdir, for the nets built on it.
+
+    Returns (cfg, model, variables, meta, mean image (H, W, 3) in 0..255 units, or None
+    when ``mean_image.npy`` is absent): the latest usable checkpoint, for the classes
+    the net was trained on.
+    """
+    cfg = load_config(workdir)
+    model, variables, meta = restore_params(cfg, workdir, trained_num_classes(cfg))
+    mean_path = os.path.join(workdir, "mean_image.npy")
+    mean = np.load(mean_path) if os.path.exists(mean_path) else None
+    return cfg, model, variables, meta, mean
 
 
 def restore_params(cfg: TrainConfig, workdir: str, num_classes: int):

@@ -44,18 +44,14 @@ def load_net(workdir: str | None) -> Net:
     """The latest checkpoint of a ``make train`` workdir, with its mean image (nothing is written)."""
     if not workdir:
         raise FileNotFoundError(NO_CHECKPOINT_HELP)
-    from spp_jax.train.experiment import load_config, restore_params, trained_num_classes
+    from spp_jax.train.experiment import restore_trained
 
     workdir = os.path.abspath(workdir)
     if not os.path.isdir(os.path.join(workdir, "checkpoints")):
         raise FileNotFoundError(f"{workdir} has no checkpoints/: {NO_CHECKPOINT_HELP}")
-    cfg = load_config(workdir)
-    model, variables, _ = restore_params(cfg, workdir, trained_num_classes(cfg))
-    mpath = os.path.join(workdir, "mean_image.npy")
-    if os.path.exists(mpath):
-        mean = np.load(mpath)
-    else:
-        log.warning("%s not found: subtracting a constant mean of 128", mpath)
+    cfg, model, variables, _, mean = restore_trained(workdir)
+    if mean is None:
+        log.warning("%s not found: subtracting a constant mean of 128", os.path.join(workdir, "mean_image.npy"))
         mean = np.full(3, 128.0, np.float32)
     return Net(workdir, model, variables, mean, cfg.dataset)
 
