@@ -218,6 +218,11 @@ def _ap_cells(name, res, class_names, cells):
         cells[(name, nm)] = None if np.isnan(ap) else 100 * float(ap)
 
 
+def _result_json(res) -> dict:
+    """A DetectionResult as JSON: mAP and per-class APs (None for classes without objects)."""
+    return {"mAP": res.mAP, "aps": [None if np.isnan(x) else float(x) for x in res.aps]}
+
+
 def write_tables(workdir: str, title: str, columns: Sequence[ColumnResult], combined: dict,
                  class_names: Sequence[str], meta: dict) -> tuple[str, str]:
     """``voc_det.md`` / ``voc_det.json``: Table 9 (mAP), timing, per-class APs, Table 12."""
@@ -256,12 +261,10 @@ def write_tables(workdir: str, title: str, columns: Sequence[ColumnResult], comb
     data = {**meta, "rows": list(ROWS), "columns": cols,
             "cells": {f"{r}|{c}": v for (r, c), v in cells.items()},
             "timing": {f"{r}|{c}": v for (r, c), v in timing.items()},
-            "results": {c.name: {r: {"mAP": v.mAP, "aps": [None if np.isnan(x) else float(x) for x in v.aps]}
-                                 for r, v in c.results.items()} for c in columns},
+            "results": {c.name: {r: _result_json(v) for r, v in c.results.items()} for c in columns},
             "finetune": {c.name: {"best_iter": c.finetune.best_iter, "seconds": c.finetune.seconds,
                                   "history": c.finetune.history} for c in columns},
-            "combination": {n: {"mAP": r.mAP, "aps": [None if np.isnan(x) else float(x) for x in r.aps]}
-                            for n, r in combined.items()}}
+            "combination": {n: _result_json(r) for n, r in combined.items()}}
     md_path, json_path = write_report(workdir, "voc_det", "\n".join(md), data)
     print("\n".join(md), flush=True)
     return md_path, json_path
