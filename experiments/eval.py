@@ -7,7 +7,8 @@ import logging
 import sys
 
 from spp_jax.train.config import apply_overrides
-from spp_jax.train.experiment import evaluate_workdir, load_config
+from spp_jax.train.config import load_config
+from spp_jax.train.experiment import evaluate_workdir
 
 
 def main(argv=None):

@@ -88,7 +88,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(reference, tmp_path
 
 
 def _abstract_state(wd):
-    from spp_jax.train.loop import build_model
+    from spp_jax.train.config import build_model
     from spp_jax.train.sharding import make_mesh, replicated
     from spp_jax.train.state import create_state, optimizer_from_config
     from spp_jax.train.steps import abstract_with_sharding

@@ -13,7 +13,7 @@ from experiments import caltech101 as caltech_main
 from experiments import voc_cls as voc_main
 from spp_jax.train.checkpoint import Checkpointer
 from spp_jax.train.config import get_config
-from spp_jax.train.loop import build_model
+from spp_jax.train.config import build_model
 from spp_jax.train.state import create_state, optimizer_from_config
 from spp_jax.transfer import datasets as D
 

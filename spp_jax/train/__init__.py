@@ -10,9 +10,10 @@
   Checkpointer                                    orbax CheckpointManager wrapper (checkpoint.py)
 """
 from spp_jax.train.checkpoint import Checkpointer
-from spp_jax.train.config import PRESETS, TrainConfig, apply_overrides, get_config
+from spp_jax.train.config import (PRESETS, TrainConfig, apply_overrides, build_model, get_config,
+                                  load_config)
 from spp_jax.train.data import InMemoryData, TrainData, TrainIterator
-from spp_jax.train.loop import TrainResult, build_model, evaluate, plot_curves, train
+from spp_jax.train.loop import TrainResult, evaluate, plot_curves, train
 from spp_jax.train.memory import check_memory, estimate_train_bytes
 from spp_jax.train.schedule import PlateauController, learning_rate_schedule, lr_at, size_schedule
 from spp_jax.train.sharding import (batch_sharding, check_batch_size, global_batch, make_mesh,
@@ -27,7 +28,7 @@ __all__ = [
     "TrainData", "TrainIterator", "TrainResult", "TrainState", "apply_overrides", "batch_sharding",
     "build_model", "check_batch_size", "check_memory", "create_state", "decay_mask", "dropout_key",
     "enable_compilation_cache", "estimate_train_bytes", "evaluate", "get_config", "get_lr_scale",
-    "global_batch", "init_key", "learning_rate_schedule", "lr_at", "make_eval_step", "make_mesh",
+    "global_batch", "init_key", "load_config", "learning_rate_schedule", "lr_at", "make_eval_step", "make_mesh",
     "make_optimizer", "make_train_step", "maybe_initialize_distributed", "optimizer_from_config",
     "plot_curves", "replicated", "set_lr_scale", "size_schedule", "train",
 ]

@@ -21,6 +21,8 @@ Use :func:`get_config` for a preset and :func:`apply_overrides` for ``key=value`
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import types
 import typing
 from typing import Any, Optional, Sequence
@@ -240,3 +242,33 @@ def apply_overrides(cfg: TrainConfig, overrides: Sequence[str]) -> TrainConfig:
             raise ValueError(f"unknown config key {key!r}; valid keys: {', '.join(names)}")
         changes[key] = _parse(key, value.strip(), hints[key])
     return dataclasses.replace(cfg, **changes).validate()
+
+
+def build_model(cfg: TrainConfig, num_classes: int):
+    """The Flax ``SPPNet`` a config describes, with ``num_classes`` outputs."""
+    from spp_jax.models import get_model
+    return get_model(cfg.model, num_classes=num_classes, spp=cfg.spp, levels=tuple(cfg.levels),
+                     width=cfg.width, fc_dim=cfg.fc_dim, dropout=cfg.dropout,
+                     init_scheme=cfg.init_scheme, input_scale=cfg.input_scale)
+
+
+def trained_num_classes(cfg: TrainConfig) -> int:
+    """Number of classes of the net a config trains (10 on the embedded data, 1000 on ImageNet)."""
+    if cfg.dataset == "shapes":
+        from spp_jax.data import shapes
+        return shapes.num_classes("classification")
+    if cfg.dataset == "imagenet2012":
+        return 1000
+    raise ValueError(f"cannot tell the number of classes of a net trained on {cfg.dataset!r}")
+
+
+def load_config(workdir: str) -> TrainConfig:
+    """The config a workdir was trained with (its config.json)."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: is {workdir} a training workdir?")
+    with open(path) as f:
+        raw = json.load(f)
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in raw.items() if k in fields}
+    return TrainConfig(**kw)

@@ -22,8 +22,8 @@ from spp_jax.data.pipeline import AugmentConfig
 from spp_jax.evaluate import PROTOCOL_TITLES, evaluate
 from spp_jax.report import error_pair, markdown_table, write_report
 from spp_jax.train.checkpoint import Checkpointer
-from spp_jax.train.config import TrainConfig
-from spp_jax.train.loop import build_model, train
+from spp_jax.train.config import TrainConfig, build_model, load_config, trained_num_classes
+from spp_jax.train.loop import train
 from spp_jax.train.state import create_state, optimizer_from_config
 
 log = logging.getLogger(__name__)
@@ -48,16 +48,6 @@ def prepare_data(cfg: TrainConfig, workdir: str):
     log.info("data %s: %d train / %d validation images, %d classes (ready in %.1f s)", ds.name,
              len(ds.train), len(ds.validation), ds.num_classes, time.perf_counter() - t)
     return ds, AugmentConfig(mean=mean, **pca)
-
-
-def trained_num_classes(cfg: TrainConfig) -> int:
-    """Number of classes of the net a config trains (10 on the embedded data, 1000 on ImageNet)."""
-    if cfg.dataset == "shapes":
-        from spp_jax.data import shapes
-        return shapes.num_classes("classification")
-    if cfg.dataset == "imagenet2012":
-        return 1000
-    raise ValueError(f"cannot tell the number of classes of a net trained on {cfg.dataset!r}")
 
 
 def restore_trained(workdir: str):
@@ -155,15 +145,3 @@ def evaluate_workdir(cfg: TrainConfig, workdir: str) -> dict:
     ds, aug = prepare_data(cfg, workdir)
     model, variables, _ = restore_params(cfg, workdir, ds.num_classes)
     return run_protocols(cfg, workdir, model, variables, ds, aug, variant_title(cfg))
-
-
-def load_config(workdir: str) -> TrainConfig:
-    """The config a workdir was trained with (its config.json)."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found: is {workdir} a training workdir?")
-    with open(path) as f:
-        raw = json.load(f)
-    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in raw.items() if k in fields}
-    return TrainConfig(**kw)

@@ -26,11 +26,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spp_jax.models import get_model
 from spp_jax.models.sppnet import run_once
 from spp_jax.train import sharding as shd
 from spp_jax.train.checkpoint import Checkpointer
-from spp_jax.train.config import TrainConfig
+from spp_jax.train.config import TrainConfig, build_model
 from spp_jax.train.memory import check_memory
 from spp_jax.train.schedule import PlateauController, lr_at, size_schedule
 from spp_jax.train.state import create_state, optimizer_from_config, set_lr_scale
@@ -74,10 +73,6 @@ class _Interrupt:
         return False
 
 
-def build_model(cfg: TrainConfig, num_classes: int):
-    return get_model(cfg.model, num_classes=num_classes, spp=cfg.spp, levels=tuple(cfg.levels),
-                     width=cfg.width, fc_dim=cfg.fc_dim, dropout=cfg.dropout,
-                     init_scheme=cfg.init_scheme, input_scale=cfg.input_scale)
 
 
 def _metrics_path(workdir):
