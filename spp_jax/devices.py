@@ -3,8 +3,8 @@
 Nothing in spp_jax chooses a device: JAX takes its default backend (a GPU or TPU when
 the matching jax plugin is installed and finds one, else the CPU), and every program
 runs there. Entry points call :func:`log_devices` once at start-up so a run's log
-says which backend it actually got (a CUDA plugin without a usable driver falls back to
-the CPU with only a warning).
+says which backend it actually got (with no GPU plugin installed, JAX falls back to the
+CPU with only a warning, even on a GPU machine).
 """
 from __future__ import annotations
 
