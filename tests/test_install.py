@@ -105,6 +105,7 @@ def _skip_without_index(pin):
     assert pin in out.stdout, f"the package index has no jax=={pin}:\n{out.stdout}"
 
 
+@pytest.mark.slow  # 30-65 s here (wheel build, venv, core installs); `make test` runs it
 def test_wheel_holds_spp_jax_only_and_works_with_only_the_core_dependencies(tmp_path):
     pins = _pins()
     _skip_without_index(pins["jax"])
