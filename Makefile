@@ -3,7 +3,18 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.installed
+
+# ACCEL=cuda12|cuda13|tpu installs JAX's GPU/TPU build (requirements-$(ACCEL).txt: requirements.txt
+# plus jax[$(ACCEL)] at the same version) instead of the CPU pins. The venv remembers its ACCEL in
+# .venv/.accel, so later make commands keep it. From cpu an accelerator is added in place; leaving
+# an accelerator rebuilds .venv (its plugin would otherwise stay and keep JAX on the device).
+ACCELS := cpu cuda12 cuda13 tpu
+ACCEL  ?= $(or $(shell cat $(VENV)/.accel 2>/dev/null),cpu)
+ifeq ($(filter $(ACCEL),$(ACCELS)),)
+$(error ACCEL=$(ACCEL) is not one of: $(ACCELS))
+endif
+REQUIREMENTS := $(if $(filter cpu,$(ACCEL)),requirements.txt,requirements-$(ACCEL).txt)
+STAMP  := $(VENV)/.installed$(if $(filter-out cpu,$(ACCEL)),-$(ACCEL))
 
 MODEL    ?= overfeat7
 WORKDIR  ?= runs/$(MODEL)
@@ -16,10 +27,14 @@ comma := ,
 
 setup: $(STAMP)
 
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt $(REQUIREMENTS)
+	@old=$$(cat $(VENV)/.accel 2>/dev/null || echo cpu); if [ "$$old" != cpu ] && [ "$$old" != $(ACCEL) ]; then \
+	    echo "ACCEL changes from $$old to $(ACCEL): rebuilding $(VENV)"; rm -rf $(VENV); fi
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet -r $(REQUIREMENTS)
+	rm -f $(VENV)/.installed*
+	echo $(ACCEL) > $(VENV)/.accel
 	touch $(STAMP)
 
 test: $(STAMP)

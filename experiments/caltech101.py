@@ -17,6 +17,7 @@ import logging
 import sys
 
 from experiments.voc_cls import add_common, common_kwargs, workdir_for
+from spp_jax.devices import log_devices
 from spp_jax.transfer.datasets import CALTECH_DATASETS
 from spp_jax.transfer.run import CALTECH_SETTINGS, run_caltech
 
@@ -31,6 +32,7 @@ def main(argv=None):
     ap.add_argument("--test-per-class", type=int, default=50)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    log_devices()
     if args.quick:
         args.pool_size, args.splits = min(args.pool_size, 450), min(args.splits, 2)
         args.train_per_class, args.test_per_class = min(args.train_per_class, 3), min(args.test_per_class, 3)

@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 
+from spp_jax.devices import log_devices
 from spp_jax.train.config import apply_overrides
 from spp_jax.train.config import load_config
 from spp_jax.train.experiment import evaluate_workdir
@@ -18,6 +19,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax/grain chatter
+    log_devices()
     try:
         cfg = apply_overrides(load_config(args.workdir), args.overrides)
         evaluate_workdir(cfg, args.workdir)

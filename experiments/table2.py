@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 
+from spp_jax.devices import log_devices
 from spp_jax.evaluate import PROTOCOL_TITLES, PROTOCOLS
 from spp_jax.report import error_pair, markdown_table, write_report
 from spp_jax.train.config import PRESETS, get_config
@@ -34,6 +35,7 @@ def main(argv=None):
         base = get_config(args.preset, args.overrides)
     except (ValueError, TypeError) as e:
         sys.exit(f"error: {e}")
+    log_devices(base.distributed)
     root = args.workdir or os.path.join("runs", f"{base.model}-table2")
     cols, cells, data = [], {}, {}
     for sub, title, extra in VARIANTS:

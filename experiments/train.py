@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 
+from spp_jax.devices import log_devices
 from spp_jax.train.config import PRESETS, get_config
 from spp_jax.train.experiment import train_and_evaluate
 
@@ -31,6 +32,7 @@ def main(argv=None):
         cfg = get_config(preset, args.overrides)
     except (ValueError, TypeError) as e:
         sys.exit(f"error: {e}")
+    log_devices(cfg.distributed)
     workdir = args.workdir or os.path.join("runs", cfg.model)
     try:
         train_and_evaluate(cfg, workdir)

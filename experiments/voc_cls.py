@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 
+from spp_jax.devices import log_devices
 from spp_jax.transfer import classify
 from spp_jax.transfer.datasets import VOC_DATASETS
 from spp_jax.transfer.features import LAYERS
@@ -69,6 +70,7 @@ def main(argv=None):
     ap.add_argument("--test-size", type=int, default=300, help="embedded data only")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    log_devices()
     if args.quick:
         args.trainval_size, args.test_size = min(args.trainval_size, 40), min(args.test_size, 24)
     try:

@@ -111,8 +111,10 @@ def settings_for(a) -> Settings:
 
 def main(argv=None):
     a = parse_args(argv)
+    from spp_jax.devices import log_devices  # spp_jax (and jax) only after the arguments are valid
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax/grain chatter
+    log_devices()
     try:
         run(a)
     except (FileNotFoundError, KeyError, ValueError) as e:

@@ -8,12 +8,15 @@ Public API:
   Geometry                            where a backbone's cells sit in its input
   output_dim(channels, levels)        pooled vector length
   models: get_model(name, ...), MODEL_NAMES, SPPNet
+  __version__                         this release (see CHANGELOG.md)
 """
 from spp_jax.bins import DEFAULT_LEVELS, bin_edges, num_bins, output_dim, window_stride_bins
 from spp_jax.geometry import Geometry, geometry_from_layers, project_boxes
 from spp_jax.pooling import caffe_permutation, pool
 from spp_jax.roi import roi_pool, roi_pool_cells
 from spp_jax.models import MODEL_NAMES, SPPNet, get_model
+
+__version__ = "0.2.0.dev0"  # the one place the version is written (pyproject.toml reads it)
 
 __all__ = [
     "DEFAULT_LEVELS", "Geometry", "MODEL_NAMES", "SPPNet", "get_model", "bin_edges", "caffe_permutation", "geometry_from_layers",

@@ -9,33 +9,16 @@ With several hosts each process loads only its share of the global batch and
 from __future__ import annotations
 
 import logging
-import os
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from spp_jax.devices import DISTRIBUTED_ENV, maybe_initialize_distributed  # noqa: F401 (re-exported)
+
 log = logging.getLogger(__name__)
 
 DATA_AXIS = "data"
-DISTRIBUTED_ENV = "SPP_JAX_DISTRIBUTED"
-_initialized = False
-
-
-def maybe_initialize_distributed(enabled: bool = False) -> None:
-    """Call ``jax.distributed.initialize()`` once if ``enabled`` or ``$SPP_JAX_DISTRIBUTED=1``.
-
-    Coordinator address, process count and id come from the environment / cluster
-    (see the jax.distributed docs); must run before any other JAX call.
-    """
-    global _initialized
-    env = os.environ.get(DISTRIBUTED_ENV, "").strip().lower() in ("1", "true", "yes")
-    if (enabled or env) and not _initialized:
-        jax.distributed.initialize()
-        _initialized = True
-        log.info("jax.distributed initialised: process %d of %d, %d local / %d global devices",
-                 jax.process_index(), jax.process_count(), jax.local_device_count(),
-                 jax.device_count())
 
 
 def make_mesh(devices=None) -> Mesh:

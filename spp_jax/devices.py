@@ -1,0 +1,77 @@
+"""Which devices JAX runs on: multi-host start-up and the start-up log line.
+
+Nothing in spp_jax chooses a device: JAX takes its default backend (a GPU or TPU when
+the matching jax plugin is installed and finds one, else the CPU), and every program
+runs there. Entry points call :func:`log_devices` once at start-up so a run's log
+says which backend it actually got (with no GPU plugin installed, JAX falls back to the
+CPU with only a warning, even on a GPU machine).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+
+import jax
+
+log = logging.getLogger(__name__)
+
+DISTRIBUTED_ENV = "SPP_JAX_DISTRIBUTED"
+_initialized = False
+
+
+def maybe_initialize_distributed(enabled: bool = False) -> None:
+    """Call ``jax.distributed.initialize()`` once if ``enabled`` or ``$SPP_JAX_DISTRIBUTED=1``.
+
+    Coordinator address, process count and id come from the environment / cluster
+    (see the jax.distributed docs); must run before any other JAX call.
+    """
+    global _initialized
+    env = os.environ.get(DISTRIBUTED_ENV, "").strip().lower() in ("1", "true", "yes")
+    if (enabled or env) and not _initialized:
+        jax.distributed.initialize()
+        _initialized = True
+        log.info("jax.distributed initialised: process %d of %d, %d local / %d global devices",
+                 jax.process_index(), jax.process_count(), jax.local_device_count(),
+                 jax.device_count())
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceReport:
+    """The backend and devices of this process, as JAX sees them."""
+
+    backend: str                    # jax.default_backend(): "cpu", "gpu" or "tpu"
+    local_devices: tuple[str, ...]  # this process's devices, e.g. ("cuda:0", "cuda:1")
+    kinds: tuple[str, ...]          # their distinct device kinds, e.g. ("NVIDIA H100 80GB HBM3",)
+    device_count: int               # devices over all processes
+    process_index: int
+    process_count: int
+    jax_version: str
+
+    def line(self) -> str:
+        return (f"JAX backend: {self.backend}; {len(self.local_devices)} local device(s) "
+                f"[{', '.join(self.local_devices)}] ({', '.join(self.kinds)}) of {self.device_count} "
+                f"in all; process {self.process_index} of {self.process_count}; jax {self.jax_version}")
+
+
+def device_report() -> DeviceReport:
+    """What :func:`log_devices` logs (initialises JAX's backends if nothing has yet)."""
+    local = jax.local_devices()
+    return DeviceReport(
+        backend=jax.default_backend(),
+        local_devices=tuple(str(d) for d in local),
+        kinds=tuple(dict.fromkeys(d.device_kind for d in local)),
+        device_count=jax.device_count(),
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        jax_version=jax.__version__,
+    )
+
+
+def log_devices(distributed: bool = False) -> DeviceReport:
+    """Start JAX (multi-host first when ``distributed`` or ``$SPP_JAX_DISTRIBUTED=1``) and
+    log one line naming the default backend and the devices; returns what it logged."""
+    maybe_initialize_distributed(distributed)  # must precede the first device query
+    report = device_report()
+    log.info("%s", report.line())
+    return report
