@@ -77,6 +77,20 @@ def test_train_refuses_bad_values_before_any_work(tmp_path, overrides, message):
     assert not wd.exists()  # no data generated, no workdir, nothing to clean up
 
 
+def test_bad_preset_and_table2_variants_are_refused_before_any_work(tmp_path):
+    from experiments import table2
+    wd = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        train_main.main(["--workdir", str(wd), "--preset", "cifar"])
+    assert e.value.code == "error: unknown preset 'cifar'; valid: imagenet, embedded"
+    # eval_size=180 suits the base (SPP) config but not the no-SPP variant: the variants'
+    # own configs are checked before any training.
+    with pytest.raises(SystemExit) as e:
+        table2.main(["--workdir", str(wd), "eval_size=180"])
+    assert e.value.code.startswith("error: eval_size: 180 px does not fit the no-SPP zf5")
+    assert not wd.exists()
+
+
 def test_every_train_key_is_documented_and_checked():
     # Numbers have a range, strings a list of choices (or are free paths), so no value
     # of any key reaches the training loop unchecked.

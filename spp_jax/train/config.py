@@ -131,7 +131,7 @@ class TrainConfig:
     decay_factor: float = option(0.1, "learning-rate multiplier at each decay", gt=0, le=1)
     plateau_patience: int = option(3, "plateau: epochs without improvement before a decay", ge=1)
     plateau_min_delta: float = option(0.001, "plateau: smallest top-1 error drop that counts as "
-                                             "improvement", ge=0, lt=1)
+                                             "improvement (>= 1: none ever does)", ge=0)
     max_decays: int = option(2, "plateau: at most this many decays", ge=0)
 
     # --- bookkeeping ---
@@ -291,10 +291,11 @@ def save_config(cfg: TrainConfig, workdir: str) -> str:
 def load_config(workdir: str) -> TrainConfig:
     """The config a workdir was trained with (its config.json), types and ranges checked.
 
-    Raises ConfigError naming the file when it is missing, not JSON, or has an unknown,
+    Raises FileNotFoundError when there is no config.json (as before: callers tell "not a
+    workdir" apart), ConfigError naming the file when it is not JSON or has an unknown,
     missing, wrongly typed or out-of-range key.
     """
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
-        raise ConfigError(f"{path} not found: is {workdir} a training workdir?")
+        raise FileNotFoundError(f"{path} not found: is {workdir} a training workdir?")
     return grammar.read_config(TrainConfig, path)

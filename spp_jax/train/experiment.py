@@ -16,11 +16,11 @@ import time
 import jax
 import numpy as np
 
+from spp_jax.config_grammar import config_dict
 from spp_jax.data import augment
 from spp_jax.data.datasets import PipelineData, classification_dataset, mean_image
 from spp_jax.data.pipeline import AugmentConfig
 from spp_jax.evaluate import PROTOCOL_TITLES, evaluate
-from spp_jax.config_grammar import config_dict
 from spp_jax.report import error_pair, markdown_table, write_report
 from spp_jax.train.checkpoint import Checkpointer
 from spp_jax.train.config import TrainConfig, build_model, load_config, trained_num_classes
