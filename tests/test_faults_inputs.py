@@ -191,6 +191,13 @@ def test_eval_refuses_a_bad_config_file_naming_it(tmp_path, mutate, message):
     assert sorted(os.listdir(wd)) == ["config.json"]  # no data prepared, nothing moved
 
 
+def test_config_files_written_before_later_keys_still_load():
+    # results/overfeat7-embedded was trained before data_seed existed.
+    from spp_jax.train.config import load_config
+    cfg = load_config(os.path.join(ROOT, "results", "overfeat7-embedded"))
+    assert cfg.data_seed is None and cfg.dataset_seed == cfg.seed and cfg.model == "overfeat7"
+
+
 def test_eval_without_a_config_file(tmp_path):
     with pytest.raises(SystemExit) as e:
         eval_main.main(["--workdir", str(tmp_path)])

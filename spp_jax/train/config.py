@@ -137,9 +137,10 @@ class TrainConfig:
     # --- bookkeeping ---
     seed: int = option(0, "seed of initialisation, augmentation, data order (and data_seed if "
                           "unset)", group="bookkeeping", ge=0, lt=SEED_LIMIT)
+    # Added after the first workdirs were written: a config.json without it means none.
     data_seed: Optional[int] = option(None, "seed of the embedded data's generation; none: seed. "
                                             "Set it to train two nets on the same images (Table 12)",
-                                      ge=0, lt=SEED_LIMIT)
+                                      ge=0, lt=SEED_LIMIT, optional_in_file=True)
     log_every: int = option(50, "steps between metrics.jsonl lines / progress updates", ge=1)
     eval_every: int = option(1, "epochs between validations (0: never)", ge=0)
     checkpoint_every: int = option(1000, "steps between mid-epoch checkpoints (0: epoch ends "
