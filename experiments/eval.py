@@ -1,30 +1,29 @@
 """Run the testing protocols (1 crop, 1 full, 10-view, multi-view) on a trained workdir.
 
     python -m experiments.eval --workdir runs/overfeat7 [key=value ...]
-"""
-import argparse
-import logging
-import sys
 
+Starts from the workdir's config.json (types and ranges checked; the defaults listed below
+are TrainConfig's, not the workdir's), then each key=value wins; the resolved config is
+recorded in WORKDIR/eval.json with the results.
+"""
+import logging
+
+from spp_jax.config_grammar import cli_parser, user_errors
 from spp_jax.devices import log_devices
-from spp_jax.train.config import apply_overrides
-from spp_jax.train.config import load_config
+from spp_jax.train.config import TrainConfig, apply_overrides, load_config
 from spp_jax.train.experiment import evaluate_workdir
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workdir", required=True)
-    ap.add_argument("overrides", nargs="*", help="key=value (e.g. protocols=1crop,10view eval_limit=100)")
-    args = ap.parse_args(argv)
+    ap = cli_parser(TrainConfig, __doc__)
+    ap.add_argument("--workdir", required=True, help="a training workdir (has config.json)")
+    args = ap.parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax/grain chatter
     log_devices()
-    try:
+    with user_errors(FileNotFoundError):
         cfg = apply_overrides(load_config(args.workdir), args.overrides)
         evaluate_workdir(cfg, args.workdir)
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

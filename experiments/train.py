@@ -5,41 +5,37 @@
 Examples:
     python -m experiments.train model=overfeat7                     # embedded data
     python -m experiments.train --preset imagenet model=zf5 dataset=imagenet2012 data_dir=/data/tfds
-Keys are the fields of spp_jax.train.TrainConfig (e.g. spp=false sizes=224 size_schedule=random).
+The preset sets its keys, then each key=value wins; the whole config is checked before any
+data is generated, and the resolved config is written to WORKDIR/config.json.
 """
-import argparse
 import logging
 import os
 import sys
 
+from spp_jax.config_grammar import cli_parser, user_errors
 from spp_jax.devices import log_devices
-from spp_jax.train.config import PRESETS, get_config
+from spp_jax.train.config import PRESETS, TrainConfig, get_config
 from spp_jax.train.experiment import train_and_evaluate
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default=None, choices=sorted(PRESETS),
-                    help="config preset (default: embedded, or imagenet when dataset=imagenet2012)")
+    ap = cli_parser(TrainConfig, __doc__, presets=PRESETS,
+                    preset_help="config preset (default: embedded, or imagenet when "
+                                "dataset=imagenet2012)")
     ap.add_argument("--workdir", default=None, help="default: runs/<model>")
-    ap.add_argument("overrides", nargs="*", help="key=value config overrides")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax/grain chatter
     preset = args.preset or ("imagenet" if any(o.strip() == "dataset=imagenet2012" for o in args.overrides)
                              else "embedded")
-    try:
+    with user_errors(FileNotFoundError):
         cfg = get_config(preset, args.overrides)
-    except (ValueError, TypeError) as e:
-        sys.exit(f"error: {e}")
-    log_devices(cfg.distributed)
-    workdir = args.workdir or os.path.join("runs", cfg.model)
-    try:
-        train_and_evaluate(cfg, workdir)
-    except FileNotFoundError as e:
-        sys.exit(f"error: {e}")
-    except KeyboardInterrupt:
-        sys.exit("interrupted: a checkpoint was saved; run the same command again to resume")
+        log_devices(cfg.distributed)
+        workdir = args.workdir or os.path.join("runs", cfg.model)
+        try:
+            train_and_evaluate(cfg, workdir)
+        except KeyboardInterrupt:
+            sys.exit("interrupted: a checkpoint was saved; run the same command again to resume")
 
 
 if __name__ == "__main__":

@@ -13,3 +13,7 @@ class UserError(Exception):
 
 class ConfigError(UserError, ValueError):
     """A config key, value or config file that cannot be used (a ValueError, as before)."""
+
+
+class InputError(UserError, ValueError):
+    """An input array or file that cannot be used: wrong shape, type or values (a ValueError)."""

@@ -13,9 +13,15 @@ Right/bottom padding (e.g. Caffe's ceil-mode pooling) does not move centres.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from typing import Iterable, Sequence
 
+import jax
 import jax.numpy as jnp
+import numpy as np
+
+from spp_jax.errors import InputError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,10 +41,14 @@ class Geometry:
     slack: float = 1.5
 
     def __post_init__(self):
+        for name in ("stride", "offset", "slack"):
+            v = getattr(self, name)
+            if not isinstance(v, numbers.Real) or isinstance(v, bool) or not math.isfinite(v):
+                raise InputError(f"Geometry.{name} must be a finite number, got {v!r}")
         if not self.stride > 0:
-            raise ValueError(f"Geometry.stride must be > 0, got {self.stride}")
+            raise InputError(f"Geometry.stride must be > 0, got {self.stride}")
         if self.slack < 0:
-            raise ValueError(f"Geometry.slack must be >= 0, got {self.slack}")
+            raise InputError(f"Geometry.slack must be >= 0, got {self.slack}")
 
     def centre(self, j):
         """Input-pixel centre of cell(s) j."""
@@ -57,11 +67,28 @@ def geometry_from_layers(layers: Iterable[tuple[int, int, int]], slack: float = 
     return Geometry(stride=float(stride), offset=float(offset), slack=slack)
 
 
+# Projected cell indices are clipped to this magnitude before the int32 cast, so absurd
+# (but finite) coordinates cannot overflow; any real map is far smaller.
+_CELL_LIMIT = 2 ** 29
+# The cells of a non-finite box under jit: outside every map, so roi_pool_cells gives NaN.
+INVALID_CELLS = (-1, -1, -1, -1)
+
+
 def _as_boxes(boxes, xp):
     boxes = xp.asarray(boxes)
     if boxes.ndim != 2 or boxes.shape[-1] != 4:
-        raise ValueError(f"boxes must have shape (R, 4) as (x1, y1, x2, y2), got {tuple(boxes.shape)}")
+        raise InputError(f"boxes must have shape (R, 4) as (x1, y1, x2, y2), got {tuple(boxes.shape)}")
     return boxes
+
+
+def check_finite_boxes(boxes) -> None:
+    """Raise InputError naming the first (R, 4) box with a NaN or infinite coordinate."""
+    b = np.asarray(boxes, np.float64).reshape(-1, 4)
+    bad = ~np.isfinite(b).all(axis=1)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise InputError(f"boxes contain NaN or infinite coordinates: boxes[{i}] = {b[i].tolist()} "
+                         f"({int(bad.sum())} of {len(b)})")
 
 
 def project_boxes(boxes, geometry: Geometry, map_hw: Sequence[int], xp=jnp):
@@ -77,7 +104,10 @@ def project_boxes(boxes, geometry: Geometry, map_hw: Sequence[int], xp=jnp):
 
     Returns:
       (R, 4) int32 (x_start, y_start, x_end, y_end), inclusive cells, each within
-      the map and start <= end, so every window keeps at least one cell.
+      the map and start <= end, so every window keeps at least one cell.  A box with
+      a NaN or infinite coordinate raises InputError when the boxes are concrete; under
+      ``jax.jit`` its row is ``INVALID_CELLS`` (-1, -1, -1, -1), outside every map, which
+      :func:`spp_jax.roi_pool_cells` pools to NaN.
 
     Rule: with centres c_j = offset + stride * j, start is the smallest j with
     c_j > x1 - slack and end the largest j with c_j < x2 + slack, i.e. the cells
@@ -90,12 +120,15 @@ def project_boxes(boxes, geometry: Geometry, map_hw: Sequence[int], xp=jnp):
     if h < 1 or w < 1:
         raise ValueError(f"map_hw must be positive, got {tuple(map_hw)}")
     boxes = _as_boxes(boxes, xp).astype(xp.float32)
+    if not isinstance(boxes, jax.core.Tracer):
+        check_finite_boxes(boxes)
     s, o, sl = geometry.stride, geometry.offset, geometry.slack
     lo = boxes[:, :2]  # (R, 2) x1, y1
     hi = boxes[:, 2:]  # (R, 2) x2, y2
     start = xp.floor((lo - sl - o) / s) + 1  # smallest j with o + s*j > lo - sl
     end = xp.ceil((hi + sl - o) / s) - 1  # largest j with o + s*j < hi + sl
-    start, end = start.astype(xp.int32), end.astype(xp.int32)
+    start = xp.clip(start, -_CELL_LIMIT, _CELL_LIMIT).astype(xp.int32)
+    end = xp.clip(end, -_CELL_LIMIT, _CELL_LIMIT).astype(xp.int32)
     mid = (start + end) // 2  # floor division, as the issue's rule states
     empty = start > end
     start = xp.where(empty, mid, start)
@@ -103,5 +136,7 @@ def project_boxes(boxes, geometry: Geometry, map_hw: Sequence[int], xp=jnp):
     limit = xp.asarray([w - 1, h - 1], dtype=xp.int32)
     start = xp.clip(start, 0, limit)
     end = xp.clip(end, 0, limit)
-    return xp.concatenate([start, end], axis=1)
+    cells = xp.concatenate([start, end], axis=1)
+    finite = xp.isfinite(boxes).all(axis=1, keepdims=True)  # only ever false under jit
+    return xp.where(finite, cells, xp.asarray(INVALID_CELLS, dtype=xp.int32))
 

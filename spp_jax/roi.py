@@ -28,7 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from spp_jax import bins as B
-from spp_jax.geometry import Geometry, project_boxes
+from spp_jax.errors import InputError
+from spp_jax.geometry import Geometry, check_finite_boxes, project_boxes
 from spp_jax.pooling import _check_fmap, _coarsen
 
 
@@ -72,16 +73,21 @@ def _floor_log2_table(maxlen: int) -> np.ndarray:
 
 
 def _level_bins(fmap, cells, n: int):
-    """Bin maxima of level n for every window: (H, W, C), (R, 4) -> (R, n, n, C)."""
+    """Bin maxima of level n for every window: (H, W, C), (R, 4) -> (R, n, n, C).
+
+    A window whose cells are not inside the map with start <= end reads a row past the
+    table, which the gather fills with NaN: its bins are NaN, never another cell's values.
+    """
     h, w, c = fmap.shape
     ky, kx = _table_depth(h, n), _table_depth(w, n)
     flat = sparse_table(fmap, ky, kx).reshape(-1, c)  # ((ky+1)(kx+1)HW, C)
+    outside = flat.shape[0]  # a row index past the table: gathers fill it with NaN
     lut = jnp.asarray(_floor_log2_table(max(h, w)))
 
     def axis_queries(lo, hi):
         # lo, hi: scalar inclusive cell range of one window on one axis.
         start, end = B.bin_edges_array(hi - lo + 1, n, xp=jnp)  # (n,), (n,) relative, [start, end)
-        length = end - start  # >= 1 for every bin (Appendix A)
+        length = end - start  # >= 1 for every bin of a valid window (Appendix A)
         k = lut[length]
         first = lo + start
         second = lo + end - (1 << k)  # last block start; overlaps the first when length isn't 2**k
@@ -89,32 +95,74 @@ def _level_bins(fmap, cells, n: int):
 
     def one_window(box):
         x0, y0, x1, y1 = box[0], box[1], box[2], box[3]
+        valid = (0 <= x0) & (x0 <= x1) & (x1 < w) & (0 <= y0) & (y0 <= y1) & (y1 < h)
         kyi, r0, r1 = axis_queries(y0, y1)  # (n,) each, per bin row
         kxj, c0, c1 = axis_queries(x0, x1)  # (n,) each, per bin column
         plane = (kyi[:, None] * (kx + 1) + kxj[None, :]) * (h * w)  # (n, n)
         out = None
         for r in (r0, r1):
             for cc in (c0, c1):
-                idx = plane + r[:, None] * w + cc[None, :]  # (n, n)
-                v = flat[idx]  # (n, n, C)
+                idx = jnp.where(valid, plane + r[:, None] * w + cc[None, :], outside)  # (n, n)
+                v = jnp.take(flat, idx, axis=0, mode="fill", fill_value=jnp.nan)  # (n, n, C)
                 out = v if out is None else jnp.maximum(out, v)
         return out
 
     return jax.vmap(one_window)(cells)
 
 
-@functools.partial(jax.jit, static_argnames=("levels",))
-def roi_pool_cells(fmap, cells, levels: tuple[int, ...] = B.DEFAULT_LEVELS):
+def check_cells(cells, map_hw) -> None:
+    """Raise InputError unless ``cells`` is (R, 4) ints and, when concrete, inside the map.
+
+    Concrete cells (NumPy, lists, or JAX arrays outside a trace) are checked fully and
+    the first bad window is named; traced cells only by shape and dtype (the values are
+    unknown at trace time; :func:`roi_pool_cells` documents what they give then).
+    """
+    shape = getattr(cells, "shape", None)
+    if shape is None:
+        cells = np.asarray(cells)
+        shape = cells.shape
+    if len(shape) != 2 or shape[-1] != 4:
+        raise InputError(f"cells must have shape (R, 4) as (x_start, y_start, x_end, y_end), "
+                         f"got {tuple(shape)}")
+    if not jnp.issubdtype(cells.dtype, jnp.integer):
+        raise InputError(f"cells must be integer map cells, got dtype {cells.dtype}")
+    if isinstance(cells, jax.core.Tracer):
+        return
+    c = np.asarray(cells)
+    h, w = int(map_hw[0]), int(map_hw[1])
+    bad = ~((0 <= c[:, 0]) & (c[:, 0] <= c[:, 2]) & (c[:, 2] < w)
+            & (0 <= c[:, 1]) & (c[:, 1] <= c[:, 3]) & (c[:, 3] < h))
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise InputError(f"cells[{i}] = {c[i].tolist()} is not inside the {h}x{w} map with "
+                         f"start <= end ({int(bad.sum())} bad window(s) of {len(c)})")
+
+
+def roi_pool_cells(fmap, cells, levels: Sequence[int] = B.DEFAULT_LEVELS):
     """Pyramid-pool windows already given in map cells.
 
     Args:
       fmap: (H, W, C) floating conv map of one image.
       cells: (R, 4) int (x_start, y_start, x_end, y_end) inclusive cells, inside the
         map with start <= end (as :func:`spp_jax.project_boxes` returns).
-      levels: static pyramid levels.
+      levels: pyramid levels (static).
     Returns:
       (R, C * sum(n*n)) in fmap's dtype, laid out as :func:`spp_jax.pool`'s output.
+
+    Contract: concrete cells are checked (:func:`check_cells`: an InputError names the
+    first window out of the map or with start > end).  Traced cells (inside a caller's
+    ``jax.jit`` / ``vmap``) cannot be checked; a window that breaks the rule then pools
+    to NaN in every output value of its row (and passes no gradient to ``fmap``), never
+    to the values of some other cell.  Checking costs one host copy of the (R, 4) cells.
     """
+    levels = B.normalize_levels(levels)
+    _check_fmap(fmap, 3, "fmap")
+    check_cells(cells, fmap.shape[:2])
+    return _roi_pool_cells(fmap, cells, levels)
+
+
+@functools.partial(jax.jit, static_argnames=("levels",))
+def _roi_pool_cells(fmap, cells, levels: tuple[int, ...]):
     r, c = cells.shape[0], fmap.shape[-1]
     plan = B.derivation_plan(levels)
     got = {}
@@ -133,7 +181,9 @@ def roi_pool(fmap: jax.Array, boxes, levels: Sequence[int] = B.DEFAULT_LEVELS, *
       boxes: (R, 4) windows (x1, y1, x2, y2) in that image's pixels, 0-based
         inclusive corners; R >= 1 (static under jit), values may be traced.
         Windows outside the image or smaller than a cell still pool at least
-        one cell (the projection's collapse-and-clamp rule).
+        one cell (the projection's collapse-and-clamp rule).  Concrete boxes with a
+        NaN or infinite coordinate raise InputError; under ``jax.jit`` such a window
+        pools to a row of NaN (see :func:`spp_jax.project_boxes`), never to a cell.
       levels: pyramid levels, default (6, 3, 2, 1).
       geometry: the backbone's :class:`Geometry` (e.g. ``model.geometry``).
     Returns:
@@ -147,11 +197,11 @@ def roi_pool(fmap: jax.Array, boxes, levels: Sequence[int] = B.DEFAULT_LEVELS, *
         boxes = np.asarray(boxes, np.float32)
         shape = boxes.shape
     if len(shape) != 2 or shape[-1] != 4:
-        raise ValueError(f"boxes must have shape (R, 4) as (x1, y1, x2, y2), got {tuple(shape)}")
+        raise InputError(f"boxes must have shape (R, 4) as (x1, y1, x2, y2), got {tuple(shape)}")
     if shape[0] == 0:
-        raise ValueError("boxes is empty (R = 0): there are no windows to pool")
-    if not isinstance(boxes, jax.core.Tracer) and not np.all(np.isfinite(np.asarray(boxes))):
-        raise ValueError("boxes contain NaN or infinite coordinates")
+        raise InputError("boxes is empty (R = 0): there are no windows to pool")
+    if not isinstance(boxes, jax.core.Tracer):
+        check_finite_boxes(boxes)
     if not isinstance(geometry, Geometry):
         raise TypeError(f"geometry must be a spp_jax.Geometry, got {type(geometry).__name__}")
     return _roi_pool(fmap, boxes, levels, geometry)

@@ -5,6 +5,7 @@ import pytest
 
 from spp_jax.detection.proposals import (ProposalSettings, cache_path, clean_boxes, compute_proposals,
                                          load_proposal_file, save_proposal_file, selective_search)
+from spp_jax.errors import InputError
 from test_det_common import tiny_records
 
 FAST = ProposalSettings(max_side=160, min_side=6, max_boxes=300)
@@ -77,5 +78,5 @@ def test_user_file(tmp_path):
     save_proposal_file(p, {"img1.jpg": np.array([[0, 0, 9, 9]]), "b": np.zeros((0, 4))})
     out = load_proposal_file(p, ["img1.jpg", "b"])
     assert out["img1.jpg"].dtype == np.float32 and out["b"].shape == (0, 4)
-    with pytest.raises(KeyError, match="missing|no proposals"):
+    with pytest.raises(InputError, match="no proposals for 1 image.*'c'"):
         load_proposal_file(p, ["img1.jpg", "c"])

@@ -69,8 +69,8 @@ def test_missing_imagenet_names_the_files(tmp_path):
         classification_dataset("imagenet2012", str(tmp_path))
 
 
-@pytest.mark.parametrize("arg, msg", [("model=alexnet", "valid models: zf5, convnet5, overfeat5, overfeat7"),
-                                      ("dataset=cifar", "valid: shapes, imagenet2012"),
+@pytest.mark.parametrize("arg, msg", [("model=alexnet", "model=alexnet: must be one of: zf5, convnet5, overfeat5, overfeat7"),
+                                      ("dataset=cifar", "dataset=cifar: must be one of: shapes, imagenet2012"),
                                       ("bogus=1", "unknown config key 'bogus'")])
 def test_bad_names_give_one_line_errors(arg, msg):
     with pytest.raises(SystemExit, match=msg):
@@ -113,7 +113,7 @@ def test_table2_trains_three_variants_and_writes_the_table(tmp_path, capsys):
 
 def test_data_seed_keeps_the_images_when_the_seed_changes(tmp_path):
     from spp_jax.train.experiment import prepare_data
-    kw = ["train_examples=3", "val_examples=2", "mean_samples=2", f"data_dir={tmp_path}/data"]
+    kw = ["train_examples=3", "batch_size=2", "val_examples=2", "mean_samples=2", f"data_dir={tmp_path}/data"]
 
     def first_image(*over):
         ds, _ = prepare_data(get_config("embedded", [*kw, *over]), str(tmp_path))

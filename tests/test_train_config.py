@@ -20,10 +20,10 @@ def test_defaults_are_the_papers_imagenet_settings():
 
 
 def test_overrides_are_typed():
-    c = apply_overrides(TrainConfig(), ["model=overfeat5", "sizes=160,200", "learning_rate=0.02",
+    c = apply_overrides(TrainConfig(), ["model=overfeat5", "sizes=220,230", "learning_rate=0.02",
                                         "spp=false", "epochs=none", "decay_epochs=10,20",
                                         "batch_size=64", "width=0.5"])
-    assert c.model == "overfeat5" and c.sizes == (160, 200) and c.learning_rate == 0.02
+    assert c.model == "overfeat5" and c.sizes == (220, 230) and c.learning_rate == 0.02
     assert c.spp is False and c.epochs is None and c.decay_epochs == (10, 20)
     assert c.batch_size == 64 and c.width == 0.5
     assert apply_overrides(c, ["epochs=5"]).epochs == 5
@@ -38,7 +38,7 @@ def test_override_errors():
         apply_overrides(TrainConfig(), ["spp=maybe"])
     with pytest.raises(ValueError, match="not key=value"):
         apply_overrides(TrainConfig(), ["spp"])
-    with pytest.raises(ValueError, match="size_schedule='zigzag'; valid: multi, single, random"):
+    with pytest.raises(ValueError, match="size_schedule=zigzag: must be one of: multi, single, random"):
         apply_overrides(TrainConfig(), ["size_schedule=zigzag"])
     with pytest.raises(ValueError, match="unknown preset"):
         get_config("cifar")

@@ -25,12 +25,15 @@ import logging
 import multiprocessing as mp
 import os
 import time
+import zipfile
+import zlib
 from typing import Iterable, Mapping
 
 import cv2
 import numpy as np
 
 from spp_jax.detection.boxes import clip_boxes
+from spp_jax.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -156,17 +159,62 @@ def file_sha1(path: str) -> str:
     return h.hexdigest()[:12]
 
 
+def _boxes_of(path: str, image_id: str, a: np.ndarray) -> np.ndarray:
+    """One image's array from a proposal file -> (R, 4) float32, or InputError naming it."""
+    where = f"{path}: image {image_id!r}"
+    if not (np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.integer)):
+        raise InputError(f"{where}: boxes must be numbers, got dtype {a.dtype}")
+    if a.size == 0:
+        return np.zeros((0, 4), np.float32)  # an image without proposals (skipped later)
+    if a.ndim != 2 or a.shape[1] != 4:
+        hint = (" (drop the score column: keep boxes[:, :4])" if a.ndim == 2 and a.shape[1] == 5
+                else "")
+        raise InputError(f"{where}: boxes must have shape (R, 4) as (x1, y1, x2, y2), got "
+                         f"{a.shape}{hint}")
+    if not np.isfinite(a).all():
+        row = int(np.argmax(~np.isfinite(a).all(axis=1)))
+        raise InputError(f"{where}: box {row} has a NaN or infinite coordinate: {a[row].tolist()}")
+    return a.astype(np.float32)
+
+
 def load_proposal_file(path: str, image_ids: Iterable[str] | None = None) -> dict[str, np.ndarray]:
     """Load a user ``.npz`` (image_id -> (R, 4) 0-based inclusive boxes) -> dict of float32 arrays.
 
-    With ``image_ids``, raises KeyError naming the first image the file lacks.
+    The file is what :func:`save_proposal_file` writes (``np.savez(path, **{image_id:
+    boxes})``): one numeric (R, 4) array (x1, y1, x2, y2) per image id, R >= 0, finite.
+    Raises InputError (a ValueError) naming the file, and the image id where there is one,
+    for: a missing, empty or non-``.npz`` file (e.g. a single ``.npy`` array), an array of
+    another shape (e.g. (R, 5) boxes with scores) or dtype, a NaN or infinite coordinate,
+    and, with ``image_ids``, images the file lacks.
     """
-    with np.load(path) as z:
-        out = {k: np.asarray(z[k], np.float32).reshape(-1, 4) for k in z.files}
+    how = "expected an .npz archive with one (R, 4) array per image id (np.savez(path, **boxes))"
+    try:
+        z = np.load(path)
+    except FileNotFoundError:
+        raise InputError(f"proposal file {path} does not exist") from None
+    except EOFError:
+        raise InputError(f"{path} is empty; {how}") from None
+    except (ValueError, zipfile.BadZipFile):  # text, pickles, a truncated archive
+        raise InputError(f"{path} is not an .npz archive; {how}") from None
+    except OSError as e:
+        raise InputError(f"{path} cannot be read ({e})") from None
+    if not isinstance(z, np.lib.npyio.NpzFile):
+        raise InputError(f"{path} holds a single array of shape {z.shape}; {how}")
+    out = {}
+    with z:
+        for k in z.files:
+            try:
+                a = z[k]
+            except (ValueError, OSError, zipfile.BadZipFile, zlib.error) as e:
+                raise InputError(f"{path}: image {k!r} cannot be read ({e})") from None
+            out[k] = _boxes_of(path, k, a)
+    if not out:
+        raise InputError(f"{path} holds no arrays; {how}")
     if image_ids is not None:
         missing = [i for i in image_ids if i not in out]
         if missing:
-            raise KeyError(f"{path} has no proposals for {len(missing)} image(s), e.g. {missing[0]!r}")
+            raise InputError(f"{path} has no proposals for {len(missing)} image(s), e.g. "
+                             f"{', '.join(repr(m) for m in missing[:3])}")
     return out
 
 

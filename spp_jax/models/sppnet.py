@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from spp_jax import bins as B
+from spp_jax.config_grammar import check_value
 from spp_jax.geometry import Geometry, geometry_from_layers
 from spp_jax.models import layers as L
 from spp_jax.models.backbones import BACKBONES, NO_SPP_POOL, check_name
@@ -189,8 +190,21 @@ class SPPNet(nn.Module):
         return {"conv": fmap, "pooled": pooled, **out}
 
 
+# Ranges of get_model's numeric arguments (a bad one raises ConfigError naming it).
+_ARG_RULES = {"num_classes": (int, dict(ge=1)), "fc_dim": (int, dict(ge=1)),
+              "width": (float, dict(gt=0)), "dropout": (float, dict(ge=0, lt=1)),
+              "input_scale": (float, dict(gt=0)), "levels": (tuple[int, ...], dict(ge=1, min_len=1))}
+
+
 def get_model(name: str, **kwargs) -> SPPNet:
-    """Model by name (``zf5``, ``convnet5``, ``overfeat5``, ``overfeat7``); kwargs as SPPNet."""
+    """Model by name (``zf5``, ``convnet5``, ``overfeat5``, ``overfeat7``); kwargs as SPPNet.
+
+    num_classes and fc_dim must be >= 1, width and input_scale finite and > 0, dropout in
+    [0, 1), levels positive ints (ConfigError otherwise, before anything is built).
+    """
+    for key, (tp, rule) in _ARG_RULES.items():
+        if key in kwargs:
+            kwargs[key] = check_value(key, kwargs[key], tp, **rule)
     return SPPNet(arch=check_name(name), **kwargs)
 
 

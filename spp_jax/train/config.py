@@ -1,4 +1,4 @@
-"""Training configs as code: a plain dataclass with the paper's ImageNet settings.
+"""Training configs as code: a dataclass with the paper's ImageNet settings, and presets.
 
 Defaults follow SPP_FACTS.md section 4 (ImageNet classification):
 
@@ -15,88 +15,146 @@ Defaults follow SPP_FACTS.md section 4 (ImageNet classification):
   top-1 error has not improved by ``plateau_min_delta`` for ``plateau_patience`` epochs
   (at most ``max_decays`` times).
 
-Use :func:`get_config` for a preset and :func:`apply_overrides` for ``key=value`` strings
-(command lines); unknown keys raise an error listing the valid ones.
+Every field is declared with :func:`spp_jax.config_grammar.option` (its meaning and
+allowed range, shown by ``python -m experiments.train --help``), so the grammar there
+applies: :func:`get_config` for a preset plus ``key=value`` strings, :func:`apply_overrides`,
+:func:`load_config` for a workdir's ``config.json``; every one of them validates the whole
+config (:meth:`TrainConfig.validate`) before anything else happens.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import types
-import typing
 from typing import Any, Optional, Sequence
+
+from spp_jax import config_grammar as grammar
+from spp_jax.config_grammar import option
+from spp_jax.errors import ConfigError
 
 SIZE_SCHEDULES = ("multi", "single", "random")
 LR_SCHEDULES = ("step", "plateau")
 MEMORY_CHECKS = ("warn", "error", "off")
+SEED_LIMIT = 2 ** 31  # seeds feed numpy and JAX PRNGs: non-negative int32
+
+
+# Choices that live in heavier modules, imported only when a config is checked.
+def _models():
+    from spp_jax.models import MODEL_NAMES
+    return MODEL_NAMES
+
+
+def _inits():
+    from spp_jax.models.sppnet import INITS
+    return INITS
+
+
+def _datasets():
+    from spp_jax.data.datasets import DATASETS
+    return DATASETS
+
+
+def _protocols():
+    from spp_jax.evaluate.protocols import PROTOCOLS
+    return PROTOCOLS
+
+
+def _optimizers():
+    from spp_jax.train.state import OPTIMIZERS
+    return OPTIMIZERS
 
 
 @dataclasses.dataclass
 class TrainConfig:
     # --- model (spp_jax.get_model arguments) ---
-    model: str = "zf5"
-    spp: bool = True
-    levels: tuple[int, ...] = (6, 3, 2, 1)
-    width: float = 1.0
-    fc_dim: int = 4096
-    dropout: float = 0.5
-    init_scheme: str = "paper"
-    input_scale: float = 1.0       # images (0..255 minus mean) are multiplied by this first
+    model: str = option("zf5", "Table-1 backbone", group="model", choices=_models)
+    spp: bool = option(True, "SPP head; false: the no-SPP baseline, which takes one input side "
+                             "(224); unless sizes or size_schedule are given, spp=false trains "
+                             "at max(sizes) only")
+    levels: tuple[int, ...] = option((6, 3, 2, 1), "SPP pyramid levels (n x n bins each)",
+                                     ge=1, min_len=1)
+    width: float = option(1.0, "conv channel multiplier (1: Table 1; the embedded preset 0.125)",
+                          gt=0)
+    fc_dim: int = option(4096, "fc6 / fc7 width", ge=1)
+    dropout: float = option(0.5, "dropout rate on fc6 and fc7", ge=0, lt=1)
+    init_scheme: str = option("paper", "paper: Gaussian std 0.01 (the released models); "
+                                       "he: He-normal", choices=_inits)
+    input_scale: float = option(1.0, "images (0..255 minus the mean) are multiplied by this "
+                                     "first (1/58 suits He init)", gt=0)
 
     # --- data (used by experiments.train; the loop itself takes a data object) ---
-    dataset: str = "imagenet2012"  # or "shapes", the embedded data
-    data_dir: str = ""             # "" -> <workdir>/data for shapes, TFDS's default otherwise
-    train_examples: int = 5000     # embedded data only
-    val_examples: int = 500        # embedded data only
-    mean_samples: int = 10000      # images averaged for the mean image
-    pca_from_data: bool = False    # estimate PCA colour eigen-pairs (else ImageNet's)
-    data_threads: int = 2
+    dataset: str = option("imagenet2012", "shapes: the embedded data, generated on first use; "
+                                          "imagenet2012: TFDS, prepared once (README)",
+                          group="data", choices=_datasets)
+    data_dir: str = option("", "dataset directory; '': <workdir>/data for shapes, TFDS's "
+                               "default otherwise")
+    train_examples: int = option(5000, "training images to generate (shapes only; at least "
+                                       "batch_size)", ge=1)
+    val_examples: int = option(500, "validation images to generate (shapes only)", ge=1)
+    mean_samples: int = option(10000, "training images averaged for the mean image", ge=1)
+    pca_from_data: bool = option(False, "estimate the PCA colour eigen-pairs from the data "
+                                        "(else ImageNet's)")
+    data_threads: int = option(2, "input pipeline reader threads per process", ge=1)
 
     # --- final testing protocols (experiments.train / experiments.eval) ---
-    protocols: tuple[str, ...] = ("1crop", "1full", "10view", "multiview")
-    eval_limit: int = 0            # 0: the whole validation split
-    multiview_limit: int = 0       # 0: as eval_limit
+    protocols: tuple[str, ...] = option(("1crop", "1full", "10view", "multiview"),
+                                        "testing protocols run after training and by eval",
+                                        group="final testing", choices=_protocols, min_len=1)
+    eval_limit: int = option(0, "validation images tested (0: the whole split)", ge=0)
+    multiview_limit: int = option(0, "images for the map-based protocols (0: as eval_limit)",
+                                  ge=0)
 
     # --- input sizes ---
-    # "multi": cycle through `sizes` every epoch (180, 224, 180, ...);
-    # "single": max(sizes) only (224);
-    # "random": a size drawn uniformly from [min(sizes), max(sizes)] per epoch (from `seed`).
-    size_schedule: str = "multi"
-    sizes: tuple[int, ...] = (180, 224)
-    eval_size: int = 224
+    size_schedule: str = option("multi", "multi: cycle through sizes every epoch (180, 224, "
+                                         "180, ...); single: max(sizes) only; random: a side "
+                                         "drawn from [min(sizes), max(sizes)] per epoch (seeded)",
+                                group="input sizes", choices=SIZE_SCHEDULES)
+    sizes: tuple[int, ...] = option((180, 224), "training input sides, pixels (at least the "
+                                                "model's smallest: 31 for zf5)", ge=1, min_len=1)
+    eval_size: int = option(224, "input side of the validation during training, pixels", ge=1)
 
     # --- optimisation ---
-    batch_size: int = 128          # global batch (all devices and hosts together)
-    eval_batch_size: int = 128     # global
-    optimizer: str = "sgd"         # the paper; "adam" for the embedded preset (see there)
-    learning_rate: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 5e-4     # kernels only (see state.py)
-    epochs: Optional[int] = None   # None: 70 for zf5, 90 for the others
-    lr_schedule: str = "step"
-    decay_epochs: Optional[tuple[int, ...]] = None  # None: (round(E/2), round(5E/6))
-    decay_factor: float = 0.1
-    plateau_patience: int = 3
-    plateau_min_delta: float = 0.001
-    max_decays: int = 2
+    batch_size: int = option(128, "global training batch (all devices and hosts; a multiple "
+                                  "of the device count)", group="optimisation", ge=1)
+    eval_batch_size: int = option(128, "global validation batch", ge=1)
+    optimizer: str = option("sgd", "sgd: the paper; adam: the embedded preset's CPU-budget "
+                                   "choice (README)", choices=_optimizers)
+    learning_rate: float = option(0.01, "initial learning rate", gt=0, le=1)
+    momentum: float = option(0.9, "SGD momentum (Adam's b1)", ge=0, lt=1)
+    weight_decay: float = option(5e-4, "L2 weight decay on kernels", ge=0, lt=1)
+    epochs: Optional[int] = option(None, "training epochs; none: 70 for zf5, 90 for the others",
+                                   ge=1)
+    lr_schedule: str = option("step", "step: multiply by decay_factor at decay_epochs; plateau: "
+                                      "when the validation error stalls", choices=LR_SCHEDULES)
+    decay_epochs: Optional[tuple[int, ...]] = option(
+        None, "epochs of the step decays (those >= epochs never happen); none: round(E/2), "
+              "round(5E/6)", ge=1)
+    decay_factor: float = option(0.1, "learning-rate multiplier at each decay", gt=0, le=1)
+    plateau_patience: int = option(3, "plateau: epochs without improvement before a decay", ge=1)
+    plateau_min_delta: float = option(0.001, "plateau: smallest top-1 error drop that counts as "
+                                             "improvement (>= 1: none ever does)", ge=0)
+    max_decays: int = option(2, "plateau: at most this many decays", ge=0)
 
     # --- bookkeeping ---
-    seed: int = 0                  # initialisation, augmentation, data order (and data_seed if unset)
-    data_seed: Optional[int] = None  # the embedded data's generation; None: `seed`. Set it to train
-                                     # two nets on the same images (the paper's Table 12 models)
-    log_every: int = 50            # steps between metrics.jsonl lines / progress updates
-    eval_every: int = 1            # epochs between validations (0: never)
-    checkpoint_every: int = 1000   # steps between mid-epoch checkpoints (0: epoch ends only)
-    keep_checkpoints: int = 3
-    async_checkpointing: bool = True
-    # Persistent XLA compilation cache: "" -> <workdir>/jax_cache, "none" -> disabled.
-    compile_cache_dir: str = ""
-    # Multi-host: call jax.distributed.initialize() (also when SPP_JAX_DISTRIBUTED=1).
-    distributed: bool = False
-    memory_check: str = "warn"     # CPU activation-memory estimate vs available RAM
-    progress: bool = True          # tqdm bar per epoch (process 0 only)
-    plot: bool = True              # PNG of loss / accuracy curves at the end
+    seed: int = option(0, "seed of initialisation, augmentation, data order (and data_seed if "
+                          "unset)", group="bookkeeping", ge=0, lt=SEED_LIMIT)
+    # Added after the first workdirs were written: a config.json without it means none.
+    data_seed: Optional[int] = option(None, "seed of the embedded data's generation; none: seed. "
+                                            "Set it to train two nets on the same images (Table 12)",
+                                      ge=0, lt=SEED_LIMIT, optional_in_file=True)
+    log_every: int = option(50, "steps between metrics.jsonl lines / progress updates", ge=1)
+    eval_every: int = option(1, "epochs between validations (0: never)", ge=0)
+    checkpoint_every: int = option(1000, "steps between mid-epoch checkpoints (0: epoch ends "
+                                         "only)", ge=0)
+    keep_checkpoints: int = option(3, "checkpoints kept", ge=1)
+    async_checkpointing: bool = option(True, "save checkpoints in the background")
+    compile_cache_dir: str = option("", "persistent XLA compilation cache; '': <workdir>/jax_cache, "
+                                        "none: disabled")
+    distributed: bool = option(False, "multi-host: call jax.distributed.initialize() (also when "
+                                      "SPP_JAX_DISTRIBUTED=1)")
+    memory_check: str = option("warn", "CPU activation-memory estimate vs available RAM",
+                               choices=MEMORY_CHECKS)
+    progress: bool = option(True, "tqdm bar per epoch (process 0 only)")
+    plot: bool = option(True, "PNG of loss / accuracy curves at the end")
 
     @property
     def dataset_seed(self) -> int:
@@ -117,32 +175,45 @@ class TrainConfig:
         return (round(e / 2), round(5 * e / 6))
 
     def validate(self) -> "TrainConfig":
-        def choice(name, valid):
-            if getattr(self, name) not in valid:
-                raise ValueError(f"{name}={getattr(self, name)!r}; valid: {', '.join(valid)}")
-        choice("size_schedule", SIZE_SCHEDULES)
-        choice("lr_schedule", LR_SCHEDULES)
-        choice("memory_check", MEMORY_CHECKS)
-        from spp_jax.train.state import OPTIMIZERS
-        choice("optimizer", OPTIMIZERS)
-        from spp_jax.data.datasets import DATASETS
-        from spp_jax.evaluate.protocols import PROTOCOLS
-        choice("dataset", DATASETS)
-        bad = [p for p in self.protocols if p not in PROTOCOLS]
-        if bad:
-            raise ValueError(f"protocols {bad}; valid: {', '.join(PROTOCOLS)}")
-        from spp_jax.models.backbones import check_name
-        check_name(self.model)
-        if not self.sizes or any(s < 1 for s in self.sizes):
-            raise ValueError(f"sizes must be positive ints, got {self.sizes}")
-        for name in ("batch_size", "eval_batch_size", "num_epochs", "log_every", "keep_checkpoints"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.checkpoint_every < 0 or self.eval_every < 0:
-            raise ValueError("checkpoint_every and eval_every must be >= 0")
-        if self.lr_schedule == "plateau" and self.eval_every == 0:
-            raise ValueError("lr_schedule='plateau' needs validation: set eval_every >= 1")
+        """Every field's type and range, then the rules below; a ConfigError names the key."""
+        return grammar.validate(self)
+
+    def resolve(self, explicit: frozenset[str]) -> "TrainConfig":
+        """No-SPP nets take one input size: unless the user chose the sizes, use the largest."""
+        if not self.spp and not (explicit & {"sizes", "size_schedule"}) and len(set(self.sizes)) > 1:
+            return dataclasses.replace(self, sizes=(max(self.sizes),), size_schedule="single")
         return self
+
+    def cross_check(self) -> None:
+        """Rules between fields (called by :meth:`validate` after each field's own checks)."""
+        if self.lr_schedule == "plateau" and self.eval_every == 0:
+            raise ConfigError("lr_schedule='plateau' needs validation: set eval_every >= 1")
+        if self.dataset == "shapes" and self.train_examples < self.batch_size:
+            raise ConfigError(f"train_examples={self.train_examples} is less than one batch "
+                              f"(batch_size={self.batch_size})")
+        _check_input_sizes(self)
+
+
+def _check_input_sizes(cfg: TrainConfig) -> None:
+    """Every training / validation side fits the model (and pools to 6x6 without SPP)."""
+    from spp_jax.models import NO_SPP_POOL, map_size
+    from spp_jax.models.layers import spec_out_size
+
+    def fits(side: int) -> bool:
+        try:
+            a = map_size(cfg.model, side)
+            return cfg.spp or spec_out_size(a, NO_SPP_POOL[cfg.model]) == 6
+        except ValueError:  # too small for some layer
+            return False
+
+    for key, sides in (("sizes", cfg.sizes), ("eval_size", (cfg.eval_size,))):
+        bad = [s for s in sides if not fits(s)]
+        if bad:
+            ok = [s for s in range(1, 1025) if fits(s)]
+            if cfg.spp:
+                raise ConfigError(f"{key}: {bad[0]} px is too small for {cfg.model} (needs >= {ok[0]})")
+            raise ConfigError(f"{key}: {bad[0]} px does not fit the no-SPP {cfg.model}, which takes "
+                              f"one side in {ok[0]}-{ok[-1]} (the paper's is 224): set {key}=224")
 
 
 # ---------------------------------------------------------------------------------------
@@ -180,68 +251,19 @@ PRESETS: dict[str, dict[str, Any]] = {
 # ======================= END OF EMBEDDED-DATA PRESET ===================================
 
 
+
 def get_config(preset: str = "imagenet", overrides: Sequence[str] = (), **kwargs) -> TrainConfig:
-    """A preset, then keyword values, then ``key=value`` strings; validated."""
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; valid: {', '.join(PRESETS)}")
-    cfg = dataclasses.replace(TrainConfig(), **PRESETS[preset])
-    cfg = dataclasses.replace(cfg, **kwargs) if kwargs else cfg
-    return apply_overrides(cfg, overrides)
-
-
-def _parse(key: str, text: str, tp) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        inner = [a for a in args if a is not type(None)]
-        if type(None) in args and text.strip().lower() in ("none", "null", ""):
-            return None
-        return _parse(key, text, inner[0])
-    if origin is tuple:
-        elem = args[0]
-        parts = [p for p in text.replace("(", "").replace(")", "").replace("[", "").replace("]", "")
-                 .split(",") if p.strip()]
-        return tuple(_parse(key, p.strip(), elem) for p in parts)
-    if tp is bool:
-        t = text.strip().lower()
-        if t in ("1", "true", "yes", "on"):
-            return True
-        if t in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"{key}: expected a bool (true/false), got {text!r}")
-    if tp is int:
-        try:
-            return int(text)
-        except ValueError:
-            raise ValueError(f"{key}: expected an int, got {text!r}") from None
-    if tp is float:
-        try:
-            return float(text)
-        except ValueError:
-            raise ValueError(f"{key}: expected a float, got {text!r}") from None
-    if tp is str:
-        return text
-    raise TypeError(f"{key}: unsupported field type {tp}")
+    """A preset, then keyword values, then ``key=value`` strings; validated (ConfigError)."""
+    return grammar.from_preset(TrainConfig, PRESETS, preset, overrides, **kwargs)
 
 
 def apply_overrides(cfg: TrainConfig, overrides: Sequence[str]) -> TrainConfig:
     """Apply ``["key=value", ...]`` with type checking; returns a new, validated config.
 
     Tuples are comma separated (``sizes=180,224``), optionals accept ``none``, bools
-    accept true/false/1/0/yes/no.
+    accept true/false/1/0/yes/no (the grammar of :mod:`spp_jax.config_grammar`).
     """
-    hints = typing.get_type_hints(TrainConfig)
-    names = [f.name for f in dataclasses.fields(TrainConfig)]
-    changes = {}
-    for item in overrides:
-        if "=" not in item:
-            raise ValueError(f"override {item!r} is not key=value")
-        key, value = item.split("=", 1)
-        key = key.strip()
-        if key not in hints:
-            raise ValueError(f"unknown config key {key!r}; valid keys: {', '.join(names)}")
-        changes[key] = _parse(key, value.strip(), hints[key])
-    return dataclasses.replace(cfg, **changes).validate()
+    return grammar.apply_overrides(cfg, overrides)
 
 
 def build_model(cfg: TrainConfig, num_classes: int):
@@ -262,13 +284,19 @@ def trained_num_classes(cfg: TrainConfig) -> int:
     raise ValueError(f"cannot tell the number of classes of a net trained on {cfg.dataset!r}")
 
 
+def save_config(cfg: TrainConfig, workdir: str) -> str:
+    """Write ``workdir/config.json`` (atomically); returns its path."""
+    return grammar.write_config(cfg, workdir, "config.json")
+
+
 def load_config(workdir: str) -> TrainConfig:
-    """The config a workdir was trained with (its config.json)."""
+    """The config a workdir was trained with (its config.json), types and ranges checked.
+
+    Raises FileNotFoundError when there is no config.json (as before: callers tell "not a
+    workdir" apart), ConfigError naming the file when it is not JSON or has an unknown,
+    missing, wrongly typed or out-of-range key.
+    """
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found: is {workdir} a training workdir?")
-    with open(path) as f:
-        raw = json.load(f)
-    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in raw.items() if k in fields}
-    return TrainConfig(**kw)
+    return grammar.read_config(TrainConfig, path)

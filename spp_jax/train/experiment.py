@@ -16,6 +16,7 @@ import time
 import jax
 import numpy as np
 
+from spp_jax.config_grammar import config_dict
 from spp_jax.data import augment
 from spp_jax.data.datasets import PipelineData, classification_dataset, mean_image
 from spp_jax.data.pipeline import AugmentConfig
@@ -102,7 +103,8 @@ def run_protocols(cfg: TrainConfig, workdir: str, model, variables, ds, aug: Aug
           + "\n\n" + "\n".join(f"- {PROTOCOL_TITLES[p]}: {r.num_images} images, {r.views_per_image:.1f} "
                                f"views/image, {r.seconds:.1f} s" for p, r in res.items()))
     data = {"model": cfg.model, "variant": title, "dataset": ds.name,
-            "results": {p: r.as_dict() for p, r in res.items()}, "seconds": time.perf_counter() - t}
+            "results": {p: r.as_dict() for p, r in res.items()}, "seconds": time.perf_counter() - t,
+            "config": config_dict(cfg)}  # the resolved config these numbers come from
     write_report(workdir, "eval", md, data)
     print(md, flush=True)
     return data
@@ -117,7 +119,11 @@ def variant_title(cfg: TrainConfig) -> str:
 
 
 def train_and_evaluate(cfg: TrainConfig, workdir: str) -> dict:
-    """``make train``: data, training (resumable), then the testing protocols."""
+    """``make train``: data, training (resumable), then the testing protocols.
+
+    The config is validated first: a bad value raises ConfigError before any data exists.
+    """
+    cfg = cfg.validate()
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     t0 = time.perf_counter()
@@ -142,6 +148,7 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str) -> dict:
 
 def evaluate_workdir(cfg: TrainConfig, workdir: str) -> dict:
     """``make eval``: the testing protocols on a trained workdir's latest checkpoint."""
+    cfg = cfg.validate()
     ds, aug = prepare_data(cfg, workdir)
     model, variables, _ = restore_params(cfg, workdir, ds.num_classes)
     return run_protocols(cfg, workdir, model, variables, ds, aug, variant_title(cfg))

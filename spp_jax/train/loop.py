@@ -29,7 +29,7 @@ import numpy as np
 from spp_jax.models.sppnet import run_once
 from spp_jax.train import sharding as shd
 from spp_jax.train.checkpoint import Checkpointer
-from spp_jax.train.config import TrainConfig, build_model
+from spp_jax.train.config import TrainConfig, build_model, save_config
 from spp_jax.train.memory import check_memory
 from spp_jax.train.schedule import PlateauController, lr_at, size_schedule
 from spp_jax.train.state import create_state, optimizer_from_config, set_lr_scale
@@ -226,8 +226,7 @@ def _train(cfg: TrainConfig, workdir: str, data, is_main: bool) -> TrainResult:
         log.info("initialised %s (%d parameters)", cfg.model,
                  sum(x.size for x in jax.tree.leaves(state.params)))
     if is_main:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            json.dump(dataclasses.asdict(cfg), f, indent=1)
+        save_config(cfg, workdir)
         _truncate_metrics(_metrics_path(workdir), int(state.step))
 
     todo = sizes[start_epoch:]
