@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 
+from spp_jax.errors import UserError
 from spp_jax.train.config import apply_overrides
 from spp_jax.train.config import load_config
 from spp_jax.train.experiment import evaluate_workdir
@@ -21,7 +22,7 @@ def main(argv=None):
     try:
         cfg = apply_overrides(load_config(args.workdir), args.overrides)
         evaluate_workdir(cfg, args.workdir)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, UserError) as e:
         sys.exit(f"error: {e}")
 
 

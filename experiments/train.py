@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 
+from spp_jax.errors import UserError
 from spp_jax.train.config import PRESETS, get_config
 from spp_jax.train.experiment import train_and_evaluate
 
@@ -34,7 +35,7 @@ def main(argv=None):
     workdir = args.workdir or os.path.join("runs", cfg.model)
     try:
         train_and_evaluate(cfg, workdir)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, UserError) as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
         sys.exit("interrupted: a checkpoint was saved; run the same command again to resume")

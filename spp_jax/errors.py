@@ -13,3 +13,25 @@ class UserError(Exception):
 
 class ConfigError(UserError, ValueError):
     """A config key, value or config file that cannot be used (a ValueError, as before)."""
+
+
+class CheckpointMismatch(UserError, ValueError):
+    """A workdir or checkpoint was written with another config than the one asked for
+    (the message names the differing keys, old -> new, and the ways out)."""
+
+
+class CorruptCheckpoint(UserError):
+    """A checkpoint failed its integrity check (checksum, unreadable file) and no intact
+    one was left to fall back to."""
+
+
+class NoCheckpoint(UserError, FileNotFoundError):
+    """A workdir holds no checkpoint to read (a FileNotFoundError, as before)."""
+
+
+class WorkdirLocked(UserError):
+    """Another process is training in the workdir (the message names its PID)."""
+
+
+class NonFiniteError(UserError, FloatingPointError):
+    """Training produced, or a checkpoint holds, NaN or infinite values."""

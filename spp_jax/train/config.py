@@ -97,6 +97,9 @@ class TrainConfig:
     memory_check: str = "warn"     # CPU activation-memory estimate vs available RAM
     progress: bool = True          # tqdm bar per epoch (process 0 only)
     plot: bool = True              # PNG of loss / accuracy curves at the end
+    # Start over in a workdir that holds a run: the old run's files move to
+    # <workdir>/previous-<time>/ (spp_jax.train.workdir); saved as false in config.json.
+    overwrite: bool = False
 
     @property
     def dataset_seed(self) -> int:
