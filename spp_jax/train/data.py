@@ -117,9 +117,9 @@ class _InMemoryIterator:
     def __init__(self, data: InMemoryData, epoch, size, batch_size, process_index,
                  process_count, state):
         self.data, self.epoch, self.size, self.batch_size = data, epoch, size, batch_size
-        order = np.random.default_rng([data.seed, 3, epoch]).permutation(data.num_train)
-        self.order = order[:len(order) - len(order) % process_count][process_index::process_count]
+        self.order = np.random.default_rng([data.seed, 3, epoch]).permutation(data.num_train)
         self.num_batches = data.steps_per_epoch(batch_size * process_count)
+        self.offset, self.stride = process_index * batch_size, process_count * batch_size
         self.position = 0
         if state is not None:
             self.set_state(state)
@@ -132,7 +132,10 @@ class _InMemoryIterator:
             raise StopIteration
         if self.data.delay:
             time.sleep(self.data.delay)
-        chunk = self.order[self.position * self.batch_size:(self.position + 1) * self.batch_size]
+        # block `process_index` of global batch `position`: the same global batches on any
+        # number of processes
+        start = self.position * self.stride + self.offset
+        chunk = self.order[start:start + self.batch_size]
         pairs = [self.data.image("train", int(i), self.size) for i in chunk]
         self.position += 1
         return {"image": np.stack([p[0] for p in pairs]),
