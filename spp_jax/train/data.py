@@ -70,7 +70,8 @@ class InMemoryData:
 
     Every image is a pure function of (seed, split, index, size), so the order, the
     sharding over processes and resuming are all deterministic.  ``delay`` (seconds per
-    batch) slows iteration down, for tests that must interrupt a run.
+    batch) slows iteration down, for tests that must interrupt a run.  ``loaded`` lists
+    the training indices this process has loaded, in order (tests check the sharding).
     """
 
     def __init__(self, num_train: int = 64, num_val: int = 32, num_classes: int = 4,
@@ -78,6 +79,7 @@ class InMemoryData:
         self.num_train, self.num_val, self.num_classes = num_train, num_val, num_classes
         self.seed, self.noise, self.signal, self.delay = seed, noise, signal, delay
         self._colours = _class_colours(num_classes)
+        self.loaded: list[int] = []
         rng = np.random.default_rng([seed, 7])
         self._labels = {"train": rng.integers(0, num_classes, num_train).astype(np.int32),
                         "val": rng.integers(0, num_classes, num_val).astype(np.int32)}
@@ -136,6 +138,7 @@ class _InMemoryIterator:
         # number of processes
         start = self.position * self.stride + self.offset
         chunk = self.order[start:start + self.batch_size]
+        self.data.loaded.extend(int(i) for i in chunk)
         pairs = [self.data.image("train", int(i), self.size) for i in chunk]
         self.position += 1
         return {"image": np.stack([p[0] for p in pairs]),

@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 DATA_AXIS = "data"
 DISTRIBUTED_ENV = "SPP_JAX_DISTRIBUTED"
 NUM_PROCESSES_ENV, PROCESS_ID_ENV = "SPP_JAX_NUM_PROCESSES", "SPP_JAX_PROCESS_ID"
+HEARTBEAT_ENV = "SPP_JAX_HEARTBEAT_TIMEOUT"
 _initialized = False
 
 
@@ -29,7 +30,9 @@ def maybe_initialize_distributed(enabled: bool = False) -> None:
     Coordinator address, process count and id come from a cluster JAX detects (SLURM,
     Open MPI, Kubernetes, Cloud TPU) or, for a plain launch of one process per host, from
     ``$JAX_COORDINATOR_ADDRESS`` (host:port of process 0) with ``$SPP_JAX_NUM_PROCESSES``
-    and ``$SPP_JAX_PROCESS_ID``.  CPU processes exchange collectives over gloo (JAX's default).  Must run
+    and ``$SPP_JAX_PROCESS_ID``.  CPU processes exchange collectives over gloo (JAX's
+    default).  When a process dies, the others stop with an error once it has missed
+    heartbeats for ``$SPP_JAX_HEARTBEAT_TIMEOUT`` seconds (JAX's default: 100).  Must run
     before any other JAX call.
     """
     global _initialized
@@ -39,6 +42,8 @@ def maybe_initialize_distributed(enabled: bool = False) -> None:
         if NUM_PROCESSES_ENV in os.environ or PROCESS_ID_ENV in os.environ:
             kw = dict(num_processes=int(os.environ[NUM_PROCESSES_ENV]),
                       process_id=int(os.environ[PROCESS_ID_ENV]))
+        if HEARTBEAT_ENV in os.environ:
+            kw["heartbeat_timeout_seconds"] = int(os.environ[HEARTBEAT_ENV])
         jax.distributed.initialize(**kw)
         _initialized = True
         log.info("jax.distributed initialised: process %d of %d, %d local / %d global devices",

@@ -4,7 +4,9 @@ subprocess (used by the checkpoint-resume and multi-device tests)::
     python -m spp_jax.train.testing WORKDIR [--out params.npz] [--delay S] [key=value ...]
 
 Set ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` in the environment (before
-Python starts) to run on N fake CPU devices.
+Python starts) to run on N fake CPU devices; set ``SPP_JAX_DISTRIBUTED=1``,
+``JAX_COORDINATOR_ADDRESS``, ``SPP_JAX_NUM_PROCESSES`` and ``SPP_JAX_PROCESS_ID`` to run
+one of several processes (spp_jax.train.sharding.maybe_initialize_distributed).
 """
 from __future__ import annotations
 
@@ -57,12 +59,14 @@ def main(argv=None) -> int:
     logging.getLogger("spp_jax").setLevel(logging.INFO)
     from spp_jax.train.loop import train
     cfg = apply_overrides(tiny_config(), a.overrides)
-    r = train(cfg, a.workdir, tiny_data(delay=a.delay, num_train=a.num_train))
+    data = tiny_data(delay=a.delay, num_train=a.num_train)
+    r = train(cfg, a.workdir, data)
     if a.out:
         np.savez(a.out, **flat_params(r.state.params))
         with open(a.out + ".json", "w") as f:
             json.dump({"resumed_from": r.resumed_from, "step": int(r.state.step),
-                       "compile_seconds": {str(k): v for k, v in r.compile_seconds.items()}}, f)
+                       "compile_seconds": {str(k): v for k, v in r.compile_seconds.items()},
+                       "train_indices": data.loaded}, f)
     return 0
 
 
