@@ -41,22 +41,22 @@ def _launch(workdir, out_prefix, extra=(), delay=0.0):
         env.pop("XLA_FLAGS", None)  # one CPU device per process
         cmd = [sys.executable, "-m", "spp_jax.train.testing", workdir, "--out", f"{out_prefix}{i}.npz",
                "--delay", str(delay), *SETTINGS, *extra]
-        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                      text=True))
+        with open(f"{out_prefix}{i}.log", "w") as log:  # a file: a full pipe would block the child
+            procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log))
     return procs
 
 
-def _finish(procs, timeout):
-    errs = []
+def _finish(procs, out_prefix, timeout):
+    """Wait for the processes (killing any still running after ``timeout``); their logs."""
     try:
         for p in procs:
-            errs.append(p.communicate(timeout=timeout)[1])
+            p.wait(timeout=timeout)
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
                 p.wait()
-    return errs
+    return [open(f"{out_prefix}{i}.log").read() for i in range(len(procs))]
 
 
 def _cfg():
@@ -70,7 +70,7 @@ def reference(tmp_path_factory):
     procs = _launch(str(root / "two"), str(root / "p"))
     data = tiny_data()
     one = train(_cfg(), str(root / "one"), data)
-    errs = _finish(procs, timeout=150)
+    errs = _finish(procs, str(root / "p"), timeout=150)
     for p, err in zip(procs, errs):
         assert p.returncode == 0, err[-3000:]
     return root, flat_params(one.state.params), data.loaded
@@ -109,7 +109,7 @@ def test_killing_one_process_leaves_a_resumable_checkpoint(reference, tmp_path):
         # the survivor stops with an error once its peer misses heartbeats (5 s here): no hang
         assert procs[0].wait(timeout=60) != 0
     finally:
-        _finish(procs, timeout=30)
+        _finish(procs, str(tmp_path / "p"), timeout=30)
     steps = checkpoint_steps(os.path.join(wd, "checkpoints"))
     assert steps and steps[-1] < STEPS, steps
     # the newest checkpoint restores (verified) and the run completes on one process with
