@@ -82,6 +82,14 @@ def _run_train(workdir, *extra):
     return None
 
 
+def _records(workdir):
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(ln) for ln in f]
+
+
 def _damage_newest(workdir, how):
     latest = os.path.join(workdir, "checkpoints", str(STEPS[-1]))
     chunk = max(glob.glob(os.path.join(latest, "state", "**", "d", "*"), recursive=True), key=os.path.getsize)
@@ -148,8 +156,7 @@ def test_flipped_bytes_are_detected_reader_skips_trainer_sets_aside(workdir):
         assert _run_train(workdir, "epochs=3") is None
     assert [n.split("-")[0] for n in os.listdir(os.path.join(workdir, "corrupt_checkpoints"))] == ["8"]
     assert checkpoint_steps(os.path.join(workdir, "checkpoints")) == [10, 11, 12]
-    steps = [json.loads(ln)["step"] for ln in open(os.path.join(workdir, "metrics.jsonl"))
-             if '"train"' in ln]
+    steps = [r["step"] for r in _records(workdir) if r["kind"] == "train"]
     assert steps == list(range(1, 13))  # the records after step 7 were redone once
 
 
@@ -196,6 +203,7 @@ def test_second_trainer_exits_at_once_naming_the_holder(workdir):
     finally:
         holder.send_signal(signal.SIGKILL)  # a crash: the OS releases the lock
         holder.wait(timeout=30)
+        holder.stdout.close()
     with WorkdirLock(workdir):
         pass
 
@@ -223,8 +231,7 @@ def test_non_finite_training_stops_with_a_clear_error(trained, tmp_path, bad, st
     for s in saved:  # every saved checkpoint is intact and finite
         _, meta, got = read_checkpoint(os.path.join(wd, "checkpoints"), _abstract(wd), step=s)
         assert got == s and "integrity" in meta
-    metrics = os.path.join(wd, "metrics.jsonl")
-    losses = [json.loads(ln)["loss"] for ln in open(metrics)] if os.path.exists(metrics) else []
+    losses = [r["loss"] for r in _records(wd)]
     assert len(losses) == failed - 1 and all(np.isfinite(losses))
     assert not os.path.exists(os.path.join(wd, "eval.json"))  # no table from a broken model
 

@@ -56,7 +56,12 @@ def _finish(procs, out_prefix, timeout):
             if p.poll() is None:
                 p.kill()
                 p.wait()
-    return [open(f"{out_prefix}{i}.log").read() for i in range(len(procs))]
+    return [_read(f"{out_prefix}{i}.log") for i in range(len(procs))]
+
+
+def _read(path):
+    with open(path) as f:
+        return f.read()
 
 
 def _cfg():
@@ -78,7 +83,7 @@ def reference(tmp_path_factory):
 
 def test_two_processes_equal_one_process(reference):
     root, params, one_loaded = reference
-    info = [json.load(open(root / f"p{i}.npz.json")) for i in range(2)]
+    info = [json.loads(_read(root / f"p{i}.npz.json")) for i in range(2)]
     assert [i["step"] for i in info] == [STEPS, STEPS]
     # each process loaded only its own half of every global batch of 8 (4 per process)
     shards = [np.array(i["train_indices"]).reshape(STEPS, 4) for i in info]
@@ -89,8 +94,8 @@ def test_two_processes_equal_one_process(reference):
             for k in params:
                 np.testing.assert_allclose(z[k], params[k], rtol=RTOL, atol=ATOL, err_msg=k)
     # only process 0 wrote the bookkeeping; the checkpoints hold the final step
-    steps = [json.loads(l)["step"] for l in open(root / "two" / "metrics.jsonl")
-             if '"train"' in l]
+    steps = [json.loads(ln)["step"] for ln in _read(root / "two" / "metrics.jsonl").splitlines()
+             if '"train"' in ln]
     assert steps == list(range(1, STEPS + 1))
     assert checkpoint_steps(root / "two" / "checkpoints")[-1] == STEPS
 
