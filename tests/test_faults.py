@@ -24,7 +24,7 @@ from spp_jax.train import train
 from spp_jax.train.checkpoint import Checkpointer, checkpoint_steps, read_checkpoint
 from spp_jax.train.config import get_config, load_config
 from spp_jax.train.experiment import restore_trained
-from spp_jax.train.testing import TEST_CACHE_DIR, tiny_config, tiny_data
+from spp_jax.train.testing import TEST_CACHE_DIR, HookedData, tiny_config, tiny_data
 from spp_jax.train.workdir import WorkdirLock, config_changes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -245,45 +245,20 @@ def _abstract(workdir):
                                                  ["params"], tx), jax.random.key(0))
 
 
-class _NaNFrom:
-    """Tiny data whose training images turn NaN from global step `at` (1-based) on."""
-
-    def __init__(self, data, at):
-        self.data, self.at, self.num_classes = data, at, data.num_classes
-
-    def steps_per_epoch(self, b):
-        return self.data.steps_per_epoch(b)
-
-    def eval_batches(self, *a, **k):
-        return self.data.eval_batches(*a, **k)
-
-    def train_iter(self, epoch, size, batch_size, *a, **k):
-        it, outer = self.data.train_iter(epoch, size, batch_size, *a, **k), self
-        spe = self.steps_per_epoch(batch_size)
-
-        class It:
-            def __iter__(self):
-                return self
-
-            def __next__(self):
-                b = next(it)
-                if epoch * spe + it.position >= outer.at:
-                    b = dict(b, image=np.full_like(b["image"], np.nan))
-                return b
-
-            def get_state(self):
-                return it.get_state()
-
-            def set_state(self, s):
-                it.set_state(s)
-        return It()
+def _nan_from(step, steps_per_epoch):
+    """A HookedData hook: NaN training images from global step `step` (1-based) on."""
+    def hook(epoch, position, batch):
+        if epoch * steps_per_epoch + position >= step:
+            return dict(batch, image=np.full_like(batch["image"], np.nan))
+        return batch
+    return hook
 
 
 def test_divergence_mid_run_keeps_the_good_checkpoints(tmp_path):
     wd = str(tmp_path / "run")
     cfg = tiny_config(checkpoint_every=1, log_every=3)
     with pytest.raises(NonFiniteError, match="diverged at step 7: .* lower learning_rate"):
-        train(cfg, wd, _NaNFrom(tiny_data(), at=7))
+        train(cfg, wd, HookedData(tiny_data(), _nan_from(7, 3)))
     # steps 1..6 were checkpointed (the last 3 kept); nothing from step 7 on
     assert checkpoint_steps(os.path.join(wd, "checkpoints")) == [4, 5, 6]
     r = train(cfg, wd, tiny_data())  # the good state resumes

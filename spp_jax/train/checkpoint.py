@@ -200,7 +200,8 @@ def _read_step(step_dir: str, step: int, abstract_state):
     if bad:
         raise NonFiniteError(
             f"checkpoint {step} in {os.path.dirname(step_dir)} holds NaN or infinite values "
-            f"({', '.join(bad[:3])}): the run it comes from diverged; it cannot be used")
+            f"({', '.join(bad[:3])}): the run it comes from diverged; move {step_dir} out of the "
+            f"way to use the checkpoint before it")
     return state, meta
 
 

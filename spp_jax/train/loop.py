@@ -112,7 +112,8 @@ def _check_finite(oks, first_step: int, cfg: TrainConfig) -> None:
             f"training diverged at step {first_step + bad[0]}: the loss or gradient became NaN or "
             f"infinite, so that update was not applied and nothing after it was saved (the last "
             f"good checkpoints are kept); lower learning_rate (now {cfg.learning_rate:g}) or check "
-            f"input_scale ({cfg.input_scale:g}) and the data")
+            f"input_scale ({cfg.input_scale:g}) and the data, then train in a new --workdir or add "
+            f"overwrite=true")
 
 
 def _append(path: str, rec: dict) -> None:

@@ -40,6 +40,42 @@ def tiny_data(**kwargs) -> InMemoryData:
     return InMemoryData(**{**dict(num_train=24, num_val=16, num_classes=4), **kwargs})
 
 
+class HookedData:
+    """``data`` (an :class:`InMemoryData`) whose training batches pass through
+    ``hook(epoch, position, batch) -> batch``, ``position`` counting this epoch's batches
+    fetched so far (this one included): tests inject interrupts or bad values with it."""
+
+    def __init__(self, data: InMemoryData, hook):
+        self.data, self.hook, self.num_classes = data, hook, data.num_classes
+
+    def steps_per_epoch(self, batch_size):
+        return self.data.steps_per_epoch(batch_size)
+
+    def eval_batches(self, *args, **kwargs):
+        return self.data.eval_batches(*args, **kwargs)
+
+    def train_iter(self, epoch, *args, **kwargs):
+        return _HookedIterator(self.data.train_iter(epoch, *args, **kwargs), epoch, self.hook)
+
+
+class _HookedIterator:
+    def __init__(self, it, epoch, hook):
+        self.it, self.epoch, self.hook = it, epoch, hook
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch = next(self.it)
+        return self.hook(self.epoch, self.it.position, batch)
+
+    def get_state(self):
+        return self.it.get_state()
+
+    def set_state(self, state):
+        self.it.set_state(state)
+
+
 def flat_params(params) -> dict[str, np.ndarray]:
     import jax
     leaves = jax.tree_util.tree_flatten_with_path(params)[0]
