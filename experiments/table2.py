@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 
+from spp_jax.errors import UserError
 from spp_jax.evaluate import PROTOCOL_TITLES, PROTOCOLS
 from spp_jax.report import error_pair, markdown_table, write_report
 from spp_jax.train.config import PRESETS, get_config
@@ -38,7 +39,10 @@ def main(argv=None):
     cols, cells, data = [], {}, {}
     for sub, title, extra in VARIANTS:
         cfg = get_config(args.preset, list(args.overrides) + extra)
-        out = train_and_evaluate(cfg, os.path.join(root, sub))
+        try:
+            out = train_and_evaluate(cfg, os.path.join(root, sub))
+        except (FileNotFoundError, UserError) as e:  # e.g. a locked workdir, a diverged run
+            sys.exit(f"error: {e}")
         cols.append(title)
         data[title] = out
         for p, r in out["results"].items():

@@ -20,7 +20,7 @@ class CheckpointMismatch(UserError, ValueError):
     (the message names the differing keys, old -> new, and the ways out)."""
 
 
-class CorruptCheckpoint(UserError):
+class CorruptCheckpoint(UserError, ValueError):
     """A checkpoint failed its integrity check (checksum, unreadable file) and no intact
     one was left to fall back to."""
 
@@ -33,5 +33,5 @@ class WorkdirLocked(UserError):
     """Another process is training in the workdir (the message names its PID)."""
 
 
-class NonFiniteError(UserError, FloatingPointError):
+class NonFiniteError(UserError, ValueError):
     """Training produced, or a checkpoint holds, NaN or infinite values."""

@@ -3,6 +3,7 @@
 One tiny `make train` workdir is trained once (module fixture) and copied per test; every
 test asserts the safe behaviour against the workdir's file tree hashed before and after.
 """
+import dataclasses
 import glob
 import hashlib
 import json
@@ -19,7 +20,7 @@ import pytest
 
 from experiments import eval as eval_main
 from experiments import train as train_main
-from spp_jax.errors import NonFiniteError
+from spp_jax.errors import CheckpointMismatch, NonFiniteError
 from spp_jax.train import train
 from spp_jax.train.checkpoint import Checkpointer, checkpoint_steps, read_checkpoint
 from spp_jax.train.config import get_config, load_config
@@ -119,6 +120,18 @@ def test_eval_with_a_changed_key_reads_nothing_and_writes_nothing(workdir):
     before = _tree(workdir)
     with pytest.raises(SystemExit, match=r"^error: .*fc_dim 32 -> 64.*drop those overrides"):
         eval_main.main(["--workdir", workdir, "fc_dim=64"])
+    assert _tree(workdir) == before
+
+
+def test_checkpoint_of_another_network_is_a_mismatch_not_corruption(workdir):
+    # no config.json to compare with: the stored shapes tell (trainer and readers alike)
+    os.remove(os.path.join(workdir, "config.json"))
+    before = _tree(workdir)
+    with pytest.raises(CheckpointMismatch, match=r"checkpoint 8 .* another network .*fc6/kernel: "
+                                                 r"stored \(\d+, 32\) float32, expected \(\d+, 64\)"):
+        read_checkpoint(os.path.join(workdir, "checkpoints"), _abstract(fc_dim=64))
+    with Checkpointer(os.path.join(workdir, "checkpoints")) as ckpt, pytest.raises(CheckpointMismatch):
+        ckpt.restore(_abstract(fc_dim=64))
     assert _tree(workdir) == before
 
 
@@ -229,17 +242,18 @@ def test_non_finite_training_stops_with_a_clear_error(trained, tmp_path, bad, st
     saved = checkpoint_steps(os.path.join(wd, "checkpoints"))
     assert all(s < failed for s in saved)
     for s in saved:  # every saved checkpoint is intact and finite
-        _, meta, got = read_checkpoint(os.path.join(wd, "checkpoints"), _abstract(wd), step=s)
+        _, meta, got = read_checkpoint(os.path.join(wd, "checkpoints"), _abstract(), step=s)
         assert got == s and "integrity" in meta
     losses = [r["loss"] for r in _records(wd)]
     assert len(losses) == failed - 1 and all(np.isfinite(losses))
     assert not os.path.exists(os.path.join(wd, "eval.json"))  # no table from a broken model
 
 
-def _abstract(workdir):
+def _abstract(**changes):
+    """The TrainState this module's config (with `changes`) expects, as ShapeDtypeStructs."""
     from spp_jax.train.config import build_model, trained_num_classes
     from spp_jax.train.state import create_state, optimizer_from_config
-    cfg = load_config(workdir)
+    cfg = dataclasses.replace(get_config("embedded", ARGS), **changes)
     model, tx = build_model(cfg, trained_num_classes(cfg)), optimizer_from_config(cfg, 1)
     return jax.eval_shape(lambda k: create_state(model.init(k, np.zeros((1, 64, 64, 3), np.float32))
                                                  ["params"], tx), jax.random.key(0))
@@ -267,7 +281,7 @@ def test_divergence_mid_run_keeps_the_good_checkpoints(tmp_path):
 
 def test_checkpointer_refuses_a_non_finite_state_and_eval_refuses_one(workdir):
     ckpt_dir = os.path.join(workdir, "checkpoints")
-    state, meta, _ = read_checkpoint(ckpt_dir, _abstract(workdir))
+    state, meta, _ = read_checkpoint(ckpt_dir, _abstract())
     bad = state.replace(params=jax.tree.map(lambda x: x * np.nan, state.params))
     with Checkpointer(ckpt_dir) as ckpt, pytest.raises(NonFiniteError, match="refusing to save"):
         ckpt.save(9, bad, meta)
