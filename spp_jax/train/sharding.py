@@ -15,6 +15,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from spp_jax.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 DATA_AXIS = "data"
@@ -40,15 +42,23 @@ def maybe_initialize_distributed(enabled: bool = False) -> None:
     if (enabled or env) and not _initialized:
         kw = {}
         if NUM_PROCESSES_ENV in os.environ or PROCESS_ID_ENV in os.environ:
-            kw = dict(num_processes=int(os.environ[NUM_PROCESSES_ENV]),
-                      process_id=int(os.environ[PROCESS_ID_ENV]))
+            kw = dict(num_processes=_env_int(NUM_PROCESSES_ENV), process_id=_env_int(PROCESS_ID_ENV))
         if HEARTBEAT_ENV in os.environ:
-            kw["heartbeat_timeout_seconds"] = int(os.environ[HEARTBEAT_ENV])
+            kw["heartbeat_timeout_seconds"] = _env_int(HEARTBEAT_ENV)
         jax.distributed.initialize(**kw)
         _initialized = True
         log.info("jax.distributed initialised: process %d of %d, %d local / %d global devices",
                  jax.process_index(), jax.process_count(), jax.local_device_count(),
                  jax.device_count())
+
+
+def _env_int(name: str) -> int:
+    value = os.environ.get(name)
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"${name}={value!r}: expected an integer (set ${NUM_PROCESSES_ENV} and "
+                          f"${PROCESS_ID_ENV} together)") from None
 
 
 def make_mesh(devices=None) -> Mesh:
