@@ -14,26 +14,49 @@ import os
 
 import jax
 
+from spp_jax.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 DISTRIBUTED_ENV = "SPP_JAX_DISTRIBUTED"
+NUM_PROCESSES_ENV, PROCESS_ID_ENV = "SPP_JAX_NUM_PROCESSES", "SPP_JAX_PROCESS_ID"
+HEARTBEAT_ENV = "SPP_JAX_HEARTBEAT_TIMEOUT"
 _initialized = False
 
 
 def maybe_initialize_distributed(enabled: bool = False) -> None:
     """Call ``jax.distributed.initialize()`` once if ``enabled`` or ``$SPP_JAX_DISTRIBUTED=1``.
 
-    Coordinator address, process count and id come from the environment / cluster
-    (see the jax.distributed docs); must run before any other JAX call.
+    Coordinator address, process count and id come from a cluster JAX detects (SLURM,
+    Open MPI, Kubernetes, Cloud TPU) or, for a plain launch of one process per host, from
+    ``$JAX_COORDINATOR_ADDRESS`` (host:port of process 0) with ``$SPP_JAX_NUM_PROCESSES``
+    and ``$SPP_JAX_PROCESS_ID``.  CPU processes exchange collectives over gloo (JAX's
+    default).  When a process dies, the others stop with an error once it has missed
+    heartbeats for ``$SPP_JAX_HEARTBEAT_TIMEOUT`` seconds (JAX's default: 100).  Must run
+    before any other JAX call.
     """
     global _initialized
     env = os.environ.get(DISTRIBUTED_ENV, "").strip().lower() in ("1", "true", "yes")
     if (enabled or env) and not _initialized:
-        jax.distributed.initialize()
+        kw = {}
+        if NUM_PROCESSES_ENV in os.environ or PROCESS_ID_ENV in os.environ:
+            kw = dict(num_processes=_env_int(NUM_PROCESSES_ENV), process_id=_env_int(PROCESS_ID_ENV))
+        if HEARTBEAT_ENV in os.environ:
+            kw["heartbeat_timeout_seconds"] = _env_int(HEARTBEAT_ENV)
+        jax.distributed.initialize(**kw)
         _initialized = True
         log.info("jax.distributed initialised: process %d of %d, %d local / %d global devices",
                  jax.process_index(), jax.process_count(), jax.local_device_count(),
                  jax.device_count())
+
+
+def _env_int(name: str) -> int:
+    value = os.environ.get(name)
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"${name}={value!r}: expected an integer (set ${NUM_PROCESSES_ENV} and "
+                          f"${PROCESS_ID_ENV} together)") from None
 
 
 @dataclasses.dataclass(frozen=True)

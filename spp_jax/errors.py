@@ -17,3 +17,25 @@ class ConfigError(UserError, ValueError):
 
 class InputError(UserError, ValueError):
     """An input array or file that cannot be used: wrong shape, type or values (a ValueError)."""
+
+
+class CheckpointMismatch(UserError, ValueError):
+    """A workdir or checkpoint was written with another config than the one asked for
+    (the message names the differing keys, old -> new, and the ways out)."""
+
+
+class CorruptCheckpoint(UserError, ValueError):
+    """A checkpoint failed its integrity check (checksum, unreadable file) and no intact
+    one was left to fall back to."""
+
+
+class NoCheckpoint(UserError, FileNotFoundError):
+    """A workdir holds no checkpoint to read (a FileNotFoundError, as before)."""
+
+
+class WorkdirLocked(UserError):
+    """Another process is training in the workdir (the message names its PID)."""
+
+
+class NonFiniteError(UserError, ValueError):
+    """Training produced, or a checkpoint holds, NaN or infinite values."""

@@ -173,6 +173,19 @@ def test_sharding_two_processes_disjoint_and_covering():
         assert sorted(np.concatenate([a, b]).tolist()) == list(range(32))
 
 
+def test_global_batches_do_not_depend_on_the_process_count():
+    # 2 processes x 2 samples: each global batch is the 1-process batch of 4, same order and
+    # augmentation, so a multi-host run equals a one-host run (tests/test_multihost.py)
+    src = make_source(19, bad=(6,))
+    one = list(train_iter(src, num_epochs=2))
+    two = [list(train_iter(src, batch_size=2, num_epochs=2, process_index=i, process_count=2))
+           for i in range(2)]
+    assert len(one) == len(two[0]) == len(two[1]) == 8
+    for b, ref in enumerate(one):
+        for key in ("label", "image"):
+            np.testing.assert_array_equal(np.concatenate([two[0][b][key], two[1][b][key]]), ref[key])
+
+
 def test_sharding_equal_steps_with_remainder():
     src = make_source(33)
     its = [train_iter(src, batch_size=4, process_index=i, process_count=3) for i in range(3)]

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from spp_jax.train import Checkpointer, train
-from spp_jax.train.testing import flat_params, tiny_config, tiny_data
+from spp_jax.train.testing import HookedData, flat_params, tiny_config, tiny_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOTAL_STEPS = 9  # 24 images / batch 8 = 3 steps per epoch, 3 epochs
@@ -132,39 +132,14 @@ def test_corrupt_latest_checkpoint_falls_back(reference, tmp_path, damage):
     _assert_params_equal(flat_params(r.state.params), ref_params)
 
 
-class _InterruptingData:
-    """Wraps the tiny data; sends SIGINT to this process when batch `at` is fetched."""
-
-    def __init__(self, data, at_epoch, at_batch):
-        self.data, self.at = data, (at_epoch, at_batch)
-        self.num_classes = data.num_classes
-
-    def steps_per_epoch(self, b):
-        return self.data.steps_per_epoch(b)
-
-    def eval_batches(self, *a, **k):
-        return self.data.eval_batches(*a, **k)
-
-    def train_iter(self, epoch, *a, **k):
-        it = self.data.train_iter(epoch, *a, **k)
-        outer = self
-
-        class It:
-            def __iter__(self):
-                return self
-
-            def __next__(self):
-                b = next(it)
-                if (epoch, it.position) == outer.at:
-                    os.kill(os.getpid(), signal.SIGINT)
-                return b
-
-            def get_state(self):
-                return it.get_state()
-
-            def set_state(self, s):
-                it.set_state(s)
-        return It()
+def _interrupt_at(at_epoch, at_batch):
+    """A HookedData hook that sends SIGINT to this process when batch `at_batch` of
+    `at_epoch` is fetched."""
+    def hook(epoch, position, batch):
+        if (epoch, position) == (at_epoch, at_batch):
+            os.kill(os.getpid(), signal.SIGINT)
+        return batch
+    return hook
 
 
 def test_ctrl_c_saves_checkpoint_and_resumes(reference, tmp_path):
@@ -172,7 +147,7 @@ def test_ctrl_c_saves_checkpoint_and_resumes(reference, tmp_path):
     wd = str(tmp_path / "run")
     # SIGINT while fetching batch 2 of epoch 1 (global step 5, not a checkpoint step)
     with pytest.raises(KeyboardInterrupt):
-        train(tiny_config(), wd, _InterruptingData(tiny_data(), 1, 2))
+        train(tiny_config(), wd, HookedData(tiny_data(), _interrupt_at(1, 2)))
     assert _committed_steps(wd)[-1] == 5
     r = train(tiny_config(), wd, tiny_data())
     assert r.resumed_from == 5

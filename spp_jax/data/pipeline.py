@@ -9,10 +9,11 @@ Training (``TrainIterator``)
   One grain pipeline spans all epochs. Global sample position ``p`` (per
   process) maps to ``epoch, k = divmod(p, samples_per_epoch)``. The epoch
   order is a grain global shuffle of ``range(N)`` seeded by (seed, epoch);
-  the first ``N - N % process_count`` entries are dealt round-robin to the
-  processes (``order[process_index::process_count]``), so the processes see
-  disjoint samples and all of them get the same number of batches (needed
-  for multi-host SPMD steps). Each process yields
+  global batch ``b`` is ``order[b*B*P:(b+1)*B*P]`` for per-process batch ``B``
+  and ``P`` processes, of which process ``p`` loads block ``p``. So the global
+  batches, hence the run, are the same on any number of processes, the
+  processes see disjoint samples and all of them get the same number of
+  batches (needed for multi-host SPMD steps). Each process yields
   ``steps_per_epoch = (N // process_count) // batch_size`` batches per epoch
   (drop_remainder). Augmentation draws come from a per-sample
   ``np.random.default_rng([seed, epoch, source_index, attempt])``, so the
@@ -20,7 +21,7 @@ Training (``TrainIterator``)
 
   Bad samples (undecodable, empty, unconvertible) are skipped and counted
   (``TrainIterator.num_skipped``): the slot is filled by the next sample of
-  the same process's epoch order (a duplicate within the epoch, drawn with a
+  the epoch order (a duplicate within the epoch, drawn with a
   different augmentation), which keeps batch boundaries, sharding and the
   checkpoint position independent of where bad samples are.
 
@@ -292,7 +293,7 @@ class _TrainSample:
     """Picklable map function: global per-process sample position -> dict."""
 
     def __init__(self, source, cfg, seed, sizes, process_index, process_count,
-                 samples_per_epoch):
+                 samples_per_epoch, batch_size):
         self.source = source
         self.cfg = cfg
         self.seed = seed
@@ -300,22 +301,26 @@ class _TrainSample:
         self.process_index = process_index
         self.process_count = process_count
         self.samples_per_epoch = samples_per_epoch
+        self.batch_size = batch_size
         self.n = len(source)
-        self.shard_len = self.n // process_count
         self.mean_for = _MeanCache(cfg.mean)
 
     def order(self, epoch: int) -> grain.MapDataset:
-        """This process's source indices for ``epoch`` (length shard_len)."""
-        ds = grain.MapDataset.range(self.n).shuffle(seed=_epoch_seed(self.seed, epoch))
-        return ds[: self.shard_len * self.process_count][
-            self.process_index:: self.process_count]
+        """All source indices in ``epoch``'s order (a permutation of range(N))."""
+        return grain.MapDataset.range(self.n).shuffle(seed=_epoch_seed(self.seed, epoch))
+
+    def global_position(self, k: int) -> int:
+        """Where this process's ``k``-th sample of an epoch sits in the epoch order
+        (process p holds block p of each global batch)."""
+        b = self.batch_size
+        return (k // b) * b * self.process_count + self.process_index * b + k % b
 
     def __call__(self, position: int) -> dict[str, np.ndarray]:
         epoch, k = divmod(int(position), self.samples_per_epoch)
         order = self.order(epoch)
         skipped = 0
         for attempt in range(_MAX_SUBSTITUTES + 1):
-            index = int(order[(k + attempt) % self.shard_len])
+            index = int(order[(self.global_position(k) + attempt) % self.n])
             img, label = _load(self.source, index, self.cfg)
             if img is not None:
                 break
@@ -418,7 +423,7 @@ class TrainIterator(grain.DatasetIterator):
     def _build(self, start_step: int):
         fn = _TrainSample(
             self._source, self.cfg, self.seed, self.sizes, self.process_index,
-            self.process_count, self.steps_per_epoch * self.batch_size)
+            self.process_count, self.steps_per_epoch * self.batch_size, self.batch_size)
         ds = (grain.MapDataset.range(self._total_steps * self.batch_size)
               .map(fn)
               .batch(self.batch_size, drop_remainder=True))

@@ -155,6 +155,10 @@ class TrainConfig:
                                choices=MEMORY_CHECKS)
     progress: bool = option(True, "tqdm bar per epoch (process 0 only)")
     plot: bool = option(True, "PNG of loss / accuracy curves at the end")
+    # Start over in a workdir that holds a run: the old run's files move to
+    # <workdir>/previous-<time>/ (spp_jax.train.workdir); saved as false in config.json.
+    overwrite: bool = option(False, "start over in a workdir that holds another run: its files move "
+                                    "to <workdir>/previous-<time>/", optional_in_file=True)
 
     @property
     def dataset_seed(self) -> int:

@@ -70,7 +70,8 @@ class InMemoryData:
 
     Every image is a pure function of (seed, split, index, size), so the order, the
     sharding over processes and resuming are all deterministic.  ``delay`` (seconds per
-    batch) slows iteration down, for tests that must interrupt a run.
+    batch) slows iteration down, for tests that must interrupt a run.  ``loaded`` lists
+    the training indices this process has loaded, in order (tests check the sharding).
     """
 
     def __init__(self, num_train: int = 64, num_val: int = 32, num_classes: int = 4,
@@ -78,6 +79,7 @@ class InMemoryData:
         self.num_train, self.num_val, self.num_classes = num_train, num_val, num_classes
         self.seed, self.noise, self.signal, self.delay = seed, noise, signal, delay
         self._colours = _class_colours(num_classes)
+        self.loaded: list[int] = []
         rng = np.random.default_rng([seed, 7])
         self._labels = {"train": rng.integers(0, num_classes, num_train).astype(np.int32),
                         "val": rng.integers(0, num_classes, num_val).astype(np.int32)}
@@ -117,9 +119,9 @@ class _InMemoryIterator:
     def __init__(self, data: InMemoryData, epoch, size, batch_size, process_index,
                  process_count, state):
         self.data, self.epoch, self.size, self.batch_size = data, epoch, size, batch_size
-        order = np.random.default_rng([data.seed, 3, epoch]).permutation(data.num_train)
-        self.order = order[:len(order) - len(order) % process_count][process_index::process_count]
+        self.order = np.random.default_rng([data.seed, 3, epoch]).permutation(data.num_train)
         self.num_batches = data.steps_per_epoch(batch_size * process_count)
+        self.offset, self.stride = process_index * batch_size, process_count * batch_size
         self.position = 0
         if state is not None:
             self.set_state(state)
@@ -132,7 +134,11 @@ class _InMemoryIterator:
             raise StopIteration
         if self.data.delay:
             time.sleep(self.data.delay)
-        chunk = self.order[self.position * self.batch_size:(self.position + 1) * self.batch_size]
+        # block `process_index` of global batch `position`: the same global batches on any
+        # number of processes
+        start = self.position * self.stride + self.offset
+        chunk = self.order[start:start + self.batch_size]
+        self.data.loaded.extend(int(i) for i in chunk)
         pairs = [self.data.image("train", int(i), self.size) for i in chunk]
         self.position += 1
         return {"image": np.stack([p[0] for p in pairs]),

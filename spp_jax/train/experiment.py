@@ -22,10 +22,13 @@ from spp_jax.data.datasets import PipelineData, classification_dataset, mean_ima
 from spp_jax.data.pipeline import AugmentConfig
 from spp_jax.evaluate import PROTOCOL_TITLES, evaluate
 from spp_jax.report import error_pair, markdown_table, write_report
-from spp_jax.train.checkpoint import Checkpointer
+from spp_jax.errors import CheckpointMismatch, NoCheckpoint
+from spp_jax.train.checkpoint import read_checkpoint
 from spp_jax.train.config import TrainConfig, build_model, load_config, trained_num_classes
 from spp_jax.train.loop import train
+from spp_jax.train.sharding import maybe_initialize_distributed
 from spp_jax.train.state import create_state, optimizer_from_config
+from spp_jax.train.workdir import config_changes, training_workdir
 
 log = logging.getLogger(__name__)
 
@@ -66,26 +69,33 @@ def restore_trained(workdir: str):
 
 
 def restore_params(cfg: TrainConfig, workdir: str, num_classes: int):
-    """Model and parameters of the latest usable checkpoint in ``workdir``."""
+    """``(model, {"params": ...}, meta)`` of the newest intact checkpoint in ``workdir``; read only.
+
+    ``cfg`` must describe the net the workdir trained: keys outside
+    ``spp_jax.train.workdir.RESUMABLE_KEYS`` that differ from its config.json raise
+    CheckpointMismatch before anything is read.  The checkpoint is verified
+    (``spp_jax.train.checkpoint.read_checkpoint``: shapes, checksums, finite values);
+    nothing in the workdir is written, moved or deleted.
+    """
+    if os.path.exists(os.path.join(workdir, "config.json")):
+        changes = config_changes(load_config(workdir), cfg)
+        if changes:
+            raise CheckpointMismatch(
+                f"{workdir} was trained with another config ({'; '.join(changes)}): a trained "
+                f"workdir is read with its own config.json; drop those overrides (only keys such as "
+                f"protocols, eval_limit, eval_batch_size may differ)")
     model = build_model(cfg, num_classes)
-    ckpt_dir = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(ckpt_dir):
-        raise FileNotFoundError(f"no checkpoints in {workdir}: train first (make train WORKDIR={workdir})")
     tx = optimizer_from_config(cfg, 1)
 
     def init_fn(key):
         s = min(cfg.sizes)
         return create_state(model.init(key, jax.numpy.zeros((1, s, s, 3)))["params"], tx)
 
-    abstract = jax.eval_shape(init_fn, jax.random.key(0))
-    ckpt = Checkpointer(ckpt_dir, cfg.keep_checkpoints, False)
     try:
-        restored = ckpt.restore(abstract)
-    finally:
-        ckpt.close()
-    if restored is None:
-        raise FileNotFoundError(f"no usable checkpoint in {ckpt_dir}")
-    state, meta, step = restored
+        state, meta, step = read_checkpoint(os.path.join(workdir, "checkpoints"),
+                                            jax.eval_shape(init_fn, jax.random.key(0)))
+    except NoCheckpoint:
+        raise NoCheckpoint(f"no checkpoints in {workdir}: train first (make train WORKDIR={workdir})") from None
     log.info("restored checkpoint %d (epoch %s)", step, meta.get("epoch"))
     return model, {"params": state.params}, meta
 
@@ -121,11 +131,18 @@ def variant_title(cfg: TrainConfig) -> str:
 def train_and_evaluate(cfg: TrainConfig, workdir: str) -> dict:
     """``make train``: data, training (resumable), then the testing protocols.
 
-    The config is validated first: a bad value raises ConfigError before any data exists.
+    The config is validated first (a bad value raises ConfigError before any data exists),
+    then the workdir is checked and locked (``spp_jax.train.workdir.training_workdir``)
+    before any data is generated or any file written.
     """
     cfg = cfg.validate()
     workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
+    maybe_initialize_distributed(cfg.distributed)
+    with training_workdir(workdir, cfg):
+        return _train_and_evaluate(dataclasses.replace(cfg, overwrite=False), workdir)
+
+
+def _train_and_evaluate(cfg: TrainConfig, workdir: str) -> dict:
     t0 = time.perf_counter()
     ds, aug = prepare_data(cfg, workdir)
     data = PipelineData(ds.train, ds.validation, ds.num_classes, aug, seed=cfg.seed,
@@ -147,8 +164,11 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str) -> dict:
 
 
 def evaluate_workdir(cfg: TrainConfig, workdir: str) -> dict:
-    """``make eval``: the testing protocols on a trained workdir's latest checkpoint."""
+    """``make eval``: the testing protocols on a trained workdir's latest checkpoint.
+
+    The config is validated, the checkpoint found and verified, then the data prepared.
+    """
     cfg = cfg.validate()
+    model, variables, _ = restore_params(cfg, workdir, trained_num_classes(cfg))
     ds, aug = prepare_data(cfg, workdir)
-    model, variables, _ = restore_params(cfg, workdir, ds.num_classes)
     return run_protocols(cfg, workdir, model, variables, ds, aug, variant_title(cfg))

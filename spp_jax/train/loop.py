@@ -8,6 +8,13 @@ train state; metrics go to a tqdm bar and ``metrics.jsonl``; checkpoints every
 ``checkpoint_every`` steps and at every epoch end; validation top-1/top-5 after each
 ``eval_every`` epochs.  At the end ``curves.png`` plots loss and accuracy.
 
+Safety (see spp_jax.train.workdir and spp_jax.train.checkpoint): before anything is
+written the workdir is checked (a run of another config stops here) and locked (one
+writer); every restore is verified.  NaN guard: the compiled step never applies a
+non-finite update and reports ``ok``; the loop checks it at every log interval and
+before every checkpoint and stops with ``NonFiniteError`` naming the step (the last
+good checkpoints stay; nothing non-finite is saved).
+
 Workdir layout: ``checkpoints/<step>/``, ``metrics.jsonl``, ``curves.png``, ``train.log``,
 ``config.json``, ``jax_cache/`` (unless configured elsewhere).
 """
@@ -26,15 +33,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from spp_jax.errors import NonFiniteError
 from spp_jax.models.sppnet import run_once
 from spp_jax.train import sharding as shd
 from spp_jax.train.checkpoint import Checkpointer
-from spp_jax.train.config import TrainConfig, build_model, save_config
+from spp_jax.train.config import TrainConfig, build_model
 from spp_jax.train.memory import check_memory
 from spp_jax.train.schedule import PlateauController, lr_at, size_schedule
 from spp_jax.train.state import create_state, optimizer_from_config, set_lr_scale
 from spp_jax.train.steps import (CompiledSteps, abstract_with_sharding, enable_compilation_cache,
                                  init_key, make_eval_step, make_train_step, pad_eval_batch)
+from spp_jax.train.workdir import training_workdir
 
 log = logging.getLogger("spp_jax.train")
 
@@ -95,6 +104,18 @@ def _truncate_metrics(path: str, last_step: int) -> None:
         f.writelines(keep)
 
 
+def _check_finite(oks, first_step: int, cfg: TrainConfig) -> None:
+    """NonFiniteError naming the first step whose ``ok`` flag (train step metrics) is False."""
+    bad = [i for i, ok in enumerate(jax.device_get(list(oks))) if not ok]
+    if bad:
+        raise NonFiniteError(
+            f"training diverged at step {first_step + bad[0]}: the loss or gradient became NaN or "
+            f"infinite, so that update was not applied and nothing after it was saved (the last "
+            f"good checkpoints are kept); lower learning_rate (now {cfg.learning_rate:g}) or check "
+            f"input_scale ({cfg.input_scale:g}) and the data, then train in a new --workdir or add "
+            f"overwrite=true")
+
+
 def _append(path: str, rec: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(rec) + "\n")
@@ -151,24 +172,25 @@ def train(config: TrainConfig, workdir: str | os.PathLike, data) -> TrainResult:
     """Train (or resume training) ``config`` on ``data`` (see spp_jax.train.data) in ``workdir``."""
     cfg = config.validate()
     workdir = os.path.abspath(os.fspath(workdir))
-    os.makedirs(workdir, exist_ok=True)
     shd.maybe_initialize_distributed(cfg.distributed)
     is_main = jax.process_index() == 0
+    with training_workdir(workdir, cfg):  # checks, then locks (raises before touching a file)
+        handler = logging.FileHandler(os.path.join(workdir, "train.log"))
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        pkg_log = logging.getLogger("spp_jax")
+        pkg_log.addHandler(handler)
+        if pkg_log.level == logging.NOTSET:  # an explicitly set level is respected
+            pkg_log.setLevel(logging.INFO)
+        try:
+            with Checkpointer(os.path.join(workdir, "checkpoints"), cfg.keep_checkpoints,
+                              cfg.async_checkpointing) as ckpt:  # closed on every path
+                return _train(cfg, workdir, data, is_main, ckpt)
+        finally:
+            pkg_log.removeHandler(handler)
+            handler.close()
 
-    handler = logging.FileHandler(os.path.join(workdir, "train.log"))
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    pkg_log = logging.getLogger("spp_jax")
-    pkg_log.addHandler(handler)
-    if pkg_log.level == logging.NOTSET:  # an explicitly set level is respected
-        pkg_log.setLevel(logging.INFO)
-    try:
-        return _train(cfg, workdir, data, is_main)
-    finally:
-        pkg_log.removeHandler(handler)
-        handler.close()
 
-
-def _train(cfg: TrainConfig, workdir: str, data, is_main: bool) -> TrainResult:
+def _train(cfg: TrainConfig, workdir: str, data, is_main: bool, ckpt: Checkpointer) -> TrainResult:
     cache = cfg.compile_cache_dir
     if cache.lower() != "none":
         cache = enable_compilation_cache(cache or os.path.join(workdir, "jax_cache"))
@@ -205,8 +227,6 @@ def _train(cfg: TrainConfig, workdir: str, data, is_main: bool) -> TrainResult:
     steps = CompiledSteps(make_train_step(model, tx, cfg.seed), make_eval_step(model),
                           abstract_state, cfg.batch_size, rep, bsh)
 
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), cfg.keep_checkpoints,
-                        cfg.async_checkpointing)
     plateau = PlateauController.from_config(cfg)
     restored = ckpt.restore(abstract_with_sharding(abstract_state, rep))
     if restored is not None:
@@ -226,7 +246,6 @@ def _train(cfg: TrainConfig, workdir: str, data, is_main: bool) -> TrainResult:
         log.info("initialised %s (%d parameters)", cfg.model,
                  sum(x.size for x in jax.tree.leaves(state.params)))
     if is_main:
-        save_config(cfg, workdir)
         _truncate_metrics(_metrics_path(workdir), int(state.step))
 
     todo = sizes[start_epoch:]
@@ -251,6 +270,7 @@ def _train(cfg: TrainConfig, workdir: str, data, is_main: bool) -> TrainResult:
     mpath = _metrics_path(workdir)
     epoch_records = []
     step = int(state.step)  # host-side copy, so the loop never waits on the device for it
+    window = []  # metrics of the steps since the last log line (their `ok` flags not yet checked)
     cur = {"epoch": start_epoch, "pos": start_pos, "it": None}  # where a resume would start
     try:
         with _Interrupt() as intr:
@@ -282,6 +302,7 @@ def _train(cfg: TrainConfig, workdir: str, data, is_main: bool) -> TrainResult:
                         bar.update(1)
                     if len(window) == cfg.log_every or pos == spe:
                         vals = jax.device_get(window)
+                        _check_finite([v["ok"] for v in vals], step - len(vals) + 1, cfg)
                         now = time.perf_counter()
                         ips = len(window) * cfg.batch_size / max(now - t_last, 1e-9)
                         loss = float(np.mean([v["loss"] for v in vals]))
@@ -290,7 +311,8 @@ def _train(cfg: TrainConfig, workdir: str, data, is_main: bool) -> TrainResult:
                         ep_n += len(vals)
                         lr = lr_at(cfg, spe, step - 1, plateau.scale)
                         rec = {"kind": "train", "epoch": epoch, "step": step, "size": size,
-                               "lr": lr, "loss": loss, "accuracy": acc, "images_per_sec": ips}
+                               "lr": lr, "loss": loss, "accuracy": acc, "images_per_sec": ips,
+                               "grad_norm": float(np.mean([v["grad_norm"] for v in vals]))}
                         if is_main:
                             _append(mpath, rec)
                         if bar is not None:
@@ -300,6 +322,7 @@ def _train(cfg: TrainConfig, workdir: str, data, is_main: bool) -> TrainResult:
                     if intr.requested:
                         raise KeyboardInterrupt
                     if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and pos < spe:
+                        _check_finite([w["ok"] for w in window], step - len(window) + 1, cfg)
                         save(epoch, pos, it.get_state())
                 if bar is not None:
                     bar.close()
@@ -327,14 +350,13 @@ def _train(cfg: TrainConfig, workdir: str, data, is_main: bool) -> TrainResult:
         if any(x.is_deleted() for x in jax.tree.leaves(state) if hasattr(x, "is_deleted")):
             log.error("interrupted inside a step; the state was donated, no checkpoint saved")
         else:
+            _check_finite([w["ok"] for w in window], step - len(window) + 1, cfg)
             dstate = (cur["it"].get_state() if cur["it"] is not None
                       else (data_state if cur["pos"] else None))
             log.warning("interrupted: saving checkpoint at step %d (epoch %d, batch %d)",
                         int(state.step), cur["epoch"], cur["pos"])
             save(cur["epoch"], cur["pos"], dstate)
-        ckpt.close()
         raise
-    ckpt.close()
     if is_main and cfg.plot and os.path.exists(mpath):
         plot_curves(mpath, os.path.join(workdir, "curves.png"))
     return TrainResult(state, epoch_records, dict(steps.compile_seconds), resumed_from)

@@ -14,7 +14,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from spp_jax.devices import DISTRIBUTED_ENV, maybe_initialize_distributed  # noqa: F401 (re-exported)
+from spp_jax.devices import (DISTRIBUTED_ENV, HEARTBEAT_ENV, NUM_PROCESSES_ENV,  # noqa: F401
+                             PROCESS_ID_ENV, maybe_initialize_distributed)  # (re-exported)
 
 log = logging.getLogger(__name__)
 

@@ -60,6 +60,9 @@ def dropout_key(seed: int, step) -> jax.Array:
 def make_train_step(model, tx, seed: int) -> Callable:
     """``step(state, batch) -> (state, metrics)``; batch ``{"image", "label"}``; ``tx`` the optax optimizer.
 
+    metrics: ``loss``, ``accuracy``, ``grad_norm`` (global L2 norm of the gradient) and
+    ``ok`` (bool: the step was finite and applied; if not, the state is returned unchanged).
+
     The dropout key is ``dropout_key(seed, state.step)``: the same for a given step in
     any run, resumed or not, on any number of devices (JAX's partitionable threefry
     makes the random bits independent of the sharding).
@@ -77,7 +80,13 @@ def make_train_step(model, tx, seed: int) -> Callable:
         params = optax.apply_updates(state.params, updates)
         acc = jnp.mean((jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32))
         new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-        return new, {"loss": loss, "accuracy": acc}
+        # NaN guard: a step whose loss, gradient or new parameters are not finite keeps the
+        # old state, so a non-finite state never exists (nor is checkpointed); the loop
+        # stops on ``ok`` (spp_jax.train.loop).
+        gnorm = optax.tree.norm(grads)
+        ok = jnp.isfinite(loss) & jnp.isfinite(gnorm) & jnp.isfinite(optax.tree.norm(params))
+        new = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, state)
+        return new, {"loss": loss, "accuracy": acc, "grad_norm": gnorm, "ok": ok}
     return step
 
 

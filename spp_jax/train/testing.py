@@ -4,7 +4,9 @@ subprocess (used by the checkpoint-resume and multi-device tests)::
     python -m spp_jax.train.testing WORKDIR [--out params.npz] [--delay S] [key=value ...]
 
 Set ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` in the environment (before
-Python starts) to run on N fake CPU devices.
+Python starts) to run on N fake CPU devices; set ``SPP_JAX_DISTRIBUTED=1``,
+``JAX_COORDINATOR_ADDRESS``, ``SPP_JAX_NUM_PROCESSES`` and ``SPP_JAX_PROCESS_ID`` to run
+one of several processes (spp_jax.train.sharding.maybe_initialize_distributed).
 """
 from __future__ import annotations
 
@@ -38,6 +40,42 @@ def tiny_data(**kwargs) -> InMemoryData:
     return InMemoryData(**{**dict(num_train=24, num_val=16, num_classes=4), **kwargs})
 
 
+class HookedData:
+    """``data`` (an :class:`InMemoryData`) whose training batches pass through
+    ``hook(epoch, position, batch) -> batch``, ``position`` counting this epoch's batches
+    fetched so far (this one included): tests inject interrupts or bad values with it."""
+
+    def __init__(self, data: InMemoryData, hook):
+        self.data, self.hook, self.num_classes = data, hook, data.num_classes
+
+    def steps_per_epoch(self, batch_size):
+        return self.data.steps_per_epoch(batch_size)
+
+    def eval_batches(self, *args, **kwargs):
+        return self.data.eval_batches(*args, **kwargs)
+
+    def train_iter(self, epoch, *args, **kwargs):
+        return _HookedIterator(self.data.train_iter(epoch, *args, **kwargs), epoch, self.hook)
+
+
+class _HookedIterator:
+    def __init__(self, it, epoch, hook):
+        self.it, self.epoch, self.hook = it, epoch, hook
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch = next(self.it)
+        return self.hook(self.epoch, self.it.position, batch)
+
+    def get_state(self):
+        return self.it.get_state()
+
+    def set_state(self, state):
+        self.it.set_state(state)
+
+
 def flat_params(params) -> dict[str, np.ndarray]:
     import jax
     leaves = jax.tree_util.tree_flatten_with_path(params)[0]
@@ -57,12 +95,14 @@ def main(argv=None) -> int:
     logging.getLogger("spp_jax").setLevel(logging.INFO)
     from spp_jax.train.loop import train
     cfg = apply_overrides(tiny_config(), a.overrides)
-    r = train(cfg, a.workdir, tiny_data(delay=a.delay, num_train=a.num_train))
+    data = tiny_data(delay=a.delay, num_train=a.num_train)
+    r = train(cfg, a.workdir, data)
     if a.out:
         np.savez(a.out, **flat_params(r.state.params))
         with open(a.out + ".json", "w") as f:
             json.dump({"resumed_from": r.resumed_from, "step": int(r.state.step),
-                       "compile_seconds": {str(k): v for k, v in r.compile_seconds.items()}}, f)
+                       "compile_seconds": {str(k): v for k, v in r.compile_seconds.items()},
+                       "train_indices": data.loaded}, f)
     return 0
 
 
