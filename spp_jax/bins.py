@@ -159,9 +159,12 @@ def derivation_plan(levels: tuple[int, ...], mode: str = "appendix_a") -> dict[i
     bin count divides a finer one's is a cheap max over groups of the finer
     level's bins, instead of another pass over the map.  Returns
     ``{level: source}`` with ``source == level`` for levels pooled directly.
+    Under ``mode="released"`` level 2 is not such a union, so it is pooled
+    directly (level 1, the union of its two halves, may still come from it).
     """
     plan: dict[int, int] = {}
     for n in sorted(set(levels), reverse=True):
-        finer = [m for m in plan if plan[m] == m and m % n == 0 and m != n]
+        finer = [] if _released_half(mode, n) else [
+            m for m in plan if plan[m] == m and m % n == 0 and m != n]
         plan[n] = min(finer) if finer else n
     return plan
