@@ -79,7 +79,7 @@ class Backbone(nn.Module):
     int32 the valid map size per image. Without it nothing is masked or computed.
 
     Each conv layer's output (after ReLU, masked) is sown into the ``"intermediates"``
-    collection under the layer's name: free unless that collection is made mutable
+    collection as ``<layer name>_out``: free unless that collection is made mutable
     (``apply(..., mutable=["intermediates"])``), which is how the serving layer reads
     the last two conv maps in one pass.
     """
@@ -109,7 +109,7 @@ class Backbone(nn.Module):
                 if not isinstance(s, L.LRN):  # LRN maps zeros to zeros: no mask needed after it
                     x = M.mask_beyond(x, valid_hw)
             if isinstance(s, L.Conv):
-                self.sow("intermediates", s.name, x)
+                self.sow("intermediates", s.name + "_out", x)  # (the layer's own name is its scope)
         return x if valid_hw is None else (x, valid_hw)
 
 
