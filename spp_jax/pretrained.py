@@ -82,8 +82,9 @@ class Pretrained:
 def load_pretrained(path: str) -> Pretrained:
     """A ``make train`` workdir (a directory) or a msgpack file with its JSON sidecar; see the module doc."""
     if not path or not os.path.exists(path):
-        raise UserError(f"pretrained network {path!r} does not exist: give a `make train` workdir or a "
-                        f".msgpack file with its .json sidecar")
+        raise UserError(f"pretrained network {path!r} does not exist: give a `make train` workdir (e.g. "
+                        f"`make train MODEL=zf5 WORKDIR=runs/zf5`, then runs/zf5) or a .msgpack file with "
+                        f"its .json sidecar")
     return _from_workdir(path) if os.path.isdir(path) else _from_msgpack(path)
 
 
