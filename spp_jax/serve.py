@@ -122,25 +122,28 @@ def _model_pool(model, fmap):
     return model.apply({}, fmap, method=SPPNet.pool_map)
 
 
-@functools.partial(jax.jit, static_argnames=("head",))
-def _head(head, params, x):
-    return head.apply({"params": params}, x)
+@functools.partial(jax.jit, static_argnames=("head", "logits"))
+def _head(head, params, x, logits):
+    return head.apply({"params": params}, x, method=None if logits else Head.features)
 
 
-def fc_layers(params: dict, pooled, *, dtype=jnp.float32, chunk: int = FC_CHUNK) -> dict[str, np.ndarray]:
+def fc_layers(params: dict, pooled, *, logits: bool = True, dtype=jnp.float32,
+              chunk: int = FC_CHUNK) -> dict[str, np.ndarray]:
     """fc6, fc7 (after ReLU) and logits of pooled vectors, through :class:`~spp_jax.models.Head`.
 
     Args:
       params: Head params {"fc6", "fc7", "fc8"}: ``variables["params"]["classifier"]`` of an
-        SPPNet, or a fine-tuned head (any fc8 width).
+        SPPNet, or a fine-tuned head (any fc8 width); fc8 may be absent with ``logits=False``.
       pooled: (N, D) float pooled vectors (numpy or jax).
+      logits: also run fc8 (False: fc6 and fc7 only).
       chunk: rows per call; fewer rows are zero-padded up to a multiple of ``chunk // 8``
         (so images with 150, 170, 190 windows share programs: at most 8 shapes per head).
     Returns:
-      {"fc6": (N, F), "fc7": (N, F), "logits": (N, K)} float32 numpy.
+      {"fc6": (N, F), "fc7": (N, F)[, "logits": (N, K)]} float32 numpy.
     """
-    head = Head(num_classes=int(params["fc8"]["kernel"].shape[1]), fc_dim=int(params["fc7"]["kernel"].shape[1]),
-                dtype=dtype)
+    classes = int(params["fc8"]["kernel"].shape[1]) if "fc8" in params else 1
+    head = Head(num_classes=classes, fc_dim=int(params["fc7"]["kernel"].shape[1]), dtype=dtype)
+    keys = ("fc6", "fc7", "logits") if logits else ("fc6", "fc7")
     n = int(pooled.shape[0])
     step = max(1, chunk // 8)
     size = min(chunk, -(-max(1, n) // step) * step)
@@ -149,8 +152,8 @@ def fc_layers(params: dict, pooled, *, dtype=jnp.float32, chunk: int = FC_CHUNK)
         x = jnp.asarray(pooled[i:i + size], jnp.float32)
         if x.shape[0] < size:
             x = jnp.concatenate([x, jnp.zeros((size - x.shape[0], x.shape[1]), x.dtype)])
-        parts.append(_head(head, params, x))
-    return {k: np.concatenate([np.asarray(p[k]) for p in parts])[:n] for k in ("fc6", "fc7", "logits")}
+        parts.append(_head(head, params, x, logits))
+    return {k: np.concatenate([np.asarray(p[k]) for p in parts])[:n] for k in keys}
 
 
 class Server:
@@ -300,8 +303,8 @@ class Server:
         return [out[i, :len(c)] for i, c in enumerate(cells)]
 
     # ---- fully connected layers -------------------------------------------------------------
-    def head(self, pooled, params: dict | None = None) -> dict[str, np.ndarray]:
-        """fc6, fc7, logits of pooled vectors (:func:`fc_layers`); ``params`` defaults to this
-        model's head."""
+    def head(self, pooled, params: dict | None = None, logits: bool = True) -> dict[str, np.ndarray]:
+        """fc6, fc7 (and logits) of pooled vectors (:func:`fc_layers`); ``params`` defaults to
+        this model's head."""
         params = self.variables["params"]["classifier"] if params is None else params
-        return fc_layers(params, pooled, dtype=self.model.dtype)
+        return fc_layers(params, pooled, logits=logits, dtype=self.model.dtype)

@@ -117,7 +117,8 @@ class Head(nn.Module):
     """fc6 -> ReLU -> dropout -> fc7 -> ReLU -> dropout -> fc8 on pooled vectors.
 
     Returns a dict with ``fc6``, ``fc7`` (after ReLU, before dropout: the features
-    the paper's SVMs use) and ``logits``.
+    the paper's SVMs use) and ``logits``; :meth:`features` stops after fc7 (and
+    needs no fc8 parameters).
     """
 
     num_classes: int
@@ -126,17 +127,28 @@ class Head(nn.Module):
     init_scheme: str = "paper"
     dtype: Any = jnp.float32
 
-    @nn.compact
-    def __call__(self, x, train: bool = False):
-        dense = lambda n, name, k: nn.Dense(n, name=name, kernel_init=k, dtype=self.dtype,
-                                            bias_init=_bias_init(self.init_scheme, name))
-        fc6 = nn.relu(dense(self.fc_dim, "fc6", _kernel_init(self.init_scheme))(x))
-        h = nn.Dropout(self.dropout, deterministic=not train)(fc6)
-        fc7 = nn.relu(dense(self.fc_dim, "fc7", _kernel_init(self.init_scheme))(h))
-        h = nn.Dropout(self.dropout, deterministic=not train)(fc7)
+    def setup(self):
+        def dense(n, name, kernel_init):
+            return nn.Dense(n, kernel_init=kernel_init, bias_init=_bias_init(self.init_scheme, name),
+                            dtype=self.dtype)
+        self.fc6 = dense(self.fc_dim, "fc6", _kernel_init(self.init_scheme))
+        self.fc7 = dense(self.fc_dim, "fc7", _kernel_init(self.init_scheme))
         # fc8 is a linear classifier: Gaussian std 0.01 under both inits.
-        logits = dense(self.num_classes, "fc8", nn.initializers.normal(0.01))(h)
-        return {"fc6": fc6, "fc7": fc7, "logits": logits}
+        self.fc8 = dense(self.num_classes, "fc8", nn.initializers.normal(0.01))
+        # The names an @nn.compact Head gave its dropouts: the dropout masks (which fold in
+        # the module path) stay those of earlier versions of this class.
+        self.Dropout_0 = nn.Dropout(self.dropout)
+        self.Dropout_1 = nn.Dropout(self.dropout)
+
+    def features(self, x, train: bool = False):
+        """(N, D) pooled -> {"fc6", "fc7"} (N, fc_dim), after ReLU."""
+        fc6 = nn.relu(self.fc6(x))
+        fc7 = nn.relu(self.fc7(self.Dropout_0(fc6, deterministic=not train)))
+        return {"fc6": fc6, "fc7": fc7}
+
+    def __call__(self, x, train: bool = False):
+        out = self.features(x, train)
+        return {**out, "logits": self.fc8(self.Dropout_1(out["fc7"], deterministic=not train))}
 
 
 class SPPNet(nn.Module):

@@ -204,7 +204,7 @@ class FeatureExtractor:
         else:
             out["pool5"] = pooled
         if "fc6" in layers or "fc7" in layers:
-            out.update(sv.head(pooled))
+            out.update(sv.head(pooled, logits=False))
         return {k: np.asarray(out[k]) for k in layers}
 
     # ---- cached, chunked extraction -------------------------------------------------------
