@@ -191,6 +191,14 @@ class Server:
                 "mean": mean if isinstance(mean, str) else mean.hexdigest()[:16],
                 "params": params_fingerprint(self.variables)}
 
+    @property
+    def mean_colour(self) -> np.ndarray:
+        """The mean as one RGB colour (a mean image's average; 0 without a mean): what fills
+        pixels outside an image, so that they are zero after :meth:`subtract_mean`."""
+        if self.mean is None:
+            return np.zeros(3, np.float32)
+        return np.broadcast_to(self.mean.reshape(-1, 3).mean(0) if self.mean.ndim == 3 else self.mean, (3,))
+
     # ---- preparation ------------------------------------------------------------------------
     def subtract_mean(self, view: np.ndarray) -> np.ndarray:
         """(h, w, 3) uint8 or float view -> float32 minus the mean."""

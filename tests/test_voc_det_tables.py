@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from spp_jax.detection import table9 as T
+from experiments import voc_det_tables as T
 from spp_jax.detection.finetune import FinetuneConfig
 from spp_jax.detection.proposals import ProposalSettings, compute_proposals
 from spp_jax.detection.rcnn import RCNNExtractor
@@ -22,7 +22,7 @@ def table(tmp_path_factory):
     ptr = compute_proposals(tr, root, settings=s, workers=0, progress=False)
     pte = compute_proposals(te, root, settings=s, workers=0, progress=False)
     cols = [T.Column(T.COL_SPP1, tiny_extractor(), head0, tr, te),
-            T.Column(T.COL_RCNN, RCNNExtractor(m, v, batch=8), head0, tr, te)]
+            T.Column(T.COL_RCNN, RCNNExtractor(tiny_extractor().server, batch=8), head0, tr, te)]
     cfg = T.Table9Config(finetune=FinetuneConfig(iters=(3, 2), eval_every=2, lrs=(1e-3, 1e-4)),
                          flip_finetune=True, timing_images=1)
     names = [str(k) for k in range(10)]
