@@ -43,6 +43,7 @@ def test_voc_cls_entry_point_and_resume(workdirs, tmp_path, capsys):
     assert "| SPP pool5 | – |" in md  # the no-SPP net has no pyramid
     assert os.path.getsize(os.path.join(out, "voc_cls.png")) > 1000
     assert json.load(open(os.path.join(out, "voc_cls.json")))["table"] == "6"
+    assert data["mean"] == "constant" and "subtracting the constant 128" in md  # Appendix A
     assert "| fc7 |" in capsys.readouterr().out
     # A second run reads every feature from the cache and gives the same table.
     again = voc_main.main(args)
@@ -100,3 +101,10 @@ def test_shapes_voc_labels_rule():
     ex = {"objects": {"label": np.array([2, 5, 5, 7]), "difficult": np.array([False, True, False, True])}}
     y = D.voc_labels_from_shapes(ex, 10)
     assert y.tolist() == [-1, -1, 1, -1, -1, 1, -1, 0, -1, -1]
+
+
+def test_paper_defaults_full_side_per_backbone_and_ten_splits():
+    import inspect
+    from spp_jax.transfer import run
+    assert run.voc_settings("zf5")[-1] == "spp_full392" and run.voc_settings("overfeat7")[-1] == "spp_full364"
+    assert inspect.signature(run.run_caltech).parameters["splits"].default == 10

@@ -84,3 +84,13 @@ def test_drawing_shows_only_confident_detections(tmp_path):
     none, weak, strong = png(None), png(-0.5), png(1.5)
     assert none[:8] == b"\x89PNG\r\n\x1a\n"
     assert weak == none and strong != none  # below the SVM boundary: not drawn
+
+
+def test_detection_backbone_is_pretrained_single_size_by_default():
+    # The paper's detection backbone is "ZF-5 (single-size trained)" (Section 4).
+    from experiments.voc_det import pretrain_overrides
+    from spp_jax.train.config import get_config
+    single = get_config("embedded", list(pretrain_overrides()))
+    assert (single.model, single.size_schedule, single.sizes, single.num_epochs) == ("zf5", "single", (224,), 20)
+    multi = get_config("embedded", list(pretrain_overrides(multisize=True)))
+    assert (multi.size_schedule, multi.sizes) == ("multi", (180, 224))
