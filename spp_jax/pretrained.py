@@ -35,7 +35,7 @@ from spp_jax.models import SPPNet, get_model, random_variables
 log = logging.getLogger(__name__)
 
 __all__ = ["MEAN_CHOICES", "PAPER_MEAN", "Pretrained", "load_pretrained", "random_pretrained",
-           "save_pretrained"]
+           "read_checkpoint", "save_pretrained"]
 
 # Appendix A: transfer (VOC 2007 classification, Caltech101) and detection subtract a
 # constant 128 from every pixel, not the ImageNet mean image.
@@ -108,17 +108,17 @@ def _from_workdir(workdir: str) -> Pretrained:
         raise UserError(f"{workdir} has no config.json: is it a `make train` workdir?")
     cfg = load_config(workdir)
     model = build_model(cfg, trained_num_classes(cfg))
-    variables, meta = _read_checkpoint(workdir, cfg, model)
+    variables, meta = read_checkpoint(workdir, cfg, model)
     mean_path = os.path.join(workdir, "mean_image.npy")
     mean = np.load(mean_path) if os.path.exists(mean_path) else None
     return Pretrained(model, variables, mean, f"{workdir} ({cfg.model} width {cfg.width}, trained "
                                               f"{meta.get('epoch')} epochs on {cfg.dataset})", cfg.dataset)
 
 
-def _read_checkpoint(workdir: str, cfg, model: SPPNet) -> tuple[dict, dict]:
+def read_checkpoint(workdir: str, cfg, model: SPPNet) -> tuple[dict, dict]:
     """``({"params": ...}, meta)`` of the latest usable checkpoint of ``workdir``.
 
-    The one place a loader reads orbax checkpoints. Until the read-only, verified reader
+    The one place anything but the training loop reads orbax checkpoints (``make eval`` too). Until the read-only, verified reader
     of ``spp_jax.train.checkpoint`` (issue 12) lands, this goes through the training
     ``Checkpointer`` as ``make eval`` does; switch this single call at the merge.
     """

@@ -22,7 +22,6 @@ def test_warp_constant_and_outside_is_the_fill_colour():
 
 def test_rcnn_pool5_is_the_whole_net_on_the_warp():
     import jax.numpy as jnp
-    from spp_jax.models import SPPNet
     m, v = tiny_model()
     img = tiny_records("trainval", 1)[0]["image"]
     boxes = np.array([[0, 0, 50, 50], [-20, 10, 300, 90]], np.float32)  # the second reaches outside

@@ -1,10 +1,7 @@
 """End-to-end: experiments.voc_cls / experiments.caltech101 on tiny workdirs, TFDS mock data, errors."""
-import dataclasses
 import json
 import os
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds

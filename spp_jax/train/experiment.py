@@ -13,18 +13,14 @@ import logging
 import os
 import time
 
-import jax
-import numpy as np
-
 from spp_jax.data import augment
 from spp_jax.data.datasets import PipelineData, classification_dataset, mean_image
 from spp_jax.data.pipeline import AugmentConfig
 from spp_jax.evaluate import PROTOCOL_TITLES, evaluate
 from spp_jax.report import error_pair, markdown_table, write_report
-from spp_jax.train.checkpoint import Checkpointer
-from spp_jax.train.config import TrainConfig, build_model, load_config, trained_num_classes
+from spp_jax.pretrained import read_checkpoint
+from spp_jax.train.config import TrainConfig, build_model
 from spp_jax.train.loop import train
-from spp_jax.train.state import create_state, optimizer_from_config
 
 log = logging.getLogger(__name__)
 
@@ -50,43 +46,11 @@ def prepare_data(cfg: TrainConfig, workdir: str):
     return ds, AugmentConfig(mean=mean, **pca)
 
 
-def restore_trained(workdir: str):
-    """A finished (or interrupted) ``make train`` workdir, for the nets built on it.
-
-    Returns (cfg, model, variables, meta, mean image (H, W, 3) in 0..255 units, or None
-    when ``mean_image.npy`` is absent): the latest usable checkpoint, for the classes
-    the net was trained on.
-    """
-    cfg = load_config(workdir)
-    model, variables, meta = restore_params(cfg, workdir, trained_num_classes(cfg))
-    mean_path = os.path.join(workdir, "mean_image.npy")
-    mean = np.load(mean_path) if os.path.exists(mean_path) else None
-    return cfg, model, variables, meta, mean
-
-
 def restore_params(cfg: TrainConfig, workdir: str, num_classes: int):
-    """Model and parameters of the latest usable checkpoint in ``workdir``."""
+    """Model and parameters of the latest usable checkpoint in ``workdir`` (``make eval``)."""
     model = build_model(cfg, num_classes)
-    ckpt_dir = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(ckpt_dir):
-        raise FileNotFoundError(f"no checkpoints in {workdir}: train first (make train WORKDIR={workdir})")
-    tx = optimizer_from_config(cfg, 1)
-
-    def init_fn(key):
-        s = min(cfg.sizes)
-        return create_state(model.init(key, jax.numpy.zeros((1, s, s, 3)))["params"], tx)
-
-    abstract = jax.eval_shape(init_fn, jax.random.key(0))
-    ckpt = Checkpointer(ckpt_dir, cfg.keep_checkpoints, False)
-    try:
-        restored = ckpt.restore(abstract)
-    finally:
-        ckpt.close()
-    if restored is None:
-        raise FileNotFoundError(f"no usable checkpoint in {ckpt_dir}")
-    state, meta, step = restored
-    log.info("restored checkpoint %d (epoch %s)", step, meta.get("epoch"))
-    return model, {"params": state.params}, meta
+    variables, meta = read_checkpoint(workdir, cfg, model)
+    return model, variables, meta
 
 
 def run_protocols(cfg: TrainConfig, workdir: str, model, variables, ds, aug: AugmentConfig,
