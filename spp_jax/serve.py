@@ -185,10 +185,9 @@ class Server:
     def key(self) -> dict:
         """Everything about the network that changes its features (for cache keys)."""
         m = self.model
-        mean = "none" if self.mean is None else hashlib.sha1(self.mean.tobytes() + str(self.mean.shape).encode())
         return {"arch": m.arch, "width": m.width, "fc_dim": m.fc_dim, "spp": m.spp, "levels": list(m.levels),
                 "input_scale": m.input_scale, "pool_mode": m.pool_mode,
-                "mean": mean if isinstance(mean, str) else mean.hexdigest()[:16],
+                "mean": "none" if self.mean is None else params_fingerprint(self.mean),
                 "params": params_fingerprint(self.variables)}
 
     @property
