@@ -94,3 +94,9 @@ def test_detection_backbone_is_pretrained_single_size_by_default():
     assert (single.model, single.size_schedule, single.sizes, single.num_epochs) == ("zf5", "single", (224,), 20)
     multi = get_config("embedded", list(pretrain_overrides(multisize=True)))
     assert (multi.size_schedule, multi.sizes) == ("multi", (180, 224))
+
+
+def test_a_missing_backbone_is_a_one_line_error(tmp_path):
+    from experiments.voc_det import main
+    with pytest.raises(SystemExit, match=r"^error: pretrained network '/nonexistent.msgpack' does not exist"):
+        main(["--checkpoint", "/nonexistent.msgpack", "--quick", "--workdir", str(tmp_path)])
