@@ -102,12 +102,14 @@ class Maps:
 
 @functools.partial(jax.jit, static_argnames=("model", "taps"))
 def _conv(model, variables, images, valid_hw, taps):
-    """(B, H, W, 3), (B, 2) -> last conv map, {tap: conv map} (masked; see Server.conv_layers)."""
-    if not taps:
-        return model.apply(variables, images, valid_hw=valid_hw, method=SPPNet.conv_map)[0], {}
-    (fmap, _), state = model.apply(variables, images, valid_hw=valid_hw, method=SPPNet.conv_map,
-                                   mutable=["intermediates"])
-    inter = state["intermediates"]["backbone"]
+    """(B, H, W, 3), (B, 2) or None -> last conv map, {tap: conv map} (see Server.conv_layers)."""
+    if taps:
+        out, state = model.apply(variables, images, valid_hw=valid_hw, method=SPPNet.conv_map,
+                                 mutable=["intermediates"])
+        inter = state["intermediates"]["backbone"]
+    else:
+        out, inter = model.apply(variables, images, valid_hw=valid_hw, method=SPPNet.conv_map), {}
+    fmap = out if valid_hw is None else out[0]  # with valid_hw: (map, map_hw)
     return fmap, {t: inter[t + "_out"][0] for t in taps}
 
 
@@ -218,11 +220,14 @@ class Server:
     def batch(self, views: Sequence[np.ndarray], shape: tuple[int, int] | None = None,
               size: int | None = None) -> Batch:
         """Float views -> one padded :class:`Batch` of ``shape`` (default: the views' common shape)
-        with ``size`` slots (default: one per view; extra slots repeat the last view)."""
-        if not views:
+        with ``size`` slots (default: one per view; extra slots repeat the last view). An
+        (N, H, W, 3) array that fills the batch is used as it is (no copy)."""
+        if not len(views):
             raise ValueError("no images to batch")
         shape = tuple(shape or views[0].shape[:2])
         size = size or len(views)
+        if isinstance(views, np.ndarray) and views.shape == (size, *shape, 3):  # crops: nothing to pad
+            return Batch(np.asarray(views, np.float32), np.tile(np.int32(shape), (size, 1)), size)
         if size < len(views):
             raise ValueError(f"{len(views)} views do not fit a batch of {size}")
         pixels = np.zeros((size, *shape, 3), np.float32)
@@ -250,7 +255,10 @@ class Server:
             raise ValueError(f"{bad} are not conv layers of {self.model.arch}; it has {self.convs}")
         extents = dict(zip((s.name for s in self.specs), M.valid_extents(self.specs, batch.hw)))
         taps = tuple(n for n in names if n != self.convs[-1])
-        fmap, tapped = _conv(self.model, self.variables, jnp.asarray(batch.pixels), jnp.asarray(batch.hw), taps)
+        # Nothing padded (crops): the plain network, no masks to compute (exact either way).
+        padded = not (batch.hw == np.asarray(batch.pixels.shape[1:3])).all()
+        fmap, tapped = _conv(self.model, self.variables, jnp.asarray(batch.pixels),
+                             jnp.asarray(batch.hw) if padded else None, taps)
         self.programs.add(("conv", batch.pixels.shape, taps))
         out = {t: Maps(tapped[t], extents[t]) for t in taps}
         out[self.convs[-1]] = Maps(fmap, extents[self.convs[-1]])

@@ -35,7 +35,7 @@ class Scorer:
     def score_crops(self, x: np.ndarray) -> np.ndarray:
         """(N, S, S, 3) mean-subtracted float crops -> (N, classes) probabilities."""
         s = self.server
-        return softmax(s.head(s.pooled(s.conv(s.batch(list(np.asarray(x, np.float32))))))["logits"])
+        return softmax(s.head(s.pooled(s.conv(s.batch(np.asarray(x, np.float32)))))["logits"])
 
     def score_windows(self, image: np.ndarray, boxes: np.ndarray, padded_shape: tuple[int, int],
                       num_slots: int, include_full: bool = False) -> np.ndarray:
