@@ -60,7 +60,7 @@ voc_cls: $(STAMP)
 caltech101: $(STAMP)
 	$(PY) -m experiments.caltech101 --checkpoint-workdir $(WORKDIR) $(ARGS)
 
-# Detection (Tables 9 and 12) on the embedded data; pretrains ZF-5 in runs/zf5-det when no checkpoint is given.
+# Detection (Tables 9 and 12) on the embedded data; pretrains ZF-5 in runs/zf5-det-single when no checkpoint is given.
 voc_det: $(STAMP)
 	$(PY) -m experiments.voc_det $(ARGS)
 

@@ -30,8 +30,9 @@ def _spp_times(ext, image, boxes, repeats: int) -> dict:
 
 
 def run(cfg: Config, device) -> list[Row]:
-    from spp_jax.detection.features import SPPExtractor, fc_features
+    from spp_jax.detection.features import SPPExtractor
     from spp_jax.detection.rcnn import RCNNExtractor, time_windows
+    from spp_jax.serve import Server, fc_layers
     from spp_jax.detection.scales import SCALES_1, SCALES_5
     from spp_jax.models import get_model, init_params
     image, boxes, prov = proposals(cfg.windows, IMAGE_HW)
@@ -45,18 +46,18 @@ def run(cfg: Config, device) -> list[Row]:
     fc_t = []
     res = {}
     for name, scales in (("1-scale", SCALES_1), ("5-scale", SCALES_5)):
-        ext = SPPExtractor(model, variables, scales=scales)
+        ext = SPPExtractor(Server(model, variables, mean=128.0), scales=scales)
         res[name] = _spp_times(ext, image, boxes, cfg.det_repeats)
         res[name]["unique"] = ext.stats["unique"] // max(1, ext.stats["images"])
         pool5 = res[name]["pool5"]
-    fc_features(head, pool5, "fc7")  # warm-up
+    fc_layers(head, pool5, logits=False)  # warm-up
     for _ in range(max(2, cfg.det_repeats)):
         t0 = time.perf_counter()
-        fc_features(head, pool5, "fc7")
+        fc_layers(head, pool5, logits=False)
         fc_t.append(time.perf_counter() - t0)
     fc = median(fc_t)
 
-    rc = RCNNExtractor(model, variables, batch=32)
+    rc = RCNNExtractor(Server(model, variables, mean=128.0), batch=32)
     tw = time_windows(rc, image, boxes, max_windows=min(r, cfg.rcnn_windows))
     rcnn_net = tw["seconds"]
     warp_frac = rc.stats["warp_s"] / max(1e-9, rc.stats["warp_s"] + rc.stats["conv_s"])

@@ -40,8 +40,11 @@ def dedup_stats(boxes: np.ndarray, image_hw, arch: str = "zf5", scales=(688,)) -
 def run(cfg: Config, device, peak: dict) -> list[Row]:
     import torch
     import torch.nn.functional as F
-    from spp_jax.detection.features import fc_features
     from spp_jax.models import get_model, init_params
+    from spp_jax.serve import fc_layers
+
+    def fc_features(head, x, layer):  # what the detector computes: fc6, fc7 through the model's Head
+        return fc_layers(head, x, logits=False)[layer]
     image, boxes, prov = proposals(cfg.windows, IMAGE_HW)
     s1 = dedup_stats(boxes, IMAGE_HW, scales=(688,))
     s5 = dedup_stats(boxes, IMAGE_HW, scales=(480, 576, 688, 864, 1200))

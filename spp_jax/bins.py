@@ -14,6 +14,14 @@ Section 2.3 of the paper describes the same pooling as a sliding window with
 the same bins when ``a >= n`` and ``a mod n`` is 0 or 1; :func:`window_stride_bins`
 reports what it produces everywhere so callers can refuse the other cases.
 
+The released Caffe model (SPP_FACTS section 3) pools its 13x13 conv5 map with four
+Caffe ceil-mode pools; three of them give exactly these bins, but its 2x2 level uses
+kernel 7 *stride 7*: bins [0, 7), [7, 13) where Appendix A has [0, 7), [6, 13).
+``mode="released"`` reproduces that level for every axis length: level 2's bins are
+[0, c), [c, a) with c = ceil(a / 2) (kernel = stride = c, the last window clipped by
+ceil mode), the second bin being the last cell when a = 1; every other level keeps
+Appendix A (equal to the released pools at 13). Use it to run released weights exactly.
+
 Everything here is plain integer arithmetic on Python ints or integer arrays
 (numpy or jax.numpy), so it serves both the static whole-map case and the
 dynamic per-window case.
@@ -26,10 +34,21 @@ from typing import NamedTuple, Sequence
 import numpy as np
 
 DEFAULT_LEVELS: tuple[int, ...] = (6, 3, 2, 1)  # 50 bins, the paper's classification pyramid
+MODES: tuple[str, ...] = ("appendix_a", "released")  # bin rules (see the module doc)
 
 
-def bin_edges(a: int, n: int) -> list[tuple[int, int]]:
-    """Appendix A bins of an axis of ``a`` cells split into ``n`` bins.
+def check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise ValueError(f"unknown bin rule {mode!r}; valid: {', '.join(MODES)}")
+    return mode
+
+
+def _released_half(mode: str, n: int) -> bool:
+    return mode == "released" and n == 2
+
+
+def bin_edges(a: int, n: int, mode: str = "appendix_a") -> list[tuple[int, int]]:
+    """Bins of an axis of ``a`` cells split into ``n`` bins (Appendix A, or ``mode="released"``).
 
     Returns ``n`` (start, end) pairs, half-open cell ranges ``[start, end)``.
     Pure integer arithmetic (no float rounding): ``floor(i*a/n) = (i*a)//n``
@@ -37,22 +56,30 @@ def bin_edges(a: int, n: int) -> list[tuple[int, int]]:
     """
     if a < 1 or n < 1:
         raise ValueError(f"bin_edges needs a >= 1 and n >= 1, got a={a}, n={n}")
+    if _released_half(check_mode(mode), n):
+        c = -(-a // 2)
+        return [(0, c), (min(c, a - 1), a)]
     return [((i * a) // n, -((-(i + 1) * a) // n)) for i in range(n)]
 
 
-def bin_edges_array(a, n: int, xp=np):
-    """Vectorised Appendix A bins for (possibly traced) axis lengths.
+def bin_edges_array(a, n: int, xp=np, mode: str = "appendix_a"):
+    """Vectorised :func:`bin_edges` for (possibly traced) axis lengths.
 
     Args:
       a: integer array (...,) of axis lengths in cells, each >= 1.
       n: static number of bins.
       xp: ``numpy`` or ``jax.numpy``.
+      mode: static bin rule, "appendix_a" or "released".
     Returns:
       (start, end): integer arrays (..., n); bin i covers ``[start_i, end_i)``
       relative to the axis origin.
     """
-    i = xp.arange(n)
     a = xp.asarray(a)[..., None]
+    if _released_half(check_mode(mode), n):
+        c = -(-a // 2)
+        start = xp.concatenate([xp.zeros_like(a), xp.minimum(c, a - 1)], axis=-1)
+        return start, xp.concatenate([c, a], axis=-1)
+    i = xp.arange(n)
     start = (i * a) // n
     end = -((-(i + 1) * a) // n)
     return start, end
@@ -123,7 +150,7 @@ def output_dim(channels: int, levels: Sequence[int] = DEFAULT_LEVELS) -> int:
     return int(channels) * num_bins(levels)
 
 
-def derivation_plan(levels: tuple[int, ...]) -> dict[int, int]:
+def derivation_plan(levels: tuple[int, ...], mode: str = "appendix_a") -> dict[int, int]:
     """For each level, the level its bins are computed from.
 
     With integer Appendix A edges, bin i of level n is exactly the union of bins
@@ -132,9 +159,12 @@ def derivation_plan(levels: tuple[int, ...]) -> dict[int, int]:
     bin count divides a finer one's is a cheap max over groups of the finer
     level's bins, instead of another pass over the map.  Returns
     ``{level: source}`` with ``source == level`` for levels pooled directly.
+    Under ``mode="released"`` level 2 is not such a union, so it is pooled
+    directly (level 1, the union of its two halves, may still come from it).
     """
     plan: dict[int, int] = {}
     for n in sorted(set(levels), reverse=True):
-        finer = [m for m in plan if plan[m] == m and m % n == 0 and m != n]
+        finer = [] if _released_half(mode, n) else [
+            m for m in plan if plan[m] == m and m % n == 0 and m != n]
         plan[n] = min(finer) if finer else n
     return plan

@@ -22,7 +22,7 @@ from jax import lax
 
 from spp_jax import bins as B
 
-MODES = ("appendix_a", "window_stride")
+MODES = ("appendix_a", "window_stride", "released")
 
 
 def _check_fmap(fmap, rank: int, what: str):
@@ -39,8 +39,8 @@ def _check_fmap(fmap, rank: int, what: str):
                         f"differentiable and not what SPP-net does), got {fmap.dtype}")
 
 
-def _axis_max_appendix_a(x, axis: int, n: int):
-    """Max over the n Appendix A bins of one static axis: one gather + one reduce.
+def _axis_max_appendix_a(x, axis: int, n: int, mode: str = "appendix_a"):
+    """Max over the n Appendix A (or ``mode``) bins of one static axis: one gather + one reduce.
 
     x: (..., a, ...) -> (..., n, ...).  Bins of unequal width are padded to the
     widest by repeating their last index (max is idempotent, so repeats change
@@ -48,7 +48,7 @@ def _axis_max_appendix_a(x, axis: int, n: int):
     gradient lands).
     """
     a = x.shape[axis]
-    edges = B.bin_edges(a, n)
+    edges = B.bin_edges(a, n, mode)
     if all(e - s == 1 for s, e in edges) and n == a:
         return x  # every bin is one cell
     widest = max(e - s for s, e in edges)
@@ -60,7 +60,7 @@ def _axis_max_appendix_a(x, axis: int, n: int):
     return jnp.max(g, axis=axis + 1)
 
 
-def _level_appendix_a(fmap, n: int):
+def _level_appendix_a(fmap, n: int, mode: str = "appendix_a"):
     """(B, H, W, C) -> (B, n, n, C) bin maxima, separably: columns first, then rows.
 
     A bin is a rectangle, so its max is the max over its rows of the per-row
@@ -69,10 +69,12 @@ def _level_appendix_a(fmap, n: int):
     h, w = fmap.shape[1], fmap.shape[2]
     ws = B.window_stride_bins(w, n)
     hs = B.window_stride_bins(h, n)
-    if ws.valid and hs.valid:  # the recipe's windows equal Appendix A's here: one reduce_window
+    same = mode == "appendix_a" or (B.bin_edges(h, n, mode) == B.bin_edges(h, n)
+                                    and B.bin_edges(w, n, mode) == B.bin_edges(w, n))
+    if ws.valid and hs.valid and same:  # the recipe's windows equal the bins here: one reduce_window
         return _level_window_stride(fmap, n)
-    y = _axis_max_appendix_a(fmap, 2, n)
-    return _axis_max_appendix_a(y, 1, n)
+    y = _axis_max_appendix_a(fmap, 2, n, mode)
+    return _axis_max_appendix_a(y, 1, n, mode)
 
 
 def _level_window_stride(fmap, n: int):
@@ -105,12 +107,12 @@ def _check_window_stride(h: int, w: int, levels):
 def _pool(fmap, levels: tuple[int, ...], mode: str):
     _TRACE_COUNT[0] += 1  # lets tests prove a second call with the same shape does not retrace
     b, c = fmap.shape[0], fmap.shape[-1]
-    plan = B.derivation_plan(levels)
+    plan = B.derivation_plan(levels, "released" if mode == "released" else "appendix_a")
     direct = {}
     for n in sorted(plan, reverse=True):
         if plan[n] == n:
             direct[n] = (_level_window_stride(fmap, n) if mode == "window_stride"
-                         else _level_appendix_a(fmap, n))
+                         else _level_appendix_a(fmap, n, mode))
         else:
             direct[n] = _coarsen(direct[plan[n]], plan[n], n)
     return jnp.concatenate([direct[n].reshape(b, n * n * c) for n in levels], axis=-1)
@@ -131,7 +133,10 @@ def pool(fmap: jax.Array, levels: Sequence[int] = B.DEFAULT_LEVELS, *,
         choice because it is defined for every map size) or ``"window_stride"``
         (Section 2.3's window ceil(a/n) / stride floor(a/n) recipe, for fidelity
         experiments; raises ``ValueError`` where it does not give exactly n bins
-        covering the axis, e.g. a = 10, n = 6).
+        covering the axis, e.g. a = 10, n = 6), or ``"released"`` (the released
+        Caffe model's pyramid: its 2x2 level has kernel = stride = ceil(a/2), i.e.
+        [0, 7), [7, 13) on a 13-cell map; other levels as Appendix A; see
+        :mod:`spp_jax.bins`), to run released weights exactly.
 
     Returns:
       (B, C * sum(n*n)) array in fmap's dtype; layout in the module docstring.
@@ -155,7 +160,10 @@ def caffe_permutation(channels: int, levels: Sequence[int] = B.DEFAULT_LEVELS,
 
     The released Caffe model concatenates levels in ``caffe_order`` and flattens
     each level channel-major (C, y, x); ours is levels as given, (y, x, C).
-    Useful for loading fc6 weights trained by the released code.
+    Useful for loading fc6 weights trained by the released code. Those weights also
+    expect the released bins: its 2x2 level pools [0, 7), [7, 13) of the 13x13 map
+    (kernel 7, stride 7), not Appendix A's [0, 7), [6, 13); pool with
+    ``mode="released"`` (``SPPNet(pool_mode="released")``) to use them exactly.
     """
     levels = B.normalize_levels(levels)
     if sorted(levels) != sorted(caffe_order):

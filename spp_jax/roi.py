@@ -72,7 +72,7 @@ def _floor_log2_table(maxlen: int) -> np.ndarray:
     return lut
 
 
-def _level_bins(fmap, cells, n: int):
+def _level_bins(fmap, cells, n: int, mode: str = "appendix_a"):
     """Bin maxima of level n for every window: (H, W, C), (R, 4) -> (R, n, n, C).
 
     A window whose cells are not inside the map with start <= end reads a row past the
@@ -86,8 +86,8 @@ def _level_bins(fmap, cells, n: int):
 
     def axis_queries(lo, hi):
         # lo, hi: scalar inclusive cell range of one window on one axis.
-        start, end = B.bin_edges_array(hi - lo + 1, n, xp=jnp)  # (n,), (n,) relative, [start, end)
-        length = end - start  # >= 1 for every bin of a valid window (Appendix A)
+        start, end = B.bin_edges_array(hi - lo + 1, n, xp=jnp, mode=mode)  # (n,), (n,) relative, [start, end)
+        length = end - start  # >= 1 for every bin of a valid window (both bin rules)
         k = lut[length]
         first = lo + start
         second = lo + end - (1 << k)  # last block start; overlaps the first when length isn't 2**k
@@ -138,7 +138,7 @@ def check_cells(cells, map_hw) -> None:
                          f"start <= end ({int(bad.sum())} bad window(s) of {len(c)})")
 
 
-def roi_pool_cells(fmap, cells, levels: Sequence[int] = B.DEFAULT_LEVELS):
+def roi_pool_cells(fmap, cells, levels: Sequence[int] = B.DEFAULT_LEVELS, mode: str = "appendix_a"):
     """Pyramid-pool windows already given in map cells.
 
     Args:
@@ -146,6 +146,7 @@ def roi_pool_cells(fmap, cells, levels: Sequence[int] = B.DEFAULT_LEVELS):
       cells: (R, 4) int (x_start, y_start, x_end, y_end) inclusive cells, inside the
         map with start <= end (as :func:`spp_jax.project_boxes` returns).
       levels: pyramid levels (static).
+      mode: static bin rule, "appendix_a" (default) or "released" (:mod:`spp_jax.bins`).
     Returns:
       (R, C * sum(n*n)) in fmap's dtype, laid out as :func:`spp_jax.pool`'s output.
 
@@ -158,22 +159,22 @@ def roi_pool_cells(fmap, cells, levels: Sequence[int] = B.DEFAULT_LEVELS):
     levels = B.normalize_levels(levels)
     _check_fmap(fmap, 3, "fmap")
     check_cells(cells, fmap.shape[:2])
-    return _roi_pool_cells(fmap, cells, levels)
+    return _roi_pool_cells(fmap, cells, levels, B.check_mode(mode))
 
 
-@functools.partial(jax.jit, static_argnames=("levels",))
-def _roi_pool_cells(fmap, cells, levels: tuple[int, ...]):
+@functools.partial(jax.jit, static_argnames=("levels", "mode"))
+def _roi_pool_cells(fmap, cells, levels: tuple[int, ...], mode: str = "appendix_a"):
     r, c = cells.shape[0], fmap.shape[-1]
-    plan = B.derivation_plan(levels)
+    plan = B.derivation_plan(levels, mode)
     got = {}
     for n in sorted(plan, reverse=True):
-        got[n] = (_level_bins(fmap, cells, n) if plan[n] == n
+        got[n] = (_level_bins(fmap, cells, n, mode) if plan[n] == n
                   else _coarsen(got[plan[n]], plan[n], n))
     return jnp.concatenate([got[n].reshape(r, n * n * c) for n in levels], axis=-1)
 
 
 def roi_pool(fmap: jax.Array, boxes, levels: Sequence[int] = B.DEFAULT_LEVELS, *,
-             geometry: Geometry) -> jax.Array:
+             geometry: Geometry, mode: str = "appendix_a") -> jax.Array:
     """Spatial pyramid pooling of image windows on one image's conv map.
 
     Args:
@@ -186,6 +187,7 @@ def roi_pool(fmap: jax.Array, boxes, levels: Sequence[int] = B.DEFAULT_LEVELS, *
         pools to a row of NaN (see :func:`spp_jax.project_boxes`), never to a cell.
       levels: pyramid levels, default (6, 3, 2, 1).
       geometry: the backbone's :class:`Geometry` (e.g. ``model.geometry``).
+      mode: bin rule, "appendix_a" (default) or "released" (:mod:`spp_jax.bins`).
     Returns:
       (R, C * sum(n*n)) in fmap's dtype; the same layout as :func:`spp_jax.pool`.
       Differentiable with respect to ``fmap``.
@@ -204,10 +206,10 @@ def roi_pool(fmap: jax.Array, boxes, levels: Sequence[int] = B.DEFAULT_LEVELS, *
         check_finite_boxes(boxes)
     if not isinstance(geometry, Geometry):
         raise TypeError(f"geometry must be a spp_jax.Geometry, got {type(geometry).__name__}")
-    return _roi_pool(fmap, boxes, levels, geometry)
+    return _roi_pool(fmap, boxes, levels, geometry, B.check_mode(mode))
 
 
-@functools.partial(jax.jit, static_argnames=("levels", "geometry"))
-def _roi_pool(fmap, boxes, levels, geometry):
-    cells = project_boxes(boxes, geometry, fmap.shape[:2])
-    return roi_pool_cells(fmap, cells, levels)
+@functools.partial(jax.jit, static_argnames=("levels", "geometry", "mode"))
+def _roi_pool(fmap, boxes, levels, geometry, mode):
+    cells = project_boxes(boxes, geometry, fmap.shape[:2])  # traced: bad rows become INVALID_CELLS
+    return _roi_pool_cells(fmap, cells, levels, mode)

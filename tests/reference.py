@@ -10,14 +10,28 @@ def appendix_a_bins(a, n):
     return [(math.floor(Fraction(i * a, n)), math.ceil(Fraction((i + 1) * a, n))) for i in range(n)]
 
 
-def pool_ref(x, levels):
+def caffe_pool_windows(a, kernel, stride):
+    """Caffe's ceil-mode max pool on an a-cell axis (no padding): its windows, clipped to the axis."""
+    count = math.ceil((a - kernel) / stride) + 1
+    return [(i * stride, min(i * stride + kernel, a)) for i in range(count)]
+
+
+def released_bins(a, n):
+    """The released model's bins: its 2x2 level is a Caffe pool with kernel = stride = ceil(a/2)
+    ([0, 7), [7, 13) at 13); a = 1 repeats the one cell; every other level is Appendix A."""
+    if n != 2:
+        return appendix_a_bins(a, n)
+    return caffe_pool_windows(a, math.ceil(a / 2), math.ceil(a / 2)) if a > 1 else [(0, 1), (0, 1)]
+
+
+def pool_ref(x, levels, bins=appendix_a_bins):
     """(B, H, W, C) -> (B, C*sum(n*n)): loops over every bin; levels in order, (y, x, C) inside."""
     b, h, w, c = x.shape
     out = []
     for n in levels:
         p = np.empty((b, n, n, c), x.dtype)
-        for i, (y0, y1) in enumerate(appendix_a_bins(h, n)):
-            for j, (x0, x1) in enumerate(appendix_a_bins(w, n)):
+        for i, (y0, y1) in enumerate(bins(h, n)):
+            for j, (x0, x1) in enumerate(bins(w, n)):
                 p[:, i, j] = x[:, y0:y1, x0:x1].max(axis=(1, 2))
         out.append(p.reshape(b, -1))
     return np.concatenate(out, axis=1)
@@ -39,9 +53,9 @@ def project_ref(box, stride, offset, slack, h, w):
     return xs, ys, xe, ye
 
 
-def roi_pool_ref(fmap, cells, levels):
+def roi_pool_ref(fmap, cells, levels, bins=appendix_a_bins):
     """(H, W, C), (R, 4) inclusive cells -> (R, C*sum(n*n)) by cropping and pooling each window."""
-    return np.concatenate([pool_ref(fmap[None, y0:y1 + 1, x0:x1 + 1], levels)
+    return np.concatenate([pool_ref(fmap[None, y0:y1 + 1, x0:x1 + 1], levels, bins)
                            for x0, y0, x1, y1 in np.asarray(cells)], axis=0)
 
 

@@ -1,6 +1,7 @@
 import numpy as np
 
 from spp_jax.detection.bbox_reg import fit_ridge, regression_samples, train_bbox_regressors
+from spp_jax.detection.cache import CachedImage
 
 
 def test_ridge_recovers_known_map_primal_and_dual():
@@ -36,13 +37,14 @@ def test_train_and_refine_recovers_boxes():
         feats = np.zeros((len(boxes), 10), np.float32)
         feats[rows, :4] = t
         feats[:, 4:] = rng.normal(0, 0.01, (len(boxes), 6))
-        entries.append({"pool5": feats, "boxes": boxes, "gt_boxes": gt, "gt_labels": np.array([2])})
+        entries.append(CachedImage(boxes, 0, feats, np.zeros(len(boxes), np.int64), gt, np.array([2]),
+                                   np.zeros(1, bool), np.array([200, 200])))
     reg = train_bbox_regressors(entries, num_classes=3, feat_scale=1.0, lam=1e-3)
     assert reg.trained.tolist() == [False, False, True]
     e = entries[0]
-    rows, cls, t = regression_samples(e["boxes"], gt, np.array([2]))
-    out = reg.refine(e["pool5"][rows], e["boxes"][rows], cls, (200, 200))
+    rows, cls, t = regression_samples(e.boxes, gt, np.array([2]))
+    out = reg.refine(e.pool5[rows], e.boxes[rows], cls, (200, 200))
     np.testing.assert_allclose(out, np.repeat(gt, len(rows), 0), atol=0.5)
     # untrained classes leave boxes unchanged (after clipping)
-    same = reg.refine(e["pool5"][rows][:2], e["boxes"][rows][:2], np.array([0, 1]), (200, 200))
-    np.testing.assert_allclose(same, e["boxes"][rows][:2])
+    same = reg.refine(e.pool5[rows][:2], e.boxes[rows][:2], np.array([0, 1]), (200, 200))
+    np.testing.assert_allclose(same, e.boxes[rows][:2])

@@ -20,8 +20,9 @@ def tiny_model():
 @functools.lru_cache(maxsize=None)
 def tiny_extractor():
     from spp_jax.detection.features import SPPExtractor
+    from spp_jax.serve import Server
     m, v = tiny_model()
-    return SPPExtractor(m, v, scales=(SCALE,))
+    return SPPExtractor(Server(m, v, mean=128.0), scales=(SCALE,))
 
 
 def small_image(index: int, split: str = "trainval", side: int = 160) -> dict:

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from spp_jax.detection import detector as D
-from spp_jax.detection.features import FeatureCache, cache_features
+from spp_jax.detection.cache import CachedImage, FeatureCache, cache_features
 from spp_jax.detection.finetune import FinetuneConfig, finetune
 from spp_jax.detection.proposals import ProposalSettings, compute_proposals
 from spp_jax.report import markdown_table
@@ -122,8 +122,8 @@ def test_combination_nms_over_the_union_hand_case():
     # (3, 0, 1), model B (0, 5, 1). On the union, B's window 1 (5) suppresses A's window 0 (3);
     # window 2 ties at 1 and A's copy (visited first) suppresses B's.
     boxes = np.array([[0, 0, 9, 9], [1, 1, 10, 10], [50, 50, 59, 59]], np.float32)
-    entry = {"boxes": boxes, "num_gt": 0, "pool5": np.array([[3, 0], [0, 5], [1, 1]], np.float32),
-             "image_hw": np.array([100, 100])}
+    entry = CachedImage(boxes, 0, np.array([[3, 0], [0, 5], [1, 1]], np.float32), np.zeros(3, np.int64),
+                        np.zeros((0, 4), np.float32), np.zeros(0, np.int64), np.zeros(0, bool), np.array([100, 100]))
     a, b = _toy_detector([1, 0], bbox_dx=0.5), _toy_detector([0, 1], bbox_dx=0.0)
     (bx, sc, lab), _ = D.combine_image([a, b], [entry, entry])
     np.testing.assert_array_equal(bx, boxes[[1, 2]])

@@ -1,6 +1,7 @@
 import numpy as np
 
 from spp_jax.detection.rcnn import RCNNExtractor, context_boxes, time_windows, warp_windows
+from spp_jax.serve import Server
 from test_det_common import tiny_model, tiny_records
 
 
@@ -10,18 +11,30 @@ def test_context_boxes_hand_case():
     np.testing.assert_allclose(out, [[-16, -8, 208, 104]])
 
 
-def test_warp_constant_and_outside_is_mean():
+def test_warp_constant_and_outside_is_the_fill_colour():
     img = np.full((50, 60, 3), 200, np.uint8)
-    w = warp_windows(img, [[10, 10, 39, 39]], mean=np.zeros(3))
+    w = warp_windows(img, [[10, 10, 39, 39]])
     assert w.shape == (1, 224, 224, 3)
     np.testing.assert_allclose(w[0, 100:120, 100:120], 200)
-    w2 = warp_windows(img, [[0, 0, 59, 49]], mean=np.full(3, 50.0))
-    assert w2[0, 0, 0, 0] == 0.0 and w2[0, 112, 112, 0] == 150.0  # context beyond the image = mean
+    w2 = warp_windows(img, [[0, 0, 59, 49]], fill=(50.0, 60.0, 70.0))
+    assert w2[0, 0, 0].tolist() == [50, 60, 70] and w2[0, 112, 112, 0] == 200.0  # context beyond the image
+
+
+def test_rcnn_pool5_is_the_whole_net_on_the_warp():
+    import jax.numpy as jnp
+    m, v = tiny_model()
+    img = tiny_records("trainval", 1)[0]["image"]
+    boxes = np.array([[0, 0, 50, 50], [-20, 10, 300, 90]], np.float32)  # the second reaches outside
+    p5, _ = RCNNExtractor(Server(m, v, mean=128.0), batch=4).pool5(img, boxes)
+    x = warp_windows(img, boxes, fill=128.0) - 128.0  # outside the image: 0 after the mean
+    assert (x[1, :, :5] == 0).all()
+    want = m.apply(v, jnp.asarray(x), method=lambda mod, x: mod.pool_map(mod.conv_map(x)))
+    np.testing.assert_allclose(p5, np.asarray(want), rtol=1e-5, atol=1e-5)
 
 
 def test_rcnn_extractor_and_timing():
     m, v = tiny_model()
-    ex = RCNNExtractor(m, v, batch=4)
+    ex = RCNNExtractor(Server(m, v, mean=128.0), batch=4)
     img = tiny_records("trainval", 1)[0]["image"]
     boxes = np.array([[0, 0, 50, 50], [10, 10, 100, 90], [0, 0, 239, 159], [5, 5, 30, 60], [1, 2, 3, 4]],
                      np.float32)

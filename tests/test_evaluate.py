@@ -5,7 +5,8 @@ import pytest
 
 import spp_jax
 from spp_jax.data.pipeline import AugmentConfig, InMemorySource
-from spp_jax.evaluate import Scorer, bucket_shape, evaluate, nine_windows, topk_errors
+from spp_jax.evaluate import Scorer, evaluate, nine_windows, topk_errors
+from spp_jax.serve import Server, bucket_shape
 from spp_jax.models import init_params
 
 
@@ -45,7 +46,7 @@ def test_full_view_on_maps_equals_whole_net_crop(tiny):
     # At 224x224 there is no padding; the full-map window pools exactly what the net pools.
     m, v = tiny
     img = np.random.default_rng(0).normal(0, 60, (224, 224, 3)).astype(np.float32)
-    s = Scorer(m, v)
+    s = Scorer(Server(m, v))
     p = s.score_windows(img, np.zeros((0, 4)), (224, 224), 10, include_full=True)
     crops = s.score_crops(np.stack([img, img[:, ::-1]]))
     np.testing.assert_allclose(p[:, -1], crops, rtol=1e-5, atol=1e-6)

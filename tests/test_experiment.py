@@ -44,10 +44,10 @@ def test_embedded_train_resume_and_eval(tmp_path, capsys):
     eval_main.main(["--workdir", wd, "protocols=1crop"])
     out3 = json.load(open(os.path.join(wd, "eval.json")))
     assert out3["results"]["1crop"]["top1_err"] == out["results"]["1crop"]["top1_err"]
-    # detection reads the same workdir as its backbone: conv layers and fc6/fc7, the mean colour
-    from spp_jax.detection.backbone import load_backbone
-    net = load_backbone(wd)
-    assert net.model.arch == "zf5" and net.model.width == 0.05 and net.mean.shape == (3,)
+    # transfer and detection read the same workdir: conv layers and fc6/fc7, the mean image
+    from spp_jax.pretrained import load_pretrained
+    net = load_pretrained(wd)
+    assert net.model.arch == "zf5" and net.model.width == 0.05 and net.mean.ndim == 3
     assert net.variables["params"]["classifier"]["fc7"]["kernel"].shape == (16, 16)
     assert "trained 2 epochs on shapes" in net.description
 

@@ -24,7 +24,6 @@ from spp_jax.errors import CheckpointMismatch, NonFiniteError
 from spp_jax.train import train
 from spp_jax.train.checkpoint import Checkpointer, checkpoint_steps, read_checkpoint
 from spp_jax.train.config import get_config, load_config
-from spp_jax.train.experiment import restore_trained
 from spp_jax.train.testing import TEST_CACHE_DIR, HookedData, tiny_config, tiny_data
 from spp_jax.train.workdir import WorkdirLock, config_changes
 
@@ -81,6 +80,14 @@ def _run_train(workdir, *extra):
     except SystemExit as e:
         return str(e.code)
     return None
+
+
+def _read(workdir):
+    """What voc_cls, caltech101 and detection backbones do (spp_jax.pretrained): (variables, meta)."""
+    from spp_jax.pretrained import read_workdir
+    from spp_jax.train.config import build_model, load_config, trained_num_classes
+    cfg = load_config(workdir)
+    return read_workdir(workdir, cfg, build_model(cfg, trained_num_classes(cfg)))
 
 
 def _records(workdir):
@@ -140,7 +147,7 @@ def test_reader_skips_a_corrupt_checkpoint_and_moves_nothing(workdir):
     _damage_newest(workdir, "truncate")
     before = _tree(workdir)
     with pytest.warns(RuntimeWarning, match="checkpoint 8 .* is corrupt.*skipping it"):
-        _, _, variables, meta, _ = restore_trained(workdir)
+        variables, meta = _read(workdir)
     assert meta["step"] == 7
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(variables))
     assert _tree(workdir) == before
@@ -151,17 +158,17 @@ def test_reader_leaves_a_running_trainers_tmp_dir_alone(workdir):
     tmp = os.path.join(workdir, "checkpoints", "9.orbax-checkpoint-tmp-1733000000")
     shutil.copytree(os.path.join(workdir, "checkpoints", "8"), tmp)
     before = _tree(workdir)
-    _, _, _, meta, _ = restore_trained(workdir)
+    _, meta = _read(workdir)
     assert meta["step"] == 8  # the unfinished save is not a checkpoint
     assert _tree(workdir) == before
 
 
 def test_flipped_bytes_are_detected_reader_skips_trainer_sets_aside(workdir):
-    clean = restore_trained(workdir)[2]
+    clean = _read(workdir)[0]
     _damage_newest(workdir, "flip")
     before = _tree(workdir)
     with pytest.warns(RuntimeWarning, match="checkpoint 8 .* fail their SHA-256 check"):
-        _, _, variables, meta, _ = restore_trained(workdir)
+        variables, meta = _read(workdir)
     assert meta["step"] == 7 and _tree(workdir) == before
     assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(clean), jax.tree.leaves(variables)))
     # the trainer (one more epoch may be added on resume) moves it aside and resumes from 7
@@ -213,7 +220,7 @@ def test_second_trainer_exits_at_once_naming_the_holder(workdir):
         assert msg.startswith("error: ") and f"PID {holder.pid}" in msg
         assert _tree(workdir) == before  # metrics.jsonl not truncated, config.json not rewritten
         # readers work meanwhile
-        assert restore_trained(workdir)[3]["step"] == 8
+        assert _read(workdir)[1]["step"] == 8
     finally:
         holder.send_signal(signal.SIGKILL)  # a crash: the OS releases the lock
         holder.wait(timeout=30)

@@ -163,3 +163,20 @@ def test_backbone_tables_follow_table_1():
     assert convs["overfeat5"] == [(96, 7), (256, 5), (512, 3), (512, 3), (512, 3)]
     assert convs["overfeat7"] == convs["overfeat5"] + [(512, 3), (512, 3)]
     assert spp_jax.get_model("overfeat7").channels == 512
+
+
+def test_init_schemes_biases():
+    # "paper": the released definition, Gaussian std 0.01 kernels, biases 1 on conv2, conv4, conv5,
+    # fc6, fc7, fc8 and 0 elsewhere (Overfeat-7's conv6/conv7 included); "he": zero biases.
+    for scheme in ("paper", "he"):
+        m = get_model("overfeat7", width=0.05, fc_dim=64, num_classes=3, init_scheme=scheme)
+        p = init_params(m, jax.random.key(0), 64)["params"]
+        layers = {**p["backbone"], **p["classifier"]}
+        assert sorted(layers) == ["conv1", "conv2", "conv3", "conv4", "conv5", "conv6", "conv7",
+                                  "fc6", "fc7", "fc8"]
+        for name, q in layers.items():
+            one = scheme == "paper" and name in ("conv2", "conv4", "conv5", "fc6", "fc7", "fc8")
+            np.testing.assert_array_equal(np.asarray(q["bias"]), 1.0 if one else 0.0, err_msg=name)
+        if scheme == "paper":
+            k = np.concatenate([np.ravel(layers[n]["kernel"]) for n in ("conv3", "conv4", "fc6")])
+            assert abs(k.std() - 0.01) < 0.0005 and abs(k.mean()) < 0.0005

@@ -11,7 +11,7 @@ from jax.test_util import check_grads
 import spp_jax
 from spp_jax import bins as B
 from spp_jax import pooling
-from tests.reference import appendix_a_bins, pool_ref
+from tests.reference import appendix_a_bins, caffe_pool_windows, pool_ref, released_bins, roi_pool_ref
 
 LEVELS = (6, 4, 3, 2, 1)  # the paper's pyramids use these; 4 exercises a level not derived from 6
 
@@ -72,6 +72,41 @@ def test_pool_13x13_equals_paper_max_pools():
     want = jnp.concatenate(parts, axis=1)
     np.testing.assert_array_equal(spp_jax.pool(x), want)
     np.testing.assert_array_equal(spp_jax.pool(x, mode="window_stride"), want)
+
+
+def test_released_mode_at_13_is_the_released_caffe_pyramid():
+    # Zeiler_conv5.prototxt: four Caffe ceil-mode pools on the 13x13 conv5 map, 6x6 kernel 3
+    # stride 2, 3x3 kernel 5 stride 4, 2x2 kernel 7 stride 7, 1x1 kernel 13 (SPP_FACTS section 3).
+    x = np.random.default_rng(3).standard_normal((2, 13, 13, 4)).astype(np.float32)
+    parts = []
+    for n, k, s in ((6, 3, 2), (3, 5, 4), (2, 7, 7), (1, 13, 13)):
+        win = caffe_pool_windows(13, k, s)
+        assert len(win) == n
+        parts.append(np.stack([np.stack([x[:, y0:y1, x0:x1].max(axis=(1, 2)) for x0, x1 in win], 1)
+                               for y0, y1 in win], 1).reshape(2, -1))
+    want = np.concatenate(parts, axis=1)
+    np.testing.assert_array_equal(spp_jax.pool(x, mode="released"), want)
+    assert B.bin_edges(13, 2, "released") == [(0, 7), (7, 13)] != B.bin_edges(13, 2)
+    assert not np.array_equal(spp_jax.pool(x), want)  # Appendix A's 2x2 level differs there
+
+
+def test_released_mode_every_axis_length_pool_and_windows():
+    rng = np.random.default_rng(4)
+    for a in range(1, 65):
+        for n in (1, 2, 3, 4, 6):
+            edges = B.bin_edges(a, n, "released")
+            assert edges == released_bins(a, n), (a, n)
+            start, end = B.bin_edges_array(np.array([a]), n, mode="released")
+            assert [tuple(p) for p in zip(start[0], end[0])] == edges
+    for h, w in SHAPES[::6]:  # a few maps (each compiles); the bins above cover every length
+        x = rng.standard_normal((1, h, w, 2)).astype(np.float32)
+        np.testing.assert_array_equal(np.asarray(spp_jax.pool(x, LEVELS, mode="released")),
+                                      pool_ref(x, LEVELS, released_bins), err_msg=f"{h}x{w}")
+    fmap = rng.standard_normal((23, 17, 3)).astype(np.float32)
+    x0, y0 = rng.integers(0, 17, 40), rng.integers(0, 23, 40)
+    cells = np.stack([x0, y0, rng.integers(x0, 17), rng.integers(y0, 23)], 1).astype(np.int32)
+    got = spp_jax.roi_pool_cells(jnp.asarray(fmap), jnp.asarray(cells), (6, 3, 2, 1), mode="released")
+    np.testing.assert_array_equal(np.asarray(got), roi_pool_ref(fmap, cells, (6, 3, 2, 1), released_bins))
 
 
 def test_window_stride_mode_equals_default_where_valid_and_raises_elsewhere():
@@ -188,4 +223,5 @@ def test_derivation_plan_is_exact_union():
                 assert all(g1[0] <= g0[1] for g0, g1 in zip(group, group[1:]))
     assert B.derivation_plan((6, 3, 2, 1)) == {6: 6, 3: 6, 2: 6, 1: 6}
     assert B.derivation_plan((4, 3, 2, 1))[3] == 3 and B.derivation_plan((4, 3, 2, 1))[2] == 4
+    assert B.derivation_plan((6, 3, 2, 1), "released") == {6: 6, 3: 6, 2: 2, 1: 2}  # released 2x2: direct
     assert math.isclose(B.num_bins((6, 3, 2, 1)), 50)

@@ -1,45 +1,15 @@
 """End-to-end: experiments.voc_cls / experiments.caltech101 on tiny workdirs, TFDS mock data, errors."""
-import dataclasses
 import json
 import os
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
 from experiments import caltech101 as caltech_main
 from experiments import voc_cls as voc_main
-from spp_jax.train.checkpoint import Checkpointer
-from spp_jax.train.config import get_config
-from spp_jax.train.config import build_model
-from spp_jax.train.state import create_state, optimizer_from_config
 from spp_jax.transfer import datasets as D
-
-
-def _make_workdir(path: str, spp: bool, seed: int) -> str:
-    """A `make train`-style workdir (config.json, an orbax checkpoint, mean_image.npy) holding a
-    tiny randomly initialised net: what the transfer experiments read, without training time."""
-    cfg = get_config("embedded", ["width=0.05", "fc_dim=16", "sizes=224", "size_schedule=single",
-                                  f"spp={str(spp).lower()}", "compile_cache_dir=none"])
-    model = build_model(cfg, 10)
-    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 224, 224, 3)))["params"]
-    rng = np.random.default_rng(seed)
-
-    def fill(p, s):
-        fan_in = np.prod(s.shape[:-1]) if len(s.shape) > 1 else 1
-        std = np.sqrt(2 / fan_in) if jax.tree_util.keystr(p).endswith("['kernel']") else 0.1
-        return jnp.asarray(rng.normal(0, std, s.shape), s.dtype)
-
-    params = jax.tree_util.tree_map_with_path(fill, shapes)
-    ckpt = Checkpointer(os.path.join(path, "checkpoints"), 1, async_save=False)
-    ckpt.save(1, create_state(params, optimizer_from_config(cfg, 1)), {"epoch": 1})
-    ckpt.close()
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(dataclasses.asdict(cfg), f)
-    np.save(os.path.join(path, "mean_image.npy"), np.full((256, 256, 3), 110.0, np.float32))
-    return path
+from workdirs import make_workdir as _make_workdir
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +40,7 @@ def test_voc_cls_entry_point_and_resume(workdirs, tmp_path, capsys):
     assert "| SPP pool5 | – |" in md  # the no-SPP net has no pyramid
     assert os.path.getsize(os.path.join(out, "voc_cls.png")) > 1000
     assert json.load(open(os.path.join(out, "voc_cls.json")))["table"] == "6"
+    assert data["mean"] == "constant" and "subtracting the constant 128" in md  # Appendix A
     assert "| fc7 |" in capsys.readouterr().out
     # A second run reads every feature from the cache and gives the same table.
     again = voc_main.main(args)
@@ -127,3 +98,10 @@ def test_shapes_voc_labels_rule():
     ex = {"objects": {"label": np.array([2, 5, 5, 7]), "difficult": np.array([False, True, False, True])}}
     y = D.voc_labels_from_shapes(ex, 10)
     assert y.tolist() == [-1, -1, 1, -1, -1, 1, -1, 0, -1, -1]
+
+
+def test_paper_defaults_full_side_per_backbone_and_ten_splits():
+    import inspect
+    from spp_jax.transfer import run
+    assert run.voc_settings("zf5")[-1] == "spp_full392" and run.voc_settings("overfeat7")[-1] == "spp_full364"
+    assert inspect.signature(run.run_caltech).parameters["splits"].default == 10

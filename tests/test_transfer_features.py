@@ -9,6 +9,7 @@ import pytest
 import spp_jax
 from spp_jax import models
 from spp_jax.roi import roi_pool_cells
+from spp_jax.serve import Server
 from spp_jax.transfer.features import FeatureExtractor, Setting
 
 KW = dict(num_classes=5, width=0.05, fc_dim=8, init_scheme="he", input_scale=1 / 58)
@@ -54,7 +55,7 @@ def test_setting_names():
 
 def test_feature_shapes_per_layer(spp_net, nospp_net):
     m, v = spp_net
-    fx = FeatureExtractor(m, v, MEAN, batch_size=4)
+    fx = FeatureExtractor(Server(m, v, MEAN), batch_size=4)
     c5 = m.channels
     c4 = [s for s in spp_jax.models.scaled_specs("zf5", 0.05) if getattr(s, "name", "") == "conv4"][0].features
     f = fx.features(_images(5), Setting.parse("spp_crop224"))
@@ -71,7 +72,7 @@ def test_feature_shapes_per_layer(spp_net, nospp_net):
     np.testing.assert_allclose(got["conv5"][0], np.asarray(ref["conv"][0]).reshape(-1), rtol=1e-5, atol=1e-6)
 
     mn, vn = nospp_net
-    fn = FeatureExtractor(mn, vn, MEAN, batch_size=4)
+    fn = FeatureExtractor(Server(mn, vn, MEAN), batch_size=4)
     assert "spp_pool5" not in fn.layers
     g = fn.features([img], Setting.parse("nospp_crop224"), layers=("pool5", "fc6", "fc7"))
     refn = _reference(mn, vn, img)
@@ -85,7 +86,7 @@ def test_feature_shapes_per_layer(spp_net, nospp_net):
 
 def test_full_image_buckets_match_unpadded(spp_net):
     m, v = spp_net
-    fx = FeatureExtractor(m, v, MEAN, full_batch_size=4)
+    fx = FeatureExtractor(Server(m, v, MEAN), full_batch_size=4)
     s = Setting.parse("spp_full224")
     # 224 x 336 is its own bucket; 224 x 300 is padded into the same 224 x 336 bucket.
     exact, padded = _images(2, seed=2, hw=((224, 336), (224, 300)))
@@ -101,13 +102,15 @@ def test_full_image_buckets_match_unpadded(spp_net):
     grid = roi_pool_cells(fmap, jnp.array([[0, 0, w - 1, h - 1]]), levels=(13,))[0]
     np.testing.assert_allclose(f["conv5"][1], grid, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(f["pool5"][1], ref["pooled"][0][:36 * m.channels], rtol=1e-5, atol=1e-6)
-    # The padded image pools only its own map region: same size as its unpadded pyramid.
-    assert np.all(np.isfinite(f["fc7"][0]))
+    # The padded image gives exactly what the unpadded network gives for it (masked maps).
+    ref_p = _reference(m, v, padded)
+    np.testing.assert_allclose(f["spp_pool5"][0], ref_p["pooled"][0], rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(f["fc7"][0], ref_p["fc7"][0], rtol=1e-4, atol=1e-5)
 
 
 def test_feature_cache_round_trip_and_resume(tmp_path, spp_net):
     m, v = spp_net
-    fx = FeatureExtractor(m, v, MEAN, batch_size=4)
+    fx = FeatureExtractor(Server(m, v, MEAN), batch_size=4)
     s = Setting.parse("spp_crop224")
     imgs = _images(7, seed=3)
     layers = ("pool5", "fc7")

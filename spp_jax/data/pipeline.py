@@ -195,17 +195,18 @@ def _load(source: Any, index: int, cfg: AugmentConfig) -> tuple[np.ndarray | Non
     return _limit_aspect(img, cfg.max_aspect), label
 
 
-class _MeanCache:
-    """The mean warped to a given (h, w), cached (sizes are few)."""
+class MeanCache:
+    """The mean to subtract from an (h, w) input: None -> 0, a number or a (3,) colour as is,
+    a (Hm, Wm, 3) mean image warped to (h, w), cached (sizes are few)."""
 
-    def __init__(self, mean: np.ndarray | None):
+    def __init__(self, mean: np.ndarray | float | None):
         self._mean = None if mean is None else np.asarray(mean, np.float32)
         self._cache: dict[tuple[int, int], np.ndarray] = {}
 
     def __call__(self, hw: tuple[int, int]) -> np.ndarray | float:
         if self._mean is None:
             return 0.0
-        if self._mean.ndim == 1:
+        if self._mean.ndim <= 1:
             return self._mean
         out = self._cache.get(hw)
         if out is None:
@@ -252,7 +253,7 @@ def train_augment(
     else:
         img = img.astype(np.float32)
     if mean_for is None:
-        mean_for = _MeanCache(cfg.mean)
+        mean_for = MeanCache(cfg.mean)
     return np.ascontiguousarray(img - mean_for((size, size)), dtype=np.float32)
 
 
@@ -303,7 +304,8 @@ class _TrainSample:
         self.samples_per_epoch = samples_per_epoch
         self.batch_size = batch_size
         self.n = len(source)
-        self.mean_for = _MeanCache(cfg.mean)
+        self.shard_len = self.n // process_count
+        self.mean_for = MeanCache(cfg.mean)
 
     def order(self, epoch: int) -> grain.MapDataset:
         """All source indices in ``epoch``'s order (a permutation of range(N))."""
@@ -557,7 +559,7 @@ class _EvalSample:
         self.cfg = cfg
         self.view = view
         self.pad_to = pad_to
-        self.mean_for = _MeanCache(cfg.mean)
+        self.mean_for = MeanCache(cfg.mean)
 
     def __call__(self, index: int) -> dict[str, Any]:
         index = int(index)

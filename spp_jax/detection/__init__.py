@@ -1,4 +1,7 @@
-"""Detection utilities: box geometry, non-maximum suppression, VOC evaluation.
+"""SPP-net detection, the reusable pieces: boxes, NMS, VOC evaluation, records, proposals, scales,
+window features (through :mod:`spp_jax.serve`) and their per-image cache, fine-tuning, SVMs, box
+regression, R-CNN mode and the detector. Assembling Tables 9 and 12 is the experiment's job
+(``experiments/voc_det.py``).
 
 Boxes everywhere are ``(..., 4)`` arrays of ``(x1, y1, x2, y2)`` in 0-based
 inclusive pixel corners (width ``x2 - x1 + 1``); see
@@ -67,7 +70,8 @@ from spp_jax.detection.records import RecordSource, load_records, tfds_bbox_to_p
 from spp_jax.detection.scales import SCALES_1, SCALES_5, SCALES_5_RELEASED, choose_scales  # noqa: E402
 from spp_jax.detection.proposals import (ProposalSettings, compute_proposals,  # noqa: E402
                                          load_proposal_file, selective_search)
-from spp_jax.detection.features import FeatureCache, SPPExtractor, cache_features, fc_features  # noqa: E402
+from spp_jax.detection.cache import CachedImage, FeatureCache, cache_features  # noqa: E402
+from spp_jax.detection.features import SPPExtractor  # noqa: E402
 # (the finetune() function is not re-exported: it would shadow the finetune submodule)
 from spp_jax.detection.finetune import FinetuneConfig, window_labels  # noqa: E402
 from spp_jax.detection.bbox_reg import BBoxRegressor, fit_ridge, train_bbox_regressors  # noqa: E402
@@ -78,7 +82,7 @@ from spp_jax.detection.detector import (LAYERS, Detector, DetectorConfig,  # noq
 __all__ += [
     "RecordSource", "load_records", "tfds_bbox_to_pixels", "SCALES_1", "SCALES_5", "SCALES_5_RELEASED",
     "choose_scales", "ProposalSettings", "compute_proposals", "load_proposal_file", "selective_search",
-    "FeatureCache", "SPPExtractor", "cache_features", "fc_features", "FinetuneConfig",
+    "CachedImage", "FeatureCache", "SPPExtractor", "cache_features", "FinetuneConfig",
     "window_labels", "BBoxRegressor", "fit_ridge", "train_bbox_regressors", "RCNNExtractor",
     "time_windows", "warp_windows", "LAYERS", "Detector", "DetectorConfig", "test_detector", "test_combined",
     "train_detector",

@@ -101,13 +101,14 @@ def train_bbox_regressors(entries, num_classes: int, feat_scale: float, lam: flo
     """Fit one ridge regressor per class from cached images.
 
     Args:
-      entries: iterable of FeatureCache entries (pool5, boxes, gt_boxes, gt_labels).
+      entries: iterable of :class:`~spp_jax.detection.cache.CachedImage` (pool5, boxes, gt_boxes,
+        gt_labels are read).
       num_classes: K; feat_scale: pool5 multiplier (the SVM's mean-norm-20 scale).
     """
     xs, cs, ts = [], [], []
     for e in entries:
-        rows, cls, t = regression_samples(e["boxes"], e["gt_boxes"], e["gt_labels"], min_iou)
-        xs.append(np.asarray(e["pool5"], np.float32)[rows])
+        rows, cls, t = regression_samples(e.boxes, e.gt_boxes, e.gt_labels, min_iou)
+        xs.append(np.asarray(e.pool5, np.float32)[rows])
         cs.append(cls)
         ts.append(t)
     X = np.concatenate(xs) * feat_scale if xs else np.zeros((0, 1), np.float32)

@@ -19,8 +19,9 @@ evaluates VOC 2007 11-point AP per class and mAP. :func:`test_combined` does
 the same for several detectors at once, NMS running on the union of their
 scored windows (the paper's model combination, Table 12).
 
-Both take a :class:`~spp_jax.detection.features.FeatureCache` (entries hold
-windows, pool5 and the ground truth), so they never touch images.
+Both take a :class:`~spp_jax.detection.cache.FeatureCache` (its
+:class:`~spp_jax.detection.cache.CachedImage` entries hold windows, pool5 and the
+ground truth), so they never touch images.
 """
 from __future__ import annotations
 
@@ -36,10 +37,11 @@ import numpy as np
 
 from spp_jax.detection.bbox_reg import DEFAULT_LAMBDA, BBoxRegressor, train_bbox_regressors
 from spp_jax.detection.boxes import pairwise_iou
-from spp_jax.detection.features import fc_features
+from spp_jax.detection.cache import CachedImage
 from spp_jax.detection.nms import multiclass_nms
 from spp_jax.detection.records import log_empty
 from spp_jax.detection.voc_eval import detections_by_class, mean_ap
+from spp_jax.serve import fc_layers
 from spp_jax.svm import mean_norm_scale, mine_hard_negatives
 
 log = logging.getLogger(__name__)
@@ -112,7 +114,7 @@ def layer_features(pool5: np.ndarray, layer: str, head: dict | None) -> np.ndarr
         return np.asarray(pool5, np.float32)
     if head is None:
         raise ValueError(f"layer {layer} needs fc parameters (head=...)")
-    return fc_features(head, pool5, layer[-3:])
+    return fc_layers(head, pool5, logits=False)[layer[-3:]]
 
 
 def _greedy_dedup(cand: np.ndarray, over: np.ndarray) -> np.ndarray:
@@ -176,29 +178,28 @@ def train_detector(cache, layer: str, num_classes: int, *, head: dict | None = N
         raise ValueError("the training feature cache is empty")
     t_feat = 0.0
 
-    def feats(e):
+    def feats(pool5):
         nonlocal t_feat
         t0 = time.perf_counter()
-        f = layer_features(e["pool5"], layer, head)
+        f = layer_features(pool5, layer, head)
         t_feat += time.perf_counter() - t0
         return f
 
     # One scale for all features: mean L2 norm 20 over a sample of images.
-    sample = [feats(cache.load(i)) for i in ids[:c.norm_sample_images]]
+    sample = [feats(cache.load(i).pool5) for i in ids[:c.norm_sample_images]]
     scale = mean_norm_scale(np.concatenate(sample), c.feat_norm)
     pos_x, pos_y = [], []
     for i in ids:
         e = cache.load(i)
-        g = e["num_gt"]
-        if len(e["gt_boxes"]) == 0:
+        if len(e.gt_boxes) == 0:
             log_empty({"image_id": i}, "used for negatives only")
             continue
-        keep = np.flatnonzero(~np.asarray(e["gt_difficult"], bool)[:g])
+        keep = np.flatnonzero(~np.asarray(e.gt_difficult, bool)[:e.num_gt])
         if keep.size == 0:
             continue
-        f = feats({"pool5": e["pool5"][keep]}) * scale
+        f = feats(e.pool5[keep]) * scale
         y = -np.ones((num_classes, len(keep)), np.int8)
-        y[np.asarray(e["gt_labels"])[keep], np.arange(len(keep))] = 1
+        y[np.asarray(e.gt_labels)[keep], np.arange(len(keep))] = 1
         pos_x.append(f)
         pos_y.append(y)
     if not pos_x:
@@ -209,9 +210,9 @@ def train_detector(cache, layer: str, num_classes: int, *, head: dict | None = N
     def images():
         for i in ids:
             e = cache.load(i)
-            lab = _negative_labels(e["boxes"], e["gt_boxes"], e["gt_labels"], e["gt_difficult"],
+            lab = _negative_labels(e.boxes, e.gt_boxes, e.gt_labels, e.gt_difficult,
                                    num_classes, c.neg_iou, c.neg_dedup_iou)
-            yield feats(e) * scale, lab
+            yield feats(e.pool5) * scale, lab
 
     t0 = time.perf_counter()
     res = mine_hard_negatives(images(), positives=(Xp, Yp), C=c.C, pos_weight=c.pos_weight,
@@ -222,7 +223,7 @@ def train_detector(cache, layer: str, num_classes: int, *, head: dict | None = N
     t_bb = 0.0
     if bbox_reg:
         t1 = time.perf_counter()
-        p5 = np.concatenate([cache.load(i)["pool5"] for i in ids[:c.norm_sample_images]])
+        p5 = np.concatenate([cache.load(i).pool5 for i in ids[:c.norm_sample_images]])
         bbox = train_bbox_regressors((cache.load(i) for i in ids), num_classes,
                                      mean_norm_scale(p5, c.feat_norm), c.bbox_lambda)
         t_bb = time.perf_counter() - t1
@@ -233,20 +234,20 @@ def train_detector(cache, layer: str, num_classes: int, *, head: dict | None = N
     return Detector(layer, num_classes, res.weights, res.biases, float(scale), head, bbox, c, timing)
 
 
-def score_windows(det: Detector, entry: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def score_windows(det: Detector, entry: CachedImage) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """SVM scores of one cached test image's proposals.
 
     Returns (boxes (R, 4) float32, scores (R, K) float32, rows (R,) int64: the rows of
     ``entry`` they came from, for pool5 look-ups) and the fc seconds.
     """
-    rows = np.arange(entry["num_gt"], len(entry["boxes"]))  # proposals only
+    rows = entry.proposal_rows
     if rows.size == 0:
         return (np.zeros((0, 4), np.float32), np.zeros((0, det.num_classes), np.float32), rows), 0.0
     t0 = time.perf_counter()
-    f = layer_features(entry["pool5"][rows], det.layer, det.head) * det.feat_scale
+    f = layer_features(entry.pool5[rows], det.layer, det.head) * det.feat_scale
     t_fc = time.perf_counter() - t0
     scores = (f @ det.weights.T + det.biases[None, :]).astype(np.float32)  # (R, K)
-    return (np.asarray(entry["boxes"][rows], np.float32), scores, rows), t_fc
+    return (np.asarray(entry.boxes[rows], np.float32), scores, rows), t_fc
 
 
 def select_detections(boxes, scores, config: DetectorConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -291,7 +292,7 @@ def _select(boxes, scores, num_valid, thresh, *, pre_nms: int, max_per_image: in
                           max_per_image=max_per_image)
 
 
-def detect_image(det: Detector, entry: dict, use_bbox_reg: bool = False) -> tuple:
+def detect_image(det: Detector, entry: CachedImage, use_bbox_reg: bool = False) -> tuple:
     """Detections of one cached test image -> (boxes (n, 4), scores (n,), labels (n,)), timing dict."""
     return combine_image([det], [entry], use_bbox_reg)
 
@@ -339,7 +340,7 @@ def combine_image(dets: list, entries: list, use_bbox_reg: bool = False) -> tupl
                 raise ValueError("this detector has no box regressors (train with bbox_reg=True)")
             sel = np.flatnonzero(own[idx] == m)
             if sel.size:
-                b[sel] = det.bbox.refine(e["pool5"][row[idx[sel]]], b[sel], lab[sel], e["image_hw"])
+                b[sel] = det.bbox.refine(e.pool5[row[idx[sel]]], b[sel], lab[sel], e.image_hw)
     return (b.astype(np.float32), s, lab), {"fc_s": t_fc, "score_s": time.perf_counter() - t1}
 
 
@@ -369,7 +370,7 @@ def test_combined(dets: list, caches: list, *, use_bbox_reg: bool = False,
     for i in ids:
         entries = [c.load(i) for c in caches]
         e = entries[0]
-        gt[i] = {"boxes": e["gt_boxes"], "labels": e["gt_labels"], "difficult": e["gt_difficult"]}
+        gt[i] = {"boxes": e.gt_boxes, "labels": e.gt_labels, "difficult": e.gt_difficult}
         per_image[i], t = combine_image(dets, entries, use_bbox_reg)
         t_fc += t["fc_s"]
         t_score += t["score_s"]

@@ -129,18 +129,18 @@ def gather_windows(entries, max_bg_per_image: int | None = None, seed: int = 0
                    ) -> tuple[np.ndarray, np.ndarray]:
     """Foreground + background windows of cached images -> (X (N, D) float32, y (N,) int32).
 
-    ``entries``: iterable of :class:`FeatureCache` entries (pool5, boxes, gt_boxes, gt_labels).
+    ``entries``: iterable of :class:`~spp_jax.detection.cache.CachedImage`.
     """
     rng = np.random.default_rng(seed)
     xs, ys = [], []
     for e in entries:
-        lab, _ = window_labels(e["boxes"], e["gt_boxes"], e["gt_labels"])
+        lab, _ = window_labels(e.boxes, e.gt_boxes, e.gt_labels)
         fg = np.flatnonzero(lab > 0)
         bg = np.flatnonzero(lab == 0)
         if max_bg_per_image is not None and len(bg) > max_bg_per_image:
             bg = rng.choice(bg, max_bg_per_image, replace=False)
         keep = np.concatenate([fg, bg])
-        xs.append(e["pool5"][keep])
+        xs.append(e.pool5[keep])
         ys.append(lab[keep])
     if not xs:
         raise ValueError("no images to fine-tune on")
@@ -253,7 +253,7 @@ def finetune_arrays(X: np.ndarray, y: np.ndarray, pretrained: dict, num_classes:
 
 def finetune(cache, pretrained: dict, num_classes: int, config: FinetuneConfig = FinetuneConfig(),
              flips: bool = False, log_fn: Callable[[str], None] | None = None) -> FinetuneResult:
-    """Fine-tune fc6/fc7/fc8 on a trainval :class:`~spp_jax.detection.features.FeatureCache`.
+    """Fine-tune fc6/fc7/fc8 on a trainval :class:`~spp_jax.detection.cache.FeatureCache`.
 
     A random ``holdout_fraction`` of the cached images (at least one when there
     are >= 2) is held out for checkpoint selection. ``flips``: also train on the

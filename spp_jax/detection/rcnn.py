@@ -4,30 +4,24 @@ Each window is enlarged so that, after warping to 224 x 224, it has 16 pixels
 of context on every side (R-CNN's "padding 16" warp: the box is scaled about
 its centre by 224 / (224 - 2 * 16)), cropped and warped anisotropically to
 224 x 224 (parts of the enlarged window outside the image are filled with
-the mean colour, i.e. zero after mean subtraction, as R-CNN's
-``rcnn_im_crop`` does; R-CNN also rounds the enlarged window to whole pixels,
-where the affine warp here keeps it exact), mean-subtracted and run through
-the conv layers in fixed-size
-batches (one compiled program). pool5 is the SPP pooling of the 13 x 13 conv5
-map with the model's own levels, so the same fc6/fc7 (pretrained or
-fine-tuned), SVM and box-regression code apply to both modes.
+the mean colour, as R-CNN's ``rcnn_im_crop`` does; R-CNN also rounds the
+enlarged window to whole pixels, where the affine warp here keeps it exact),
+minus the mean and run through the conv layers in fixed-size batches (one
+compiled program) by the serving layer (:class:`spp_jax.serve.Server`). pool5
+is the model's own pooling of the 13 x 13 conv5 map, so the same fc6/fc7
+(pretrained or fine-tuned), SVM and box-regression code apply to both modes.
 
 :func:`time_windows` can time a subset of an image's windows and extrapolate
 linearly to all of them (it reports that it did).
 """
 from __future__ import annotations
 
-import dataclasses
 import time
-from typing import Any
 
 import cv2
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from spp_jax.detection.features import DEFAULT_MEAN_RGB, params_fingerprint
-from spp_jax.models import SPPNet
+from spp_jax.serve import Server
 
 __all__ = ["context_boxes", "warp_windows", "RCNNExtractor", "time_windows"]
 
@@ -48,10 +42,11 @@ def context_boxes(boxes, crop: int = CROP, padding: int = PADDING) -> np.ndarray
     return np.stack([cx - hw, cy - hh, cx + hw, cy + hh], axis=1)
 
 
-def warp_windows(image: np.ndarray, boxes, mean=DEFAULT_MEAN_RGB, crop: int = CROP,
-                 padding: int = PADDING) -> np.ndarray:
-    """(H, W, 3) uint8 image, (R, 4) boxes -> (R, crop, crop, 3) float32 mean-subtracted warps."""
-    img = image.astype(np.float32) - np.asarray(mean, np.float32)
+def warp_windows(image: np.ndarray, boxes, fill=0.0, crop: int = CROP, padding: int = PADDING) -> np.ndarray:
+    """(H, W, 3) uint8 image, (R, 4) boxes -> (R, crop, crop, 3) float32 warps, 0..255 units
+    (the mean is not subtracted); outside the image: ``fill`` (a number or an RGB colour)."""
+    img = image.astype(np.float32)
+    border = tuple(float(v) for v in np.broadcast_to(np.asarray(fill, np.float64), (3,)))
     rects = context_boxes(boxes, crop, padding)
     out = np.empty((len(rects), crop, crop, 3), np.float32)
     for i, (x0, y0, x1, y1) in enumerate(rects):
@@ -59,47 +54,31 @@ def warp_windows(image: np.ndarray, boxes, mean=DEFAULT_MEAN_RGB, crop: int = CR
         # Affine map of pixel centres: edge x0 -> 0, edge x1 -> crop (cv2 uses centre coordinates).
         m = np.array([[sx, 0, 0.5 * sx - 0.5 - sx * x0], [0, sy, 0.5 * sy - 0.5 - sy * y0]], np.float64)
         out[i] = cv2.warpAffine(img, m, (crop, crop), flags=cv2.INTER_LINEAR,
-                                borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+                                borderMode=cv2.BORDER_CONSTANT, borderValue=border)
     return out
 
 
-@dataclasses.dataclass
 class RCNNExtractor:
-    """pool5 of warped windows (same interface as :class:`~spp_jax.detection.features.SPPExtractor`).
+    """pool5 of warped windows (the interface of :class:`~spp_jax.detection.features.SPPExtractor`).
 
-    Attributes:
-      model, variables: an SPPNet and its variables; mean: (3,) RGB mean;
-      batch: windows per conv call (the last batch is zero-padded).
+    Args:
+      server: the network, its variables and mean (:class:`~spp_jax.serve.Server`).
+      batch: windows per conv call (the last batch is padded).
     """
 
-    model: SPPNet
-    variables: Any
-    mean: Any = None
-    batch: int = 32
-    scales: tuple = (CROP,)
+    kind = "rcnn"
+    scales = (CROP,)
 
-    def __post_init__(self):
-        self.mean = DEFAULT_MEAN_RGB if self.mean is None else np.asarray(self.mean, np.float32)
-        model = self.model
-
-        def run(v, x):
-            fmap = model.apply(v, x, method=SPPNet.conv_map)
-            return model.apply(v, fmap, method=SPPNet.pool_map)
-
-        self._run = jax.jit(run)
-        self.conv_shapes = {(self.batch, CROP, CROP, 3)}
-        self.pool_shapes: set = set()
+    def __init__(self, server: Server, batch: int = 32):
+        self.server, self.model, self.batch = server, server.model, batch
         self.stats = {"images": 0, "conv_s": 0.0, "pool_s": 0.0, "warp_s": 0.0, "windows": 0, "unique": 0}
 
     @property
-    def kind(self) -> str:
-        return "rcnn"
+    def dim(self) -> int:
+        return self.model.pooled_dim
 
     def key(self) -> dict:
-        return {"kind": "rcnn", "arch": self.model.arch, "width": self.model.width, "crop": CROP,
-                "padding": PADDING, "levels": list(self.model.levels),
-                "mean": [round(float(m), 3) for m in self.mean],
-                "params": params_fingerprint(self.variables["params"]["backbone"])}
+        return {"kind": "rcnn", "net": self.server.fingerprint, "crop": CROP, "padding": PADDING}
 
     def pool5(self, image: np.ndarray, boxes, flip: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """(R, 4) windows -> pool5 (R, D) float32, scale_idx (R,) zeros."""
@@ -108,16 +87,14 @@ class RCNNExtractor:
             raise ValueError("no windows to pool (empty box list)")
         if flip:
             image = image[:, ::-1]
+        sv = self.server
         outs = []
         t_warp = t_net = 0.0
         for i in range(0, len(boxes), self.batch):
             t0 = time.perf_counter()
-            x = warp_windows(image, boxes[i:i + self.batch], self.mean)
-            m = len(x)
-            if m < self.batch:
-                x = np.concatenate([x, np.zeros((self.batch - m,) + x.shape[1:], np.float32)])
+            views = [sv.subtract_mean(w) for w in warp_windows(image, boxes[i:i + self.batch], sv.mean_colour)]
             t1 = time.perf_counter()
-            outs.append(np.asarray(self._run(self.variables, jnp.asarray(x)))[:m])
+            outs.append(np.asarray(sv.pooled(sv.conv(sv.batch(views, size=self.batch))))[:len(views)])
             t_warp += t1 - t0
             t_net += time.perf_counter() - t1
         st = self.stats

@@ -14,10 +14,10 @@ from typing import Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from spp_jax.data import augment
 from spp_jax.data.pipeline import AugmentConfig, EvalIterator, _load
 from spp_jax.evaluate.scoring import Scorer
-from spp_jax.evaluate.views import MULTIVIEW_SCALES, bucket_shape, nine_windows
+from spp_jax.evaluate.views import MULTIVIEW_SCALES, nine_windows
+from spp_jax.serve import Server
 
 log = logging.getLogger(__name__)
 
@@ -91,12 +91,11 @@ def _map_views(scorer: Scorer, img: np.ndarray, cfg: AugmentConfig, scales: Sequ
     full = None
     todo = sorted(set(scales) | {cfg.resize_side}) if want_multiview else [cfg.resize_side]
     for s in todo:
-        im = augment.resize_shorter(img, s)
-        h, w = im.shape[:2]
-        x = augment.subtract_mean(im, cfg.mean)
+        x = scorer.server.prepare(img, s)  # shorter side s, minus the mean (image)
+        h, w = x.shape[:2]
         is_full_scale = s == cfg.resize_side
         boxes = nine_windows(h, w, cfg.crop_size) if (want_multiview and s in scales) else np.zeros((0, 4))
-        p = scorer.score_windows(x, boxes, bucket_shape(h, w, s), _SLOTS, include_full=is_full_scale)
+        p = scorer.score_windows(x, boxes, scorer.server.bucket(h, w, s), _SLOTS, include_full=is_full_scale)
         if is_full_scale:
             full = p[:, -1]  # (2, classes): the full image and its flip
             p = p[:, :-1]
@@ -136,7 +135,7 @@ def evaluate(model, variables, source, *, protocols: Sequence[str] = PROTOCOLS,
         if dropped:
             log.info("no-SPP model: skipping %s (they need pooling of arbitrary maps)", dropped)
         protocols = [p for p in protocols if p not in dropped]
-    scorer = Scorer(model, variables)
+    scorer = Scorer(Server(model, variables, cfg.mean))
     results: dict[str, ProtocolResult] = {}
     for name, view in (("1crop", "center"), ("10view", "ten")):
         if name in protocols:

@@ -8,7 +8,9 @@
   conv maps of the image and of its flip (18 views; only 6 distinct at s=224,
   where the image is 224 pixels tall or wide), plus 2 full views.
 
-Boxes are (x1, y1, x2, y2), 0-based inclusive pixels of the resized image.
+Boxes are (x1, y1, x2, y2), 0-based inclusive pixels of the resized image. The
+full and multi-view protocols run on bucket-padded images through
+:class:`spp_jax.serve.Server`, whose masking makes them exact.
 """
 from __future__ import annotations
 
@@ -30,32 +32,3 @@ def nine_windows(h: int, w: int, size: int = 224) -> np.ndarray:
     xs = sorted({0, (w - size) // 2, w - size})
     ys = sorted({0, (h - size) // 2, h - size})
     return np.array([[x, y, x + size - 1, y + size - 1] for y in ys for x in xs], np.int32)
-
-
-def bucket_shape(h: int, w: int, scale: int, step: float = 0.5) -> tuple[int, int]:
-    """Padded (H, W) for an image resized to shorter side ``scale``.
-
-    The longer side is rounded up to a multiple of ``step * scale`` so images of
-    any aspect ratio share a few static shapes per scale (one compiled program
-    each): with step 0.5 and aspect ratios up to 2, the shapes are s x s,
-    s x 1.5s, s x 2s and their transposes.
-    """
-    q = max(1, int(round(step * scale)))
-    ph, pw = -(-h // q) * q, -(-w // q) * q
-    return max(ph, h), max(pw, w)
-
-
-def pad_image(img: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Zero-pad a mean-subtracted (h, w, 3) float image at the bottom/right to ``shape``.
-
-    Zero is the mean colour after mean subtraction, and the conv layers pad with
-    zeros too, so the first layer sees the padded border as it sees its own
-    padding; deeper cells next to the border can still differ slightly from an
-    unpadded run (documented in the README), the price of static shapes.
-    """
-    h, w = img.shape[:2]
-    if shape[0] < h or shape[1] < w:
-        raise ValueError(f"cannot pad a {h}x{w} image to {shape}")
-    out = np.zeros(tuple(shape) + img.shape[2:], np.float32)
-    out[:h, :w] = img
-    return out

@@ -12,15 +12,22 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from spp_jax import bins as B
 from spp_jax.config_grammar import check_value
 from spp_jax.geometry import Geometry, geometry_from_layers
 from spp_jax.models import layers as L
+from spp_jax.models import masking as M
 from spp_jax.models.backbones import BACKBONES, NO_SPP_POOL, check_name
 from spp_jax.pooling import pool as spp_pool
+from spp_jax.roi import roi_pool_cells
 
 INITS = ("paper", "he")
+# The released ZF-5 definition (model-defs/Zeiler_conv5.prototxt) initialises these biases
+# to the constant 1 and every other bias to 0 (SPP_FACTS section 3). Layers the released net
+# does not have (Overfeat-7's conv6, conv7) get 0, as "elsewhere".
+PAPER_BIAS_ONE = ("conv2", "conv4", "conv5", "fc6", "fc7", "fc8")
 
 
 def _kernel_init(init: str):
@@ -29,6 +36,13 @@ def _kernel_init(init: str):
     if init == "he":
         return nn.initializers.variance_scaling(2.0, "fan_in", "normal")
     raise ValueError(f"unknown init {init!r}; valid: {', '.join(INITS)}")
+
+
+def _bias_init(init: str, name: str):
+    """The released biases under "paper" (1 on PAPER_BIAS_ONE, else 0); zeros under "he"."""
+    if init == "paper" and name in PAPER_BIAS_ONE:
+        return nn.initializers.constant(1.0)
+    return nn.initializers.zeros
 
 
 def scaled_specs(name: str, width: float = 1.0) -> tuple:
@@ -57,33 +71,55 @@ def map_size(name: str, side: int) -> int:
 
 
 class Backbone(nn.Module):
-    """Conv layers of a Table-1 model: (B, H, W, 3) images -> (B, h, w, C) last conv map."""
+    """Conv layers of a Table-1 model: (B, H, W, 3) images -> (B, h, w, C) last conv map.
+
+    With ``valid_hw`` ((B, 2) int, each image's real height and width inside a batch
+    padded at the bottom/right) every layer's output beyond that image's extent is set
+    to zero (:mod:`spp_jax.models.masking`), so the valid cells equal the unpadded
+    network's exactly; the call then returns ``(map, map_hw)`` with ``map_hw`` (B, 2)
+    int32 the valid map size per image. Without it nothing is masked or computed.
+
+    Each conv layer's output (after ReLU, masked) is sown into the ``"intermediates"``
+    collection as ``<layer name>_out``: free unless that collection is made mutable
+    (``apply(..., mutable=["intermediates"])``), which is how the serving layer reads
+    the last two conv maps in one pass.
+    """
 
     specs: tuple
     init_scheme: str = "paper"
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, valid_hw=None):
+        if valid_hw is not None:
+            valid_hw = jnp.asarray(valid_hw, jnp.int32)
+            x = M.mask_beyond(x, valid_hw)  # whatever the padding held, it is zero now
         for s in self.specs:
             if isinstance(s, L.Conv):
                 x = nn.Conv(s.features, (s.kernel, s.kernel), (s.stride, s.stride),
                             padding=((s.pad, s.pad), (s.pad, s.pad)), name=s.name,
-                            kernel_init=_kernel_init(self.init_scheme), bias_init=nn.initializers.zeros,
-                            dtype=self.dtype)(x)
+                            kernel_init=_kernel_init(self.init_scheme),
+                            bias_init=_bias_init(self.init_scheme, s.name), dtype=self.dtype)(x)
                 x = nn.relu(x)
             elif isinstance(s, L.Pool):
                 x = L.max_pool(x, s)
             else:
                 x = L.lrn(x, s)
-        return x
+            if valid_hw is not None:
+                valid_hw = M.out_extent(s, valid_hw)
+                if not isinstance(s, L.LRN):  # LRN maps zeros to zeros: no mask needed after it
+                    x = M.mask_beyond(x, valid_hw)
+            if isinstance(s, L.Conv):
+                self.sow("intermediates", s.name + "_out", x)  # (the layer's own name is its scope)
+        return x if valid_hw is None else (x, valid_hw)
 
 
 class Head(nn.Module):
     """fc6 -> ReLU -> dropout -> fc7 -> ReLU -> dropout -> fc8 on pooled vectors.
 
     Returns a dict with ``fc6``, ``fc7`` (after ReLU, before dropout: the features
-    the paper's SVMs use) and ``logits``.
+    the paper's SVMs use) and ``logits``; :meth:`features` stops after fc7 (and
+    needs no fc8 parameters).
     """
 
     num_classes: int
@@ -92,17 +128,28 @@ class Head(nn.Module):
     init_scheme: str = "paper"
     dtype: Any = jnp.float32
 
-    @nn.compact
-    def __call__(self, x, train: bool = False):
-        dense = lambda n, name, k: nn.Dense(n, name=name, kernel_init=k, dtype=self.dtype,
-                                            bias_init=nn.initializers.zeros)
-        fc6 = nn.relu(dense(self.fc_dim, "fc6", _kernel_init(self.init_scheme))(x))
-        h = nn.Dropout(self.dropout, deterministic=not train)(fc6)
-        fc7 = nn.relu(dense(self.fc_dim, "fc7", _kernel_init(self.init_scheme))(h))
-        h = nn.Dropout(self.dropout, deterministic=not train)(fc7)
+    def setup(self):
+        def dense(n, name, kernel_init):
+            return nn.Dense(n, kernel_init=kernel_init, bias_init=_bias_init(self.init_scheme, name),
+                            dtype=self.dtype)
+        self.fc6 = dense(self.fc_dim, "fc6", _kernel_init(self.init_scheme))
+        self.fc7 = dense(self.fc_dim, "fc7", _kernel_init(self.init_scheme))
         # fc8 is a linear classifier: Gaussian std 0.01 under both inits.
-        logits = dense(self.num_classes, "fc8", nn.initializers.normal(0.01))(h)
-        return {"fc6": fc6, "fc7": fc7, "logits": logits}
+        self.fc8 = dense(self.num_classes, "fc8", nn.initializers.normal(0.01))
+        # The names an @nn.compact Head gave its dropouts: the dropout masks (which fold in
+        # the module path) stay those of earlier versions of this class.
+        self.Dropout_0 = nn.Dropout(self.dropout)
+        self.Dropout_1 = nn.Dropout(self.dropout)
+
+    def features(self, x, train: bool = False):
+        """(N, D) pooled -> {"fc6", "fc7"} (N, fc_dim), after ReLU."""
+        fc6 = nn.relu(self.fc6(x))
+        fc7 = nn.relu(self.fc7(self.Dropout_0(fc6, deterministic=not train)))
+        return {"fc6": fc6, "fc7": fc7}
+
+    def __call__(self, x, train: bool = False):
+        out = self.features(x, train)
+        return {**out, "logits": self.fc8(self.Dropout_1(out["fc7"], deterministic=not train))}
 
 
 class SPPNet(nn.Module):
@@ -115,9 +162,14 @@ class SPPNet(nn.Module):
         6x6; only the 224 input, whose map pools to exactly 6x6, is accepted).
       levels: pyramid levels of the SPP head, default (6, 3, 2, 1) (50 bins).
       width: conv channel multiplier (1.0 = the paper); fc_dim: fc6/fc7 width.
-      init_scheme: "paper" (Gaussian std 0.01, zero biases, as the released models) or "he".
+      init_scheme: "paper" (the released ZF-5 definition: Gaussian std 0.01, biases 1 on
+        conv2, conv4, conv5, fc6, fc7, fc8 and 0 elsewhere) or "he" (He-normal kernels,
+        zero biases; fc8 Gaussian std 0.01 under both).
       input_scale: images (0..255 minus the mean) are multiplied by this before conv1.
         1.0 is the paper; He initialisation wants unit-scale inputs (about 1/58).
+      pool_mode: pyramid bin rule, "appendix_a" (the paper's, default) or "released"
+        (the released Caffe model's 2x2 level, kernel = stride = ceil(a/2): use it to run
+        released weights exactly; see :func:`spp_jax.bins.bin_edges`).
 
     Use ``model.apply(variables, images, train=..., rngs={"dropout": key})`` for
     logits and features; ``method=SPPNet.conv_map`` / ``SPPNet.head`` for the
@@ -133,11 +185,13 @@ class SPPNet(nn.Module):
     dropout: float = 0.5
     init_scheme: str = "paper"
     input_scale: float = 1.0
+    pool_mode: str = "appendix_a"
     dtype: Any = jnp.float32
 
     def setup(self):
         check_name(self.arch)
         _kernel_init(self.init_scheme)  # fail early on a bad name
+        B.check_mode(self.pool_mode)
         self.backbone = Backbone(scaled_specs(self.arch, self.width), self.init_scheme, self.dtype)
         self.classifier = Head(self.num_classes, self.fc_dim, self.dropout, self.init_scheme, self.dtype)
 
@@ -155,18 +209,51 @@ class SPPNet(nn.Module):
         """fc6 input length: C * 50 with SPP (12,800 for ZF-5), C * 36 without."""
         return B.output_dim(self.channels, self.levels) if self.spp else self.channels * 36
 
-    def conv_map(self, images):
-        """(B, H, W, 3) float images -> (B, h, w, C) last conv map."""
+    def conv_map(self, images, *, valid_hw=None):
+        """(B, H, W, 3) float images -> (B, h, w, C) last conv map.
+
+        ``valid_hw``: (B, 2) int, each image's real (height, width) inside a batch padded
+        at the bottom/right (any padding values). Every layer is then masked to each
+        image's extent, so the map's valid cells equal the unpadded network's exactly,
+        and the call returns ``(map, map_hw)``, ``map_hw`` (B, 2) int32 the valid map
+        size per image. None (the default): no masking, nothing extra computed.
+        """
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"images must be (B, H, W, 3), got shape {tuple(images.shape)}")
+        if valid_hw is not None:
+            self._check_valid_hw(images.shape, valid_hw)
         if self.input_scale != 1.0:
             images = images * self.input_scale
-        return self.backbone(images)
+        return self.backbone(images, valid_hw)
 
-    def pool_map(self, fmap):
-        """(B, h, w, C) -> (B, pooled_dim): SPP, or the no-SPP baseline's 6x6 pool."""
+    def _check_valid_hw(self, shape, valid_hw):
+        if tuple(getattr(valid_hw, "shape", np.shape(valid_hw))) != (shape[0], 2):
+            raise ValueError(f"valid_hw must be (B, 2) = ({shape[0]}, 2) (height, width) per image, "
+                             f"got shape {tuple(np.shape(valid_hw))}")
+        if isinstance(valid_hw, jax.core.Tracer):
+            return  # under jit: the caller checked (spp_jax.serve does, on the host)
+        v = np.asarray(valid_hw)
+        if not np.issubdtype(v.dtype, np.integer) or (v < 1).any() or (v > np.array(shape[1:3])).any():
+            raise ValueError(f"valid_hw must hold integer sizes in [1, {shape[1]}] x [1, {shape[2]}] "
+                             f"(the padded batch), got {v.tolist()}")
+        M.valid_extents(scaled_specs(self.arch, self.width), v)  # too small for a layer: ValueError
+
+    def pool_map(self, fmap, map_hw=None):
+        """(B, h, w, C) -> (B, pooled_dim): SPP, or the no-SPP baseline's 6x6 pool.
+
+        ``map_hw`` ((B, 2) int, from ``conv_map(..., valid_hw=...)``): pool each map's
+        valid region only (the same bins as pooling the unpadded map).
+        """
         if self.spp:
-            return spp_pool(fmap, tuple(self.levels))
+            if map_hw is None:
+                return spp_pool(fmap, tuple(self.levels), mode=self.pool_mode)
+            whole = jnp.concatenate([jnp.zeros_like(map_hw), map_hw[:, ::-1] - 1], axis=1)[:, None]
+            pooled = jax.vmap(lambda f, c: roi_pool_cells(f, c, tuple(self.levels), mode=self.pool_mode))(
+                fmap, whole)
+            return pooled[:, 0]
+        if map_hw is not None:
+            raise ValueError(f"the no-SPP {self.arch} takes unpadded 224 inputs only; valid_hw (padded "
+                             f"batches) needs an SPP net")
         p = L.max_pool(fmap, NO_SPP_POOL[self.arch])
         if p.shape[1:3] != (6, 6):
             raise ValueError(
@@ -179,15 +266,24 @@ class SPPNet(nn.Module):
         """(N, pooled_dim) -> {"fc6", "fc7", "logits"}."""
         return self.classifier(pooled, train)
 
-    def __call__(self, images, train: bool = False, features: bool = False):
+    def __call__(self, images, *, valid_hw=None, train: bool = False, features: bool = False):
         """Images (B, H, W, 3) -> logits (B, num_classes), or with ``features=True`` a dict
-        with ``conv`` (B, h, w, C), ``pooled``, ``fc6``, ``fc7``, ``logits``."""
-        fmap = self.conv_map(images)
-        pooled = self.pool_map(fmap)
+        with ``conv`` (B, h, w, C), ``pooled``, ``fc6``, ``fc7``, ``logits``.
+
+        ``valid_hw`` ((B, 2) int, SPP nets): each image's real size in a padded batch; the
+        outputs then equal the unpadded network's per image, and the dict also holds
+        ``map_hw`` (B, 2), the valid conv map size per image (see :meth:`conv_map`).
+        """
+        if valid_hw is None:
+            fmap, map_hw = self.conv_map(images), None
+        else:
+            fmap, map_hw = self.conv_map(images, valid_hw=valid_hw)
+        pooled = self.pool_map(fmap, map_hw)
         out = self.head(pooled, train)
         if not features:
             return out["logits"]
-        return {"conv": fmap, "pooled": pooled, **out}
+        extra = {} if map_hw is None else {"map_hw": map_hw}
+        return {"conv": fmap, "pooled": pooled, **out, **extra}
 
 
 # Ranges of get_model's numeric arguments (a bad one raises ConfigError naming it).

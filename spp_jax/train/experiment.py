@@ -13,22 +13,17 @@ import logging
 import os
 import time
 
-import jax
-import numpy as np
-
 from spp_jax.config_grammar import config_dict
 from spp_jax.data import augment
 from spp_jax.data.datasets import PipelineData, classification_dataset, mean_image
 from spp_jax.data.pipeline import AugmentConfig
 from spp_jax.evaluate import PROTOCOL_TITLES, evaluate
 from spp_jax.report import error_pair, markdown_table, write_report
-from spp_jax.errors import CheckpointMismatch, NoCheckpoint
-from spp_jax.train.checkpoint import read_checkpoint
-from spp_jax.train.config import TrainConfig, build_model, load_config, trained_num_classes
+from spp_jax.pretrained import read_workdir
+from spp_jax.train.config import TrainConfig, build_model, trained_num_classes
 from spp_jax.train.loop import train
 from spp_jax.train.sharding import maybe_initialize_distributed
-from spp_jax.train.state import create_state, optimizer_from_config
-from spp_jax.train.workdir import config_changes, training_workdir
+from spp_jax.train.workdir import training_workdir
 
 log = logging.getLogger(__name__)
 
@@ -54,50 +49,12 @@ def prepare_data(cfg: TrainConfig, workdir: str):
     return ds, AugmentConfig(mean=mean, **pca)
 
 
-def restore_trained(workdir: str):
-    """A finished (or interrupted) ``make train`` workdir, for the nets built on it.
-
-    Returns (cfg, model, variables, meta, mean image (H, W, 3) in 0..255 units, or None
-    when ``mean_image.npy`` is absent): the latest usable checkpoint, for the classes
-    the net was trained on.
-    """
-    cfg = load_config(workdir)
-    model, variables, meta = restore_params(cfg, workdir, trained_num_classes(cfg))
-    mean_path = os.path.join(workdir, "mean_image.npy")
-    mean = np.load(mean_path) if os.path.exists(mean_path) else None
-    return cfg, model, variables, meta, mean
-
-
 def restore_params(cfg: TrainConfig, workdir: str, num_classes: int):
-    """``(model, {"params": ...}, meta)`` of the newest intact checkpoint in ``workdir``; read only.
-
-    ``cfg`` must describe the net the workdir trained: keys outside
-    ``spp_jax.train.workdir.RESUMABLE_KEYS`` that differ from its config.json raise
-    CheckpointMismatch before anything is read.  The checkpoint is verified
-    (``spp_jax.train.checkpoint.read_checkpoint``: shapes, checksums, finite values);
-    nothing in the workdir is written, moved or deleted.
-    """
-    if os.path.exists(os.path.join(workdir, "config.json")):
-        changes = config_changes(load_config(workdir), cfg)
-        if changes:
-            raise CheckpointMismatch(
-                f"{workdir} was trained with another config ({'; '.join(changes)}): a trained "
-                f"workdir is read with its own config.json; drop those overrides (only keys such as "
-                f"protocols, eval_limit, eval_batch_size may differ)")
+    """``(model, {"params": ...}, meta)`` of the newest intact checkpoint in ``workdir``;
+    read only (:func:`spp_jax.pretrained.read_workdir`: config check, verified checkpoint)."""
     model = build_model(cfg, num_classes)
-    tx = optimizer_from_config(cfg, 1)
-
-    def init_fn(key):
-        s = min(cfg.sizes)
-        return create_state(model.init(key, jax.numpy.zeros((1, s, s, 3)))["params"], tx)
-
-    try:
-        state, meta, step = read_checkpoint(os.path.join(workdir, "checkpoints"),
-                                            jax.eval_shape(init_fn, jax.random.key(0)))
-    except NoCheckpoint:
-        raise NoCheckpoint(f"no checkpoints in {workdir}: train first (make train WORKDIR={workdir})") from None
-    log.info("restored checkpoint %d (epoch %s)", step, meta.get("epoch"))
-    return model, {"params": state.params}, meta
+    variables, meta = read_workdir(workdir, cfg, model)
+    return model, variables, meta
 
 
 def run_protocols(cfg: TrainConfig, workdir: str, model, variables, ds, aug: AugmentConfig,

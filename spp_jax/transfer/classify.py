@@ -21,7 +21,7 @@ import dataclasses
 
 import numpy as np
 
-from spp_jax.detection.voc_eval import voc_ap_11point
+from spp_jax.voc_ap import voc_ap_11point
 from spp_jax.svm import l2_normalize, train_linear_svms
 
 DEFAULT_C = 1.0

@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from spp_jax.detection import table9 as T
+from experiments import voc_det_tables as T
 from spp_jax.detection.finetune import FinetuneConfig
 from spp_jax.detection.proposals import ProposalSettings, compute_proposals
 from spp_jax.detection.rcnn import RCNNExtractor
@@ -22,7 +22,7 @@ def table(tmp_path_factory):
     ptr = compute_proposals(tr, root, settings=s, workers=0, progress=False)
     pte = compute_proposals(te, root, settings=s, workers=0, progress=False)
     cols = [T.Column(T.COL_SPP1, tiny_extractor(), head0, tr, te),
-            T.Column(T.COL_RCNN, RCNNExtractor(m, v, batch=8), head0, tr, te)]
+            T.Column(T.COL_RCNN, RCNNExtractor(tiny_extractor().server, batch=8), head0, tr, te)]
     cfg = T.Table9Config(finetune=FinetuneConfig(iters=(3, 2), eval_every=2, lrs=(1e-3, 1e-4)),
                          flip_finetune=True, timing_images=1)
     names = [str(k) for k in range(10)]
@@ -84,3 +84,19 @@ def test_drawing_shows_only_confident_detections(tmp_path):
     none, weak, strong = png(None), png(-0.5), png(1.5)
     assert none[:8] == b"\x89PNG\r\n\x1a\n"
     assert weak == none and strong != none  # below the SVM boundary: not drawn
+
+
+def test_detection_backbone_is_pretrained_single_size_by_default():
+    # The paper's detection backbone is "ZF-5 (single-size trained)" (Section 4).
+    from experiments.voc_det import pretrain_overrides
+    from spp_jax.train.config import get_config
+    single = get_config("embedded", list(pretrain_overrides()))
+    assert (single.model, single.size_schedule, single.sizes, single.num_epochs) == ("zf5", "single", (224,), 20)
+    multi = get_config("embedded", list(pretrain_overrides(multisize=True)))
+    assert (multi.size_schedule, multi.sizes) == ("multi", (180, 224))
+
+
+def test_a_missing_backbone_is_a_one_line_error(tmp_path):
+    from experiments.voc_det import main
+    with pytest.raises(SystemExit, match=r"^error: pretrained network '/nonexistent.msgpack' does not exist"):
+        main(["--checkpoint", "/nonexistent.msgpack", "--quick", "--workdir", str(tmp_path)])

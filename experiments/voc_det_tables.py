@@ -1,4 +1,7 @@
-"""The paper's detection experiment as a library function: Table 9, its timings, and Table 12.
+"""Assembling the paper's Table 9, its timings, and Table 12 (the voc_det experiment's tables).
+
+Built from the detection library's pieces (:mod:`spp_jax.detection`: feature caches,
+fine-tuning, detector); ``experiments/voc_det.py`` chooses the columns and runs this.
 
 One *column* is a feature extractor (SPP at 1 or 5 scales, or R-CNN mode); for
 each it caches pool5 of the trainval and test windows, fine-tunes fc6/fc7/fc8,
@@ -30,8 +33,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from spp_jax.detection import cache as F
 from spp_jax.detection import detector as D
-from spp_jax.detection import features as F
 from spp_jax.detection import finetune as FT
 from spp_jax.report import markdown_table, write_report
 
