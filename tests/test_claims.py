@@ -138,3 +138,21 @@ def test_tiny_real_grid_resumes(tmp_path):
     cells = claims.aggregate(again)
     vals = [r.errors["1crop"][0] for r in results]
     assert cells[("zf5", "single", "1crop")].top1.mean == pytest.approx(np.mean(vals))
+
+
+def test_entry_point_config(tmp_path, capsys):
+    from experiments import claims as entry
+    with pytest.raises(SystemExit) as e:
+        entry.main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "seeds=0,1,2" in out and "models=zf5,overfeat7" in out and "train_preset=embedded" in out
+    for bad, words in ((["seeds=-1"], "seeds=-1"), (["models=vgg"], "models=vgg"),
+                       (["seed=3"], "set by the grid"), (["lerning_rate=1"], "unknown key 'lerning_rate'"),
+                       (["dropout=2"], "dropout=2")):
+        with pytest.raises(SystemExit) as e:
+            entry.main(["--workdir", str(tmp_path / "w"), *bad])
+        assert str(e.value.code).startswith("error: ") and words in str(e.value.code)
+        assert "\n" not in str(e.value.code)
+    assert not (tmp_path / "w").exists()  # nothing written before the whole grid is checked
+    assert entry.split_overrides(["seeds=1", "val_examples=32"]) == (["seeds=1"], ["val_examples=32"])
