@@ -65,11 +65,14 @@ class RunResult:
 
 def plan(preset: str, overrides: Sequence[str], root: str, *, models: Sequence[str],
          variants: Sequence[Variant] = VARIANTS, seeds: Sequence[int] | None = None,
-         data_seed: int | None = None) -> list[Run]:
+         data_seed: int | None = None, by_model: bool = True) -> list[Run]:
     """Every run's validated config, models outermost, seeds innermost.
 
     ``seeds`` set ``seed`` (initialisation, augmentation, data order); ``data_seed`` fixes
     the embedded images across seeds (the claims compare initialisations on one data set).
+    Workdirs: ``root/<model>/<variant>/seed<k>``; without the model level when
+    ``by_model`` is false (Table 2's one-model ``runs/<model>-table2/<variant>``), without
+    the seed level when ``seeds`` is None.
     """
     runs = []
     for model in models:
@@ -81,7 +84,8 @@ def plan(preset: str, overrides: Sequence[str], root: str, *, models: Sequence[s
                 if data_seed is not None:
                     extra.append(f"data_seed={data_seed}")
                 cfg = get_config(preset, [*overrides, *extra])
-                sub = os.path.join(root, model, v.key, "" if seed is None else f"seed{seed}")
+                sub = os.path.join(root, model if by_model else "", v.key,
+                                   "" if seed is None else f"seed{seed}")
                 runs.append(Run(model, v, seed, os.path.normpath(sub), cfg))
     return runs
 
