@@ -23,7 +23,7 @@ OVERRIDES = model=$(MODEL) $(if $(SPP),spp=$(SPP)) $(if $(SIZES),sizes=$(SIZES) 
             $(if $(DATASET),dataset=$(DATASET)) $(if $(DATA_DIR),data_dir=$(DATA_DIR)) $(ARGS)
 comma := ,
 
-.PHONY: setup test train eval table2 voc_cls caltech101 voc_det bench clean-venv
+.PHONY: setup test train eval table2 claims voc_cls caltech101 voc_det bench clean-venv
 
 setup: $(STAMP)
 
@@ -52,6 +52,12 @@ eval: $(STAMP)
 table2: $(STAMP)
 	$(PY) -m experiments.table2 --workdir runs/$(MODEL)-table2 model=$(MODEL) \
 	    $(if $(DATASET),dataset=$(DATASET)) $(if $(DATA_DIR),data_dir=$(DATA_DIR)) $(ARGS)
+
+# The paper's classification claims over seeds: ZF-5 and Overfeat-7 x (no SPP, SPP single-size,
+# SPP multi-size) x 3 seeds, tested with 1 crop, 1 full, 10-view and multi-view; resumable run
+# by run. -> runs/claims/claims.{md,json,png}
+claims: $(STAMP)
+	$(PY) -m experiments.claims --workdir runs/claims $(ARGS)
 
 # Transfer classification (Tables 6-8) on a trained workdir's features.
 voc_cls: $(STAMP)

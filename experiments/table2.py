@@ -3,9 +3,11 @@
     python -m experiments.table2 [--preset embedded|imagenet] [--workdir runs/<model>-table2] [key=value ...]
 
 Trains the three variants (each resumable in its own sub-workdir, with its resolved
-config.json), evaluates each with the testing protocols, and writes table2.md / table2.json
-(top-1 / top-5 error, %).  The key=value arguments apply to all three; each variant then
-sets spp, sizes and size_schedule.  All three configs are checked before any training.
+config.json; a variant whose eval.json holds its exact config is reused), evaluates each
+with the testing protocols, and writes table2.md / table2.json (top-1 / top-5 error, %).
+The key=value arguments apply to all three; each variant then sets spp, sizes and
+size_schedule.  All three configs are checked before any training.  For several seeds with
+error bars, and ZF-5 with Overfeat-7, see `python -m experiments.claims`.
 """
 import logging
 import os
@@ -14,14 +16,8 @@ from spp_jax.config_grammar import cli_parser, user_errors
 from spp_jax.devices import log_devices
 from spp_jax.evaluate import PROTOCOL_TITLES, PROTOCOLS
 from spp_jax.report import error_pair, markdown_table, write_report
+from spp_jax.train import grid
 from spp_jax.train.config import PRESETS, TrainConfig, get_config
-from spp_jax.train.experiment import train_and_evaluate
-
-VARIANTS = (  # (sub-workdir, column title, overrides)
-    ("nospp", "no SPP", ["spp=false", "sizes=224", "size_schedule=single"]),
-    ("single", "SPP single-size", ["spp=true", "sizes=224", "size_schedule=single"]),
-    ("multi", "SPP multi-size", ["spp=true", "sizes=180,224", "size_schedule=multi"]),
-)
 
 
 def main(argv=None):
@@ -32,19 +28,20 @@ def main(argv=None):
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax/grain chatter
     with user_errors(FileNotFoundError):
         base = get_config(args.preset, args.overrides)
-        configs = [get_config(args.preset, list(args.overrides) + extra) for _, _, extra in VARIANTS]
-        log_devices(base.distributed)
         root = args.workdir or os.path.join("runs", f"{base.model}-table2")
-        cols, cells, data = [], {}, {}
-        for (sub, title, _), cfg in zip(VARIANTS, configs):
-            out = train_and_evaluate(cfg, os.path.join(root, sub))
-            cols.append(title)
-            data[title] = out
-            for p, r in out["results"].items():
-                cells[(PROTOCOL_TITLES[p], title)] = error_pair(r["top1_err"], r["top5_err"])
+        runs = grid.plan(args.preset, args.overrides, root, models=(base.model,), by_model=False)
+        log_devices(base.distributed)
+        results = grid.run_grid(runs)
+    cols = [r.run.variant.title for r in results]
+    cells = {(PROTOCOL_TITLES[p], r.run.variant.title): error_pair(*e)
+             for r in results for p, e in r.errors.items()}
     rows = [PROTOCOL_TITLES[p] for p in PROTOCOLS if any((PROTOCOL_TITLES[p], c) in cells for c in cols)]
     md = (f"Table 2 layout: top-1 / top-5 error (%), {base.model}, {base.dataset} validation\n\n"
           + markdown_table(rows, cols, cells, corner="test view"))
+    data = {r.run.variant.title: {"variant": r.run.variant.title, "workdir": r.run.workdir,
+                                  "results": {p: {"top1_err": a, "top5_err": b}
+                                              for p, (a, b) in r.errors.items()},
+                                  "seconds": r.seconds, "reused": r.reused} for r in results}
     write_report(root, "table2", md, data)
     print(md)
 

@@ -1,0 +1,103 @@
+"""The paper's classification claims in miniature: Table 2 and the testing views, over seeds.
+
+    python -m experiments.claims [--workdir runs/claims] [--preset embedded|quick] [key=value ...]
+
+Trains every (model, variant, seed) of the grid in WORKDIR/<model>/<variant>/seed<k>, each
+a `make train` run (resumable; a run whose eval.json holds its exact config is reused), on
+the same embedded images (data_seed) with different initialisations (seed), tests each with
+the protocols, and writes WORKDIR/claims.md, claims.json and claims.png: Table 2 and the
+views tables with mean ± std over seeds, and a verdict per claim.
+
+Keys: the grid's own (listed below) and any training key (`python -m experiments.train
+--help`), which then applies to every run, e.g. `val_examples=2000`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+
+from spp_jax import config_grammar as grammar
+from spp_jax.config_grammar import option, user_errors
+from spp_jax.devices import log_devices
+from spp_jax.errors import ConfigError
+from spp_jax.train.config import PRESETS as TRAIN_PRESETS
+from spp_jax.train.config import TrainConfig
+
+
+def _models():
+    from spp_jax.models import MODEL_NAMES
+    return MODEL_NAMES
+
+
+def _variant_keys():
+    from spp_jax.train.grid import VARIANTS
+    return tuple(v.key for v in VARIANTS)
+
+
+@dataclasses.dataclass
+class ClaimsConfig:
+    models: tuple[str, ...] = option(("zf5", "overfeat7"), "backbones (rows of Table 2)",
+                                     choices=_models, min_len=1)
+    variants: tuple[str, ...] = option(("nospp", "single", "multi"),
+                                       "no SPP (224), SPP single-size (224), SPP multi-size "
+                                       "(180/224): the columns", choices=_variant_keys, min_len=1)
+    seeds: tuple[int, ...] = option((0, 1, 2), "initialisation seeds (the `seed` key of each "
+                                               "run)", ge=0, lt=2 ** 31, min_len=1)
+    data_seed: int = option(0, "the embedded images' seed, the same in every run", ge=0,
+                            lt=2 ** 31)
+    train_preset: str = option("embedded", "training preset every run starts from",
+                               choices=tuple(TRAIN_PRESETS))
+
+
+PRESETS = {
+    "embedded": {},
+    # A smoke run of the whole pipeline: one model, two seeds (add tiny training keys).
+    "quick": {"models": ("zf5",), "seeds": (0, 1)},
+}
+
+
+def split_overrides(items) -> tuple[list[str], list[str]]:
+    """(grid keys, training keys) of ``key=value`` strings; unknown keys are a ConfigError."""
+    mine = {f.name for f in dataclasses.fields(ClaimsConfig)}
+    train = {f.name for f in dataclasses.fields(TrainConfig)}
+    grid_items, train_items = [], []
+    for item in items:
+        key = item.split("=", 1)[0].strip()
+        if key in mine:
+            grid_items.append(item)
+        elif key in train:
+            if key in ("model", "seed", "data_seed", "spp", "sizes", "size_schedule"):
+                raise ConfigError(f"{key} is set by the grid for each run; use models=, seeds=, "
+                                  f"data_seed= or variants= instead")
+            train_items.append(item)
+        else:
+            raise ConfigError(f"unknown key {key!r}: neither a grid key ({', '.join(sorted(mine))}) "
+                              f"nor a training key (python -m experiments.train --help)")
+    return grid_items, train_items
+
+
+def main(argv=None):
+    ap = grammar.cli_parser(ClaimsConfig, __doc__, presets=PRESETS, default_preset="embedded")
+    ap.add_argument("--workdir", default="runs/claims", help="the grid's root (default: runs/claims)")
+    args = ap.parse_intermixed_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax/grain chatter
+    from spp_jax.train import claims, grid
+    with user_errors(FileNotFoundError):
+        grid_items, train_items = split_overrides(args.overrides)
+        cfg = grammar.from_preset(ClaimsConfig, PRESETS, args.preset, grid_items)
+        variants = [v for v in grid.VARIANTS if v.key in cfg.variants]
+        runs = grid.plan(cfg.train_preset, train_items, args.workdir, models=cfg.models,
+                         variants=variants, seeds=cfg.seeds, data_seed=cfg.data_seed)
+        log_devices(runs[0].config.distributed)
+        grammar.write_config(cfg, args.workdir, "claims_config.json")
+        logging.info("claims grid: %d runs in %s", len(runs), os.path.abspath(args.workdir))
+        results = grid.run_grid(runs)
+        md = claims.write_claims(args.workdir, results, "SPP-net classification claims, "
+                                 f"{runs[0].config.dataset} data, {len(cfg.seeds)} seeds", variants)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

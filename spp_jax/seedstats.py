@@ -1,0 +1,145 @@
+"""Mean ± std over seeds, and whether a claimed difference is larger than seed noise.
+
+The paper's classification claims (SPP beats no SPP, multi-size beats single-size,
+full-image views beat crops) are differences of error rates.  Trained from several
+initialisations, each cell of a table is a sample; a claim *holds here* only if the
+difference of the means is larger than what the seed-to-seed variation explains.
+
+The test is a two-sided Student t-test at the 5 % level:
+
+* **paired** when both numbers of each seed come from the same trained network (a
+  protocol against another, e.g. 1 full against 1 crop): the per-seed differences
+  ``d_i`` give ``SE = std(d) / sqrt(n)`` with ``n - 1`` degrees of freedom;
+* **unpaired** when they come from different trainings (a variant against another):
+  Welch's ``SE = sqrt(s_a^2 / n_a + s_b^2 / n_b)`` with the Welch-Satterthwaite degrees
+  of freedom (rounded down, at least 1).
+
+With 3 seeds the bar is high on purpose (t = 4.30 at 2 degrees of freedom): a
+difference the seeds cannot separate is reported as such, not as a confirmation.
+Errors are in percentage points throughout.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Sequence
+
+import numpy as np
+
+# Two-sided 95 % quantiles of Student's t (t_{0.975, df}); df > 30 uses the normal 1.96.
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
+         2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
+         2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+HOLDS, NOISE, REVERSED, UNTESTED = "holds", "within seed noise", "reversed", "one seed: untested"
+
+
+def t_critical(df: float) -> float:
+    """t_{0.975, df} for df >= 1 (rounded down to an integer; 1.96 beyond 30)."""
+    k = int(math.floor(df))
+    if k < 1:
+        raise ValueError(f"degrees of freedom must be >= 1, got {df}")
+    return _T975[k - 1] if k <= len(_T975) else 1.96
+
+
+@dataclasses.dataclass(frozen=True)
+class SeedStats:
+    """One table cell over seeds: sample mean and std (ddof 1; 0 for one seed)."""
+
+    values: tuple[float, ...]
+
+    @property
+    def n(self) -> int:
+        return len(self.values)
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean(self.values))
+
+    @property
+    def std(self) -> float:
+        return float(np.std(self.values, ddof=1)) if self.n > 1 else 0.0
+
+    def cell(self, digits: int = 1) -> str:
+        """``"mean ± std"`` for a markdown table (just the mean for one seed)."""
+        if self.n == 1:
+            return f"{self.mean:.{digits}f}"
+        return f"{self.mean:.{digits}f} ± {self.std:.{digits}f}"
+
+    def as_dict(self) -> dict:
+        return {"mean": self.mean, "std": self.std, "n": self.n, "values": list(self.values)}
+
+
+def seed_stats(values: Sequence[float]) -> SeedStats:
+    """SeedStats of one or more finite values."""
+    vals = tuple(float(v) for v in values)
+    if not vals or not all(math.isfinite(v) for v in vals):
+        raise ValueError(f"need one or more finite values, got {values!r}")
+    return SeedStats(vals)
+
+
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+    """A claim "``better`` has a lower error than ``worse``", tested over seeds.
+
+    ``diff`` = mean error of ``worse`` minus mean error of ``better`` (points; positive
+    favours the claim); ``se`` its standard error; ``bar`` = t * se, the smallest
+    difference the seeds separate at the 5 % level; ``seed_std`` the pooled std of one
+    cell (how much one run moves with its initialisation).
+    """
+
+    claim: str
+    worse: str
+    better: str
+    diff: float
+    se: float
+    bar: float
+    seed_std: float
+    n: int
+    paired: bool
+    outcome: str
+
+    def sentence(self) -> str:
+        kind = "paired" if self.paired else "unpaired"
+        if self.outcome == UNTESTED:
+            return f"{self.claim}: {self.better} vs {self.worse}: {self.diff:+.2f} points, {UNTESTED}."
+        return (f"{self.claim}: {self.outcome}: {self.better} is {self.diff:+.2f} points better than "
+                f"{self.worse} (SE {self.se:.2f}, 5 % bar {self.bar:.2f}, {kind}, {self.n} seeds; "
+                f"seed-to-seed std {self.seed_std:.2f}).")
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _outcome(diff: float, bar: float) -> str:
+    if diff > bar:
+        return HOLDS
+    if diff < -bar:
+        return REVERSED
+    return NOISE
+
+
+def compare(claim: str, worse: tuple[str, Sequence[float]], better: tuple[str, Sequence[float]],
+            *, paired: bool) -> Verdict:
+    """Test "``better`` has lower error than ``worse``"; each is (label, per-seed errors).
+
+    Paired samples must list the same seeds in the same order.
+    """
+    (wl, wv), (bl, bv) = worse, better
+    a, b = seed_stats(wv), seed_stats(bv)
+    diff = a.mean - b.mean
+    pooled = math.sqrt((a.std ** 2 + b.std ** 2) / 2)
+    if paired and a.n != b.n:
+        raise ValueError(f"paired comparison needs the same seeds: {a.n} vs {b.n} values")
+    if min(a.n, b.n) < 2:
+        return Verdict(claim, wl, bl, diff, math.nan, math.nan, pooled, min(a.n, b.n), paired, UNTESTED)
+    if paired:
+        d = seed_stats(np.subtract(a.values, b.values))
+        se, df = d.std / math.sqrt(d.n), d.n - 1
+    else:
+        va, vb = a.std ** 2 / a.n, b.std ** 2 / b.n
+        se = math.sqrt(va + vb)
+        # Welch-Satterthwaite; with both variances 0 any df gives the same (zero) bar.
+        df = (va + vb) ** 2 / (va ** 2 / (a.n - 1) + vb ** 2 / (b.n - 1)) if se > 0 else a.n + b.n - 2
+    bar = t_critical(max(df, 1.0)) * se
+    return Verdict(claim, wl, bl, diff, se, bar, pooled, min(a.n, b.n), paired, _outcome(diff, bar))

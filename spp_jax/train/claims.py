@@ -1,0 +1,169 @@
+"""The paper's classification claims over a grid of seeded runs: tables, verdicts, a plot.
+
+Input: the :class:`~spp_jax.train.grid.RunResult` of every run of a grid (models x
+variants x seeds, :mod:`spp_jax.train.grid`).  Output, each cell mean ± std over seeds:
+
+* **Table 2** (the paper's layout): rows the models, columns no SPP / SPP single-size /
+  SPP multi-size, 10-view top-1 / top-5 error;
+* **Tables 3-5** (views): per model, rows the testing views (1 crop, 1 full, 10-view,
+  multi-view 96+2), columns the variants;
+* **verdicts** (:mod:`spp_jax.seedstats`), on top-1 error, per model:
+  SPP single-size beats no SPP and multi-size beats single-size (unpaired: different
+  trainings), each at 1 crop and 10-view; 1 full beats 1 crop and multi-view beats
+  10-view (paired: the same networks tested two ways), for each SPP variant;
+* one figure: top-1 error per view and variant with ± std error bars, a panel per model.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Sequence
+
+from spp_jax import seedstats
+from spp_jax.report import markdown_table, write_report
+from spp_jax.train.grid import VARIANTS, RunResult, Variant
+
+VIEWS = ("1crop", "1full", "10view", "multiview")
+VIEW_TITLES = {"1crop": "1 crop", "1full": "1 full", "10view": "10-view",
+               "multiview": "multi-view (96+2)"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """One (model, variant, view) cell over seeds: top-1 and top-5 error, percent."""
+
+    top1: seedstats.SeedStats
+    top5: seedstats.SeedStats
+    seeds: tuple[int | None, ...]
+
+    def text(self) -> str:
+        return f"{self.top1.cell()} / {self.top5.cell()}"
+
+
+def _per_seed(results: Sequence[RunResult], model: str, variant: str, view: str
+              ) -> dict[int | None, tuple[float, float]]:
+    return {r.run.seed: r.errors[view] for r in results
+            if r.run.model == model and r.run.variant.key == variant and view in r.errors}
+
+
+def aggregate(results: Sequence[RunResult]) -> dict[tuple[str, str, str], Cell]:
+    """``{(model, variant key, view): Cell}`` for every combination that was measured."""
+    cells = {}
+    keys = {(r.run.model, r.run.variant.key, v) for r in results for v in r.errors}
+    for model, variant, view in sorted(keys, key=str):
+        per = _per_seed(results, model, variant, view)
+        seeds = tuple(sorted(per, key=lambda s: -1 if s is None else s))
+        cells[(model, variant, view)] = Cell(seedstats.seed_stats([per[s][0] for s in seeds]),
+                                             seedstats.seed_stats([per[s][1] for s in seeds]), seeds)
+    return cells
+
+
+def _top1(results, model, variant, view) -> tuple[str, list[float]] | None:
+    per = _per_seed(results, model, variant, view)
+    return None if not per else (variant, [per[s][0] for s in sorted(per, key=lambda s: s or 0)])
+
+
+def _paired(results, model, variant, view_a, view_b):
+    """Per-seed top-1 errors of two views, on the seeds where both were measured."""
+    a, b = _per_seed(results, model, variant, view_a), _per_seed(results, model, variant, view_b)
+    seeds = sorted(set(a) & set(b), key=lambda s: s or 0)
+    return [a[s][0] for s in seeds], [b[s][0] for s in seeds]
+
+
+def verdicts(results: Sequence[RunResult], variants: Sequence[Variant] = VARIANTS
+             ) -> list[seedstats.Verdict]:
+    """The paper's claims that this grid can test (see the module docstring)."""
+    titles = {v.key: v.title for v in variants}
+    out = []
+    models = sorted({r.run.model for r in results})
+    for model in models:
+        for claim, worse, better in (("SPP beats no SPP", "nospp", "single"),
+                                     ("multi-size training beats single-size", "single", "multi")):
+            for view in ("1crop", "10view"):
+                w, b = _top1(results, model, worse, view), _top1(results, model, better, view)
+                if w and b:
+                    out.append(seedstats.compare(
+                        f"{model}, {VIEW_TITLES[view]}: {claim}", (titles[worse], w[1]),
+                        (titles[better], b[1]), paired=False))
+        for variant in ("single", "multi"):
+            for claim, worse, better in (("1 full beats 1 crop", "1crop", "1full"),
+                                         ("multi-view beats 10-view", "10view", "multiview")):
+                w, b = _paired(results, model, variant, worse, better)
+                if w:
+                    out.append(seedstats.compare(
+                        f"{model}, {titles[variant]}: {claim}", (VIEW_TITLES[worse], w),
+                        (VIEW_TITLES[better], b), paired=True))
+    return out
+
+
+def tables_markdown(cells: dict[tuple[str, str, str], Cell], variants: Sequence[Variant] = VARIANTS
+                    ) -> str:
+    """Table 2 (10-view, rows models) and one views table per model, as markdown."""
+    models = sorted({m for m, _, _ in cells})
+    cols = [v.title for v in variants]
+    t2 = {(m, v.title): cells[(m, v.key, "10view")].text() for m in models for v in variants
+          if (m, v.key, "10view") in cells}
+    out = ["## Table 2: 10-view top-1 / top-5 error (%), mean ± std over seeds", "",
+           markdown_table(models, cols, t2, corner="model")]
+    for m in models:
+        rows = [VIEW_TITLES[w] for w in VIEWS if any((m, v.key, w) in cells for v in variants)]
+        tv = {(VIEW_TITLES[w], v.title): cells[(m, v.key, w)].text() for w in VIEWS for v in variants
+              if (m, v.key, w) in cells}
+        out += ["", f"## {m}: top-1 / top-5 error (%) per testing view, mean ± std over seeds", "",
+                markdown_table(rows, cols, tv, corner="test view")]
+    return "\n".join(out)
+
+
+def plot(cells: dict[tuple[str, str, str], Cell], path: str,
+         variants: Sequence[Variant] = VARIANTS) -> str:
+    """Top-1 error per view (groups) and variant (bars), ± std error bars; a panel per model."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    models = sorted({m for m, _, _ in cells})
+    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), squeeze=False)
+    width = 0.8 / len(variants)
+    for ax, m in zip(axes[0], models):
+        x = np.arange(len(VIEWS))
+        for i, v in enumerate(variants):
+            got = [cells.get((m, v.key, w)) for w in VIEWS]
+            mean = [c.top1.mean if c else np.nan for c in got]
+            std = [c.top1.std if c else 0.0 for c in got]
+            ax.bar(x + (i - (len(variants) - 1) / 2) * width, mean, width, yerr=std, capsize=3,
+                   label=v.title)
+        ax.set_xticks(x, [VIEW_TITLES[w] for w in VIEWS], fontsize=8)
+        ax.set_title(m)
+        ax.set_ylabel("top-1 error (%)")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_claims(root: str, results: Sequence[RunResult], title: str,
+                 variants: Sequence[Variant] = VARIANTS, make_plot: bool = True) -> str:
+    """``claims.md`` / ``claims.json`` (and ``claims.png``) in ``root``; returns the markdown."""
+    cells = aggregate(results)
+    found = verdicts(results, variants)
+    runs = [f"- `{os.path.relpath(r.run.workdir, root)}`: "
+            + ("reused (finished earlier)" if r.reused else "run now")
+            + (f", {r.seconds / 60:.1f} min" if r.seconds else "") for r in results]
+    md = "\n".join([f"# {title}", "", tables_markdown(cells, variants), "",
+                    "## Verdicts (top-1 error; two-sided t-test at 5 %)", "",
+                    *[f"- {v.sentence()}" for v in found], "", "## Runs", "", *runs])
+    data = {"title": title,
+            "cells": [{"model": m, "variant": v, "view": w, "seeds": list(c.seeds),
+                       "top1": c.top1.as_dict(), "top5": c.top5.as_dict()}
+                      for (m, v, w), c in cells.items()],
+            "verdicts": [v.as_dict() for v in found],
+            "runs": [{"workdir": os.path.relpath(r.run.workdir, root), "model": r.run.model,
+                      "variant": r.run.variant.key, "seed": r.run.seed, "errors": r.errors,
+                      "seconds": r.seconds, "reused": r.reused} for r in results]}
+    write_report(root, "claims", md, data)
+    if make_plot:
+        plot(cells, os.path.join(root, "claims.png"), variants)
+    return md

@@ -1,0 +1,143 @@
+"""A grid of training runs (models x variants x seeds), each resumable in its own workdir.
+
+Table 2 of the paper is such a grid (one model, its three variants) and so is the claims
+experiment (two models, three variants, three seeds).  Every run is ``make train`` in
+``<root>/<model>/<variant>/seed<k>``: trained (resuming from its checkpoints if it was
+interrupted) and tested with the protocols, which write ``eval.json`` with the resolved
+config.  A run whose ``eval.json`` holds exactly the planned config is finished and is
+read back instead of trained again, so a grid restarts at the granularity of one run.
+
+All configs are built and validated by :func:`plan` before anything is trained, so a
+mistake in the overrides costs nothing.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from typing import Callable, Sequence
+
+from spp_jax.config_grammar import config_dict
+from spp_jax.train.config import TrainConfig, get_config
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """A column of Table 2: sub-workdir name, title, and the keys it sets."""
+
+    key: str
+    title: str
+    overrides: tuple[str, ...]
+
+
+VARIANTS = (
+    Variant("nospp", "no SPP", ("spp=false", "sizes=224", "size_schedule=single")),
+    Variant("single", "SPP single-size", ("spp=true", "sizes=224", "size_schedule=single")),
+    Variant("multi", "SPP multi-size", ("spp=true", "sizes=180,224", "size_schedule=multi")),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One planned training run of the grid."""
+
+    model: str
+    variant: Variant
+    seed: int | None   # None: the config's own seed (a one-seed grid such as Table 2)
+    workdir: str
+    config: TrainConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class RunResult:
+    """What one run measured: per protocol (top-1, top-5) error in percent."""
+
+    run: Run
+    errors: dict[str, tuple[float, float]]
+    seconds: float | None   # data + training + testing wall time of the invocation that
+                            # finished it (run_summary.json; None when not recorded)
+    reused: bool            # read back from a finished workdir, not run now
+
+
+def plan(preset: str, overrides: Sequence[str], root: str, *, models: Sequence[str],
+         variants: Sequence[Variant] = VARIANTS, seeds: Sequence[int] | None = None,
+         data_seed: int | None = None, by_model: bool = True) -> list[Run]:
+    """Every run's validated config, models outermost, seeds innermost.
+
+    ``seeds`` set ``seed`` (initialisation, augmentation, data order); ``data_seed`` fixes
+    the embedded images across seeds (the claims compare initialisations on one data set).
+    Workdirs: ``root/<model>/<variant>/seed<k>``; without the model level when
+    ``by_model`` is false (Table 2's one-model ``runs/<model>-table2/<variant>``), without
+    the seed level when ``seeds`` is None.
+    """
+    runs = []
+    for model in models:
+        for v in variants:
+            for seed in (seeds if seeds is not None else [None]):
+                extra = [f"model={model}", *v.overrides]
+                if seed is not None:
+                    extra.append(f"seed={seed}")
+                if data_seed is not None:
+                    extra.append(f"data_seed={data_seed}")
+                cfg = get_config(preset, [*overrides, *extra])
+                sub = os.path.join(root, model if by_model else "", v.key,
+                                   "" if seed is None else f"seed{seed}")
+                runs.append(Run(model, v, seed, os.path.normpath(sub), cfg))
+    return runs
+
+
+def _errors(report: dict) -> dict[str, tuple[float, float]]:
+    return {p: (float(r["top1_err"]), float(r["top5_err"])) for p, r in report["results"].items()}
+
+
+def finished(run: Run) -> RunResult | None:
+    """The run's result if its workdir already holds the testing of exactly this config."""
+    path = os.path.join(run.workdir, "eval.json")
+    try:
+        with open(path) as f:
+            report = json.load(f)
+    except (OSError, ValueError):
+        return None
+    want = json.loads(json.dumps(config_dict(run.config)))  # tuples -> lists, as on disk
+    got = report.get("config", {})
+    # eval_size is adjusted to the data's crop size at run time; compare the rest.
+    if {k: v for k, v in got.items() if k != "eval_size"} != {k: v for k, v in want.items()
+                                                             if k != "eval_size"}:
+        log.info("%s: eval.json is from another config; running it again", run.workdir)
+        return None
+    return RunResult(run, _errors(report), _recorded_seconds(run.workdir), reused=True)
+
+
+def _recorded_seconds(workdir: str) -> float | None:
+    """Wall time that ``run_summary.json`` recorded (the invocation that finished the run)."""
+    try:
+        with open(os.path.join(workdir, "run_summary.json")) as f:
+            return float(json.load(f)["total_seconds"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def run_grid(runs: Sequence[Run], train_fn: Callable[[TrainConfig, str], dict] | None = None
+             ) -> list[RunResult]:
+    """Run (or read back) every run in order; ``train_fn(cfg, workdir) -> eval report``.
+
+    ``train_fn`` defaults to :func:`spp_jax.train.experiment.train_and_evaluate`.
+    """
+    if train_fn is None:
+        from spp_jax.train.experiment import train_and_evaluate as train_fn
+    out = []
+    for i, run in enumerate(runs):
+        done = finished(run)
+        if done is not None:
+            log.info("[%d/%d] %s: finished earlier, reused", i + 1, len(runs), run.workdir)
+            out.append(done)
+            continue
+        log.info("[%d/%d] %s: training", i + 1, len(runs), run.workdir)
+        t = time.perf_counter()
+        report = train_fn(run.config, run.workdir)
+        out.append(RunResult(run, _errors(report), time.perf_counter() - t, reused=False))
+    return out

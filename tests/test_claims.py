@@ -1,0 +1,158 @@
+"""The claims grid: planning, resuming run by run, mean ± std over seeds, verdicts, tables."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from spp_jax import seedstats
+from spp_jax.errors import ConfigError
+from spp_jax.train import claims, grid
+
+TINY = ["width=0.0625", "fc_dim=32", "train_examples=64", "val_examples=16", "epochs=1",
+        "batch_size=16", "eval_batch_size=16", "mean_samples=16", "pca_from_data=false",
+        "progress=false", "plot=false", "protocols=1crop,1full,10view", "async_checkpointing=false"]
+
+
+def fake_errors(run):
+    """Deterministic per-run errors that depend on model, variant, view and seed."""
+    base = {"nospp": 30.0, "single": 26.0, "multi": 25.0}[run.variant.key]
+    base += {"zf5": 0.0, "overfeat7": -3.0}[run.model]
+    views = {"1crop": 0.0, "1full": -2.0, "10view": -3.0, "multiview": -4.0}
+    if run.variant.key == "nospp":
+        views = {k: v for k, v in views.items() if k in ("1crop", "10view")}
+    jitter = [0.0, 1.5, -1.0][run.seed]
+    return {p: (base + d + jitter, (base + d + jitter) / 10) for p, d in views.items()}
+
+
+class FakeTrainer:
+    """Writes what make train writes for the grid (eval.json with the config) without training."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, cfg, workdir):
+        run = next(r for r in self.runs if r.workdir == workdir)
+        self.calls.append(workdir)
+        errs = fake_errors(run)
+        report = {"results": {p: {"top1_err": a, "top5_err": b} for p, (a, b) in errs.items()},
+                  "config": grid.config_dict(cfg)}
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "eval.json"), "w") as f:
+            json.dump(report, f)
+        with open(os.path.join(workdir, "run_summary.json"), "w") as f:
+            json.dump({"train_seconds": 60.0, "total_seconds": 90.0}, f)
+        return report
+
+
+def plan(root, seeds=(0, 1, 2), models=("zf5", "overfeat7"), extra=()):
+    return grid.plan("embedded", [*TINY, *extra], str(root), models=models, seeds=seeds, data_seed=0)
+
+
+def test_plan_configs_and_workdirs(tmp_path):
+    runs = plan(tmp_path)
+    assert len(runs) == 2 * 3 * 3
+    r = runs[0]
+    assert (r.model, r.variant.key, r.seed) == ("zf5", "nospp", 0)
+    assert r.workdir == os.path.join(str(tmp_path), "zf5", "nospp", "seed0")
+    assert not r.config.spp and r.config.sizes == (224,)
+    multi = [x for x in runs if x.variant.key == "multi"]
+    assert all(x.config.sizes == (180, 224) and x.config.size_schedule == "multi" for x in multi)
+    assert {x.config.seed for x in runs} == {0, 1, 2} and {x.config.data_seed for x in runs} == {0}
+    with pytest.raises(ConfigError):  # every config is checked before anything runs
+        plan(tmp_path, extra=["dropout=2"])
+
+
+def test_grid_reuses_finished_runs_and_reruns_changed_ones(tmp_path):
+    trainer = FakeTrainer()
+    trainer.runs = plan(tmp_path, seeds=(0, 1))
+    first = grid.run_grid(trainer.runs, trainer)
+    assert len(trainer.calls) == len(trainer.runs) and not any(r.reused for r in first)
+    trainer.calls.clear()
+    again = grid.run_grid(trainer.runs, trainer)
+    assert trainer.calls == [] and all(r.reused for r in again)
+    assert [r.errors for r in again] == [r.errors for r in first]
+    assert all(r.seconds == 90.0 for r in again)
+    # One more seed: only its runs train; a changed key makes every run train again.
+    trainer.runs = plan(tmp_path, seeds=(0, 1, 2))
+    grid.run_grid(trainer.runs, trainer)
+    assert sorted(trainer.calls) == sorted(r.workdir for r in trainer.runs if r.seed == 2)
+    trainer.calls.clear()
+    trainer.runs = plan(tmp_path, seeds=(0,), extra=["fc_dim=48"])
+    grid.run_grid(trainer.runs, trainer)
+    assert len(trainer.calls) == len(trainer.runs)
+
+
+def test_aggregate_and_verdicts_against_numpy(tmp_path):
+    trainer = FakeTrainer()
+    trainer.runs = plan(tmp_path)
+    results = grid.run_grid(trainer.runs, trainer)
+    cells = claims.aggregate(results)
+    c = cells[("overfeat7", "single", "10view")]
+    want = [26.0 - 3.0 - 3.0 + j for j in (0.0, 1.5, -1.0)]
+    assert c.top1.mean == pytest.approx(np.mean(want)) and c.top1.std == pytest.approx(np.std(want, ddof=1))
+    assert c.top5.mean == pytest.approx(np.mean(want) / 10)
+    assert c.seeds == (0, 1, 2)
+    assert ("zf5", "nospp", "1full") not in cells  # no-SPP nets have no full-image views
+    found = {v.claim: v for v in claims.verdicts(results)}
+    # The jitter is the same per seed in every cell: unpaired, a 4-point SPP gain against a
+    # std of 1.26 holds; multi vs single (1 point) does not; paired view gains are exact.
+    spp = found["zf5, 10-view: SPP beats no SPP"]
+    assert spp.diff == pytest.approx(4.0) and spp.outcome == seedstats.HOLDS and not spp.paired
+    ms = found["zf5, 1 crop: multi-size training beats single-size"]
+    assert ms.diff == pytest.approx(1.0) and ms.outcome == seedstats.NOISE
+    full = found["overfeat7, SPP multi-size: 1 full beats 1 crop"]
+    assert full.paired and full.diff == pytest.approx(2.0) and full.outcome == seedstats.HOLDS
+    assert len(found) == 2 * (2 * 2 + 2 * 2)
+
+
+def test_write_claims(tmp_path):
+    trainer = FakeTrainer()
+    trainer.runs = plan(tmp_path, seeds=(0, 1, 2))
+    results = grid.run_grid(trainer.runs, trainer)
+    md = claims.write_claims(str(tmp_path), results, "test grid")
+    data = json.loads((tmp_path / "claims.json").read_text())
+    assert (tmp_path / "claims.png").stat().st_size > 0
+    assert "| zf5 | 30.2 ± 1.3 / 3.0 ± 0.1 |" not in md  # 10-view, not 1 crop
+    assert "| zf5 | 27.2 ± 1.3 / 2.7 ± 0.1 | 23.2 ± 1.3 / 2.3 ± 0.1 | 22.2 ± 1.3 / 2.2 ± 0.1 |" in md
+    assert len(data["runs"]) == 18 and len(data["verdicts"]) == 16
+    cell = next(c for c in data["cells"] if (c["model"], c["variant"], c["view"]) == ("zf5", "multi", "multiview"))
+    assert cell["top1"]["values"] == [21.0, 22.5, 20.0]
+
+
+def test_tiny_real_grid_resumes(tmp_path):
+    """Two real tiny runs (one variant, two seeds): tables from their eval.json, then reused."""
+    # One compile cache for both runs: the second compiles nothing.
+    over = [*TINY, "protocols=1crop,1full", f"compile_cache_dir={tmp_path / 'cache'}"]
+    runs = grid.plan("embedded", over, str(tmp_path), models=("zf5",), variants=grid.VARIANTS[1:2],
+                     seeds=(0, 1), data_seed=0)
+    results = grid.run_grid(runs)
+    for r in results:
+        with open(os.path.join(r.run.workdir, "eval.json")) as f:
+            report = json.load(f)
+        assert r.errors["1full"] == (report["results"]["1full"]["top1_err"],
+                                     report["results"]["1full"]["top5_err"])
+    calls = []
+    again = grid.run_grid(runs, lambda cfg, w: calls.append(w))
+    assert calls == [] and [r.errors for r in again] == [r.errors for r in results]
+    cells = claims.aggregate(again)
+    vals = [r.errors["1crop"][0] for r in results]
+    assert cells[("zf5", "single", "1crop")].top1.mean == pytest.approx(np.mean(vals))
+
+
+def test_entry_point_config(tmp_path, capsys):
+    from experiments import claims as entry
+    with pytest.raises(SystemExit) as e:
+        entry.main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "seeds=0,1,2" in out and "models=zf5,overfeat7" in out and "train_preset=embedded" in out
+    for bad, words in ((["seeds=-1"], "seeds=-1"), (["models=vgg"], "models=vgg"),
+                       (["seed=3"], "set by the grid"), (["lerning_rate=1"], "unknown key 'lerning_rate'"),
+                       (["dropout=2"], "dropout=2")):
+        with pytest.raises(SystemExit) as e:
+            entry.main(["--workdir", str(tmp_path / "w"), *bad])
+        assert str(e.value.code).startswith("error: ") and words in str(e.value.code)
+        assert "\n" not in str(e.value.code)
+    assert not (tmp_path / "w").exists()  # nothing written before the whole grid is checked
+    assert entry.split_overrides(["seeds=1", "val_examples=32"]) == (["seeds=1"], ["val_examples=32"])
