@@ -55,10 +55,10 @@ table2: $(STAMP)
 
 # Transfer classification (Tables 6-8) on a trained workdir's features.
 voc_cls: $(STAMP)
-	$(PY) -m experiments.voc_cls --checkpoint-workdir $(WORKDIR) $(ARGS)
+	$(PY) -m experiments.voc_cls checkpoint=$(WORKDIR) $(ARGS)
 
 caltech101: $(STAMP)
-	$(PY) -m experiments.caltech101 --checkpoint-workdir $(WORKDIR) $(ARGS)
+	$(PY) -m experiments.caltech101 checkpoint=$(WORKDIR) $(ARGS)
 
 # Detection (Tables 9 and 12) on the embedded data; pretrains ZF-5 in runs/zf5-det-single when no checkpoint is given.
 voc_det: $(STAMP)

@@ -18,14 +18,14 @@ def workdirs(tmp_path_factory):
     return (_make_workdir(str(root / "spp"), True, 0), _make_workdir(str(root / "nospp"), False, 1))
 
 
-COMMON = ["--quick", "--no-progress", "--batch-size", "8", "--bucket-step", "1.0"]
+COMMON = ["--preset", "quick", "progress=false", "batch_size=8", "bucket_step=1.0"]
 
 
 def test_voc_cls_entry_point_and_resume(workdirs, tmp_path, capsys):
     spp, nospp = workdirs
     out = str(tmp_path / "voc")
-    args = ["--checkpoint-workdir", spp, "--nospp-checkpoint-workdir", nospp, "--workdir", out, *COMMON,
-            "--settings", "nospp_crop224,spp_crop224,spp_full224"]
+    args = [f"checkpoint={spp}", f"nospp_checkpoint={nospp}", "--workdir", out, *COMMON,
+            "settings=nospp_crop224,spp_crop224,spp_full224"]
     data = voc_main.main(args)
     assert data["num_trainval"] == 40 and data["num_test"] == 24
     assert data["settings"] == ["nospp_crop224", "spp_crop224", "spp_full224"]
@@ -51,8 +51,8 @@ def test_voc_cls_entry_point_and_resume(workdirs, tmp_path, capsys):
 def test_caltech101_entry_point(workdirs, tmp_path):
     spp, _ = workdirs
     out = str(tmp_path / "cal")
-    data = caltech_main.main(["--checkpoint-workdir", spp, "--workdir", out, *COMMON,
-                              "--settings", "nospp_crop224,spp_crop224", "--layers", "spp_pool5,fc7"])
+    data = caltech_main.main([f"checkpoint={spp}", "--workdir", out, *COMMON,
+                              "settings=nospp_crop224,spp_crop224", "layers=spp_pool5,fc7"])
     assert data["splits"] == 2 and data["num_classes"] == 30 and data["train_per_class"] == 3
     assert data["test_images"] == [90, 90]  # 3 test images per class in each split
     r = data["results"]["spp_crop224"]["layers"]["spp_pool5"]
@@ -65,9 +65,9 @@ def test_caltech101_entry_point(workdirs, tmp_path):
 
 def test_errors_name_what_is_missing(tmp_path):
     with pytest.raises(SystemExit, match="make train MODEL=zf5"):
-        voc_main.main(["--workdir", str(tmp_path / "x"), "--quick"])
+        voc_main.main(["--workdir", str(tmp_path / "x"), "--preset", "quick"])
     with pytest.raises(SystemExit, match="make train MODEL=zf5"):
-        caltech_main.main(["--checkpoint-workdir", str(tmp_path / "nothing"), "--quick"])
+        caltech_main.main([f"checkpoint={tmp_path / 'nothing'}", "--preset", "quick"])
     with pytest.raises(FileNotFoundError, match="tfds build voc/2007 --data_dir"):
         D.voc_cls_data("voc/2007", str(tmp_path / "tfds"))
     with pytest.raises(FileNotFoundError, match="tfds build caltech101"):
@@ -101,7 +101,8 @@ def test_shapes_voc_labels_rule():
 
 
 def test_paper_defaults_full_side_per_backbone_and_ten_splits():
-    import inspect
     from spp_jax.transfer import run
+    from spp_jax.transfer.config import CaltechConfig
     assert run.voc_settings("zf5")[-1] == "spp_full392" and run.voc_settings("overfeat7")[-1] == "spp_full364"
-    assert inspect.signature(run.run_caltech).parameters["splits"].default == 10
+    assert CaltechConfig().splits == 10 and CaltechConfig().train_per_class == 30
+    assert CaltechConfig().test_per_class == 50
