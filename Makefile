@@ -53,7 +53,8 @@ table2: $(STAMP)
 	$(PY) -m experiments.table2 --workdir runs/$(MODEL)-table2 model=$(MODEL) \
 	    $(if $(DATASET),dataset=$(DATASET)) $(if $(DATA_DIR),data_dir=$(DATA_DIR)) $(ARGS)
 
-# Transfer classification (Tables 6-8) on a trained workdir's features.
+# Transfer classification (Tables 6-8) on a trained workdir's features:
+# make voc_cls|caltech101 WORKDIR=runs/zf5 [ARGS="--preset quick|paper key=value ..."]
 voc_cls: $(STAMP)
 	$(PY) -m experiments.voc_cls checkpoint=$(WORKDIR) $(ARGS)
 

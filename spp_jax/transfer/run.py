@@ -47,7 +47,8 @@ def _input_sides(model) -> list[int]:
 
     def fits(side: int) -> bool:
         try:
-            return model.spp or spec_out_size(map_size(model.arch, side), NO_SPP_POOL[model.arch]) == 6
+            last = map_size(model.arch, side)
+            return model.spp or spec_out_size(last, NO_SPP_POOL[model.arch]) == 6
         except ValueError:  # too small for some layer
             return False
 
