@@ -29,13 +29,14 @@ from spp_jax.config_grammar import option
 from spp_jax.data import shapes
 from spp_jax.errors import ConfigError
 from spp_jax.pretrained import MEAN_CHOICES
+from spp_jax.train.config import SEED_LIMIT
+from spp_jax.transfer.classify import DEFAULT_C
 from spp_jax.transfer.datasets import CALTECH_DATASETS, VOC_DATASETS
 from spp_jax.transfer.features import LAYERS, Setting
 
 __all__ = ["CALTECH_PRESETS", "CALTECH_SETTINGS", "CaltechConfig", "NO_CHECKPOINT_HELP", "TransferConfig",
            "VOC_PRESETS", "VocClsConfig", "output_workdir", "parse_command_line"]
 
-SEED_LIMIT = 2 ** 31
 CALTECH_SETTINGS = ("nospp_crop224", "spp_crop224", "spp_full224")
 NO_CHECKPOINT_HELP = (
     "checkpoint: a pretrained network is needed: pass checkpoint=DIR, a workdir made by `make train`, "
@@ -58,6 +59,15 @@ def _repeated(values: Sequence) -> str | None:
     return f"{seen[0]} is given twice" if seen else None
 
 
+def _dataset(default: str, help: str, choices: Sequence[str] | None):
+    return option(default, help, group="data", choices=choices)
+
+
+def _settings(default, help: str):
+    return option(default, "columns: spp|nospp _ crop|full SIDE [r RESIZE], e.g. spp_full392; " + help,
+                  group="features", min_len=1, check=_settings_violation)
+
+
 @dataclasses.dataclass
 class TransferConfig:
     """The keys both transfer experiments share (use :class:`VocClsConfig` or :class:`CaltechConfig`)."""
@@ -71,15 +81,14 @@ class TransferConfig:
                                    "training mean image", choices=MEAN_CHOICES)
 
     # --- data ---
-    dataset: str = option("", "the images (declared by each experiment)", group="data")
+    dataset: str = _dataset("", "the images (declared by each experiment)", None)
     data_dir: str = option("", "TFDS data_dir of the real datasets ('': TFDS's default, "
                                "~/tensorflow_datasets)")
     seed: int = option(0, "seed of the embedded images (and of Caltech's random splits)", ge=0,
                        lt=SEED_LIMIT)
 
     # --- features (spp_jax.transfer.features) ---
-    settings: Optional[tuple[str, ...]] = option(None, "columns (declared by each experiment)",
-                                                 group="features", min_len=1, check=_settings_violation)
+    settings: Optional[tuple[str, ...]] = _settings(None, "none: the experiment's table")
     layers: tuple[str, ...] = option(LAYERS, "rows: the layers whose features are classified",
                                      choices=LAYERS, min_len=1, check=_repeated)
     batch_size: int = option(16, "crops per compiled batch", ge=1)
@@ -89,7 +98,7 @@ class TransferConfig:
                                      "shorter side (fewer compiled shapes; results are exact)", gt=0, le=1)
 
     # --- classifier, run ---
-    svm_c: float = option(1.0, "linear SVM C (features are L2-normalised)", group="classifier", gt=0)
+    svm_c: float = option(DEFAULT_C, "linear SVM C (features are L2-normalised)", group="classifier", gt=0)
     progress: bool = option(True, "progress bars on stderr", group="run")
 
     def cross_check(self) -> None:
@@ -116,13 +125,12 @@ def voc_settings(arch: str) -> tuple[str, ...]:
 class VocClsConfig(TransferConfig):
     """Table 6: VOC 2007 classification mAP with linear SVMs (``python -m experiments.voc_cls``)."""
 
-    dataset: str = option("voc/2007", "voc/2007: TFDS (trainval: train + validation; test), prepared "
-                                      "once (README); shapes: the embedded multi-label variant",
-                          group="data", choices=VOC_DATASETS)
-    settings: Optional[tuple[str, ...]] = option(
-        None, "columns: spp|nospp _ crop|full SIDE [r RESIZE], e.g. spp_full392; none: Table 6's "
-              "nospp_crop224, spp_crop224, spp_full224 and spp_full392 (zf5, convnet5) or spp_full364 "
-              "(overfeat5, overfeat7)", group="features", min_len=1, check=_settings_violation)
+    dataset: str = _dataset("voc/2007", "voc/2007: TFDS (trainval: train + validation; test), "
+                                        "prepared once (README); shapes: the embedded multi-label "
+                                        "variant", VOC_DATASETS)
+    settings: Optional[tuple[str, ...]] = _settings(
+        None, "none: Table 6's nospp_crop224, spp_crop224, spp_full224 and spp_full392 (zf5, "
+              "convnet5) or spp_full364 (overfeat5, overfeat7)")
     trainval_size: int = option(500, "shapes: trainval images generated; voc/2007 with limit=true: "
                                      "the first N trainval images", group="image counts", ge=1)
     test_size: int = option(300, "shapes: test images generated; voc/2007 with limit=true: the first N",
@@ -138,12 +146,10 @@ class VocClsConfig(TransferConfig):
 class CaltechConfig(TransferConfig):
     """Table 7: Caltech101 accuracy with linear SVMs over random splits (``python -m experiments.caltech101``)."""
 
-    dataset: str = option("caltech101", "caltech101: TFDS (train + test pooled, 102 classes), prepared "
-                                        "once (README); shapes: the embedded 30-class fine variant",
-                          group="data", choices=CALTECH_DATASETS)
-    settings: Optional[tuple[str, ...]] = option(
-        CALTECH_SETTINGS, "columns: spp|nospp _ crop|full SIDE [r RESIZE], e.g. spp_full224; none: "
-                          "the default", group="features", min_len=1, check=_settings_violation)
+    dataset: str = _dataset("caltech101", "caltech101: TFDS (train + test pooled, 102 classes), "
+                                          "prepared once (README); shapes: the embedded 30-class fine "
+                                          "variant", CALTECH_DATASETS)
+    settings: Optional[tuple[str, ...]] = _settings(CALTECH_SETTINGS, "none: the default")
     pool_size: int = option(2400, "shapes: images in the pool the splits draw from (about pool_size / "
                                   "30 per class)", group="splits", ge=1)
     splits: int = option(10, "random train/test splits; accuracy is mean +- std over them", ge=1)

@@ -23,20 +23,21 @@ from typing import Sequence
 import numpy as np
 
 from spp_jax import config_grammar as grammar
+from spp_jax.devices import log_devices
 from spp_jax.errors import ConfigError, UserError
 from spp_jax.pretrained import Pretrained, load_pretrained
 from spp_jax.report import markdown_table, write_report
 from spp_jax.serve import Server
 from spp_jax.transfer import classify
 from spp_jax.transfer.config import (CALTECH_SETTINGS, NO_CHECKPOINT_HELP, VOC_FULL_SIDE, CaltechConfig,
-                                     TransferConfig, VocClsConfig, voc_settings)
+                                     TransferConfig, VocClsConfig, parse_command_line, voc_settings)
 from spp_jax.transfer.datasets import caltech_data, voc_cls_data
 from spp_jax.transfer.features import LAYER_TITLES, FeatureExtractor, Setting
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CALTECH_SETTINGS", "VOC_FULL_SIDE", "load_nets", "resolve_settings", "run_caltech", "run_voc",
-           "voc_settings"]
+__all__ = ["CALTECH_SETTINGS", "VOC_FULL_SIDE", "command_line", "load_nets", "resolve_settings", "run_caltech",
+           "run_voc", "voc_settings"]
 
 
 def _input_sides(model) -> list[int]:
@@ -121,7 +122,7 @@ def _prepare(cfg: TransferConfig) -> _Prepared:
     cfg = grammar.validate(cfg)
     nets = load_nets(cfg.checkpoint, cfg.nospp_checkpoint or None)
     arch = next(n for n in nets.values() if n is not None).model.arch
-    cfg = dataclasses.replace(cfg, settings=cfg.default_settings(arch))  # written as run
+    cfg = dataclasses.replace(cfg, settings=cfg.default_settings(arch))  # the columns run, as written
     settings, notes = resolve_settings(cfg.settings, nets)
     fx = {spp: FeatureExtractor(Server(net.model, net.variables, net.serving_mean(cfg.mean),
                                        bucket_step=cfg.bucket_step),
@@ -214,17 +215,17 @@ def _run_settings(settings, fx, layers, splits: dict, cache: str, progress: bool
 def run_voc(cfg: VocClsConfig, workdir: str, *, name: str = "voc_cls") -> dict:
     """Table 6: VOC-2007-classification mAP (%) per layer and setting, written to ``workdir``.
 
-    ``cfg.settings`` none: :func:`voc_settings` of the loaded backbone. Everything the
-    config and the nets allow to check is checked before any image is read or any file
-    written. Returns the data of ``<name>.json``.
+    ``cfg.settings`` none: :func:`voc_settings` of the loaded backbone. The config, and the
+    settings against the loaded nets, are checked before any image is read or file written;
+    the resolved config is written once the images are open. Returns ``<name>.json``'s data.
     """
     t0 = time.perf_counter()
     workdir = os.path.abspath(workdir)
     prep = _prepare(cfg)
     cfg = prep.cfg
     trainval, test = voc_cls_data(cfg.dataset, cfg.data_dir or None, trainval_size=cfg.trainval_size,
-                                  test_size=cfg.test_size, seed=cfg.seed, cache_dir=os.path.join(workdir, "labels"),
-                                  progress=cfg.progress, limit=cfg.limit)
+                                  test_size=cfg.test_size, seed=cfg.seed, limit=cfg.limit,
+                                  cache_dir=os.path.join(workdir, "labels"), progress=cfg.progress)
     log.info("%s: %d trainval / %d test images, %d classes", cfg.dataset, len(trainval), len(test),
              trainval.num_classes)
     _write_config(cfg, workdir, name)
@@ -352,6 +353,18 @@ def _caltech_report(prep: _Prepared, results: dict, pool, used, n_test: list[int
             "settings": [s.key for s in prep.settings], "results": results, "notes": prep.notes,
             "nets": nets, "mean": cfg.mean, "config": grammar.config_dict(cfg)}
     return md, data
+
+
+def command_line(cls, presets, run, task: str, description: str, argv=None) -> dict:
+    """What ``python -m experiments.voc_cls`` / ``experiments.caltech101`` do: parse and check the
+    config (:func:`~spp_jax.transfer.config.parse_command_line`), then ``run(cfg, workdir)``; a
+    user mistake becomes one ``error: ...`` line and exit status 1."""
+    with grammar.user_errors(FileNotFoundError):
+        cfg, workdir = parse_command_line(cls, presets, description, argv, task)
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                            force=True)
+        log_devices()
+        return run(cfg, workdir)
 
 
 class _Subset:
