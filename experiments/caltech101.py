@@ -18,12 +18,21 @@ checked before any image is read; the resolved config is written to
 in ``--workdir`` (default ``<checkpoint>-caltech101``); features are cached in
 ``WORKDIR/features``.
 """
-from spp_jax.transfer.config import CALTECH_PRESETS, CaltechConfig
-from spp_jax.transfer.run import command_line, run_caltech
+import logging
+
+from spp_jax.config_grammar import user_errors
+from spp_jax.devices import log_devices
+from spp_jax.transfer.config import CALTECH_PRESETS, CaltechConfig, parse_command_line
+from spp_jax.transfer.run import run_caltech
 
 
 def main(argv=None):
-    return command_line(CaltechConfig, CALTECH_PRESETS, run_caltech, "caltech101", __doc__, argv)
+    with user_errors(FileNotFoundError):  # FileNotFoundError: a TFDS dataset not prepared
+        cfg, workdir = parse_command_line(CaltechConfig, CALTECH_PRESETS, __doc__, argv, "caltech101")
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                            force=True)
+        log_devices()
+        return run_caltech(cfg, workdir)
 
 
 if __name__ == "__main__":

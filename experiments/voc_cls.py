@@ -17,12 +17,21 @@ resolved config is written to ``WORKDIR/voc_cls_config.json`` and the table to
 ``voc_cls.md`` / ``.json`` / ``.png`` in ``--workdir`` (default ``<checkpoint>-voc-cls``);
 features are cached in ``WORKDIR/features``, so an interrupted run resumes.
 """
-from spp_jax.transfer.config import VOC_PRESETS, VocClsConfig
-from spp_jax.transfer.run import command_line, run_voc
+import logging
+
+from spp_jax.config_grammar import user_errors
+from spp_jax.devices import log_devices
+from spp_jax.transfer.config import VOC_PRESETS, VocClsConfig, parse_command_line
+from spp_jax.transfer.run import run_voc
 
 
 def main(argv=None):
-    return command_line(VocClsConfig, VOC_PRESETS, run_voc, "voc-cls", __doc__, argv)
+    with user_errors(FileNotFoundError):  # FileNotFoundError: a TFDS dataset not prepared
+        cfg, workdir = parse_command_line(VocClsConfig, VOC_PRESETS, __doc__, argv, "voc-cls")
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                            force=True)
+        log_devices()
+        return run_voc(cfg, workdir)
 
 
 if __name__ == "__main__":

@@ -23,21 +23,20 @@ from typing import Sequence
 import numpy as np
 
 from spp_jax import config_grammar as grammar
-from spp_jax.devices import log_devices
 from spp_jax.errors import ConfigError, UserError
 from spp_jax.pretrained import Pretrained, load_pretrained
 from spp_jax.report import markdown_table, write_report
 from spp_jax.serve import Server
 from spp_jax.transfer import classify
 from spp_jax.transfer.config import (CALTECH_SETTINGS, NO_CHECKPOINT_HELP, VOC_FULL_SIDE, CaltechConfig,
-                                     TransferConfig, VocClsConfig, parse_command_line, voc_settings)
+                                     TransferConfig, VocClsConfig, voc_settings)
 from spp_jax.transfer.datasets import caltech_data, voc_cls_data
 from spp_jax.transfer.features import LAYER_TITLES, FeatureExtractor, Setting
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CALTECH_SETTINGS", "VOC_FULL_SIDE", "command_line", "load_nets", "resolve_settings", "run_caltech",
-           "run_voc", "voc_settings"]
+__all__ = ["CALTECH_SETTINGS", "VOC_FULL_SIDE", "load_nets", "resolve_settings", "run_caltech", "run_voc",
+           "voc_settings"]
 
 
 def _input_sides(model) -> list[int]:
@@ -353,18 +352,6 @@ def _caltech_report(prep: _Prepared, results: dict, pool, used, n_test: list[int
             "settings": [s.key for s in prep.settings], "results": results, "notes": prep.notes,
             "nets": nets, "mean": cfg.mean, "config": grammar.config_dict(cfg)}
     return md, data
-
-
-def command_line(cls, presets, run, task: str, description: str, argv=None) -> dict:
-    """What ``python -m experiments.voc_cls`` / ``experiments.caltech101`` do: parse and check the
-    config (:func:`~spp_jax.transfer.config.parse_command_line`), then ``run(cfg, workdir)``; a
-    user mistake becomes one ``error: ...`` line and exit status 1."""
-    with grammar.user_errors(FileNotFoundError):
-        cfg, workdir = parse_command_line(cls, presets, description, argv, task)
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                            force=True)
-        log_devices()
-        return run(cfg, workdir)
 
 
 class _Subset:
