@@ -59,12 +59,13 @@ table2: $(STAMP)
 claims: $(STAMP)
 	$(PY) -m experiments.claims --workdir runs/claims $(ARGS)
 
-# Transfer classification (Tables 6-8) on a trained workdir's features.
+# Transfer classification (Tables 6-8) on a trained workdir's features:
+# make voc_cls|caltech101 WORKDIR=runs/zf5 [ARGS="--preset quick|paper key=value ..."]
 voc_cls: $(STAMP)
-	$(PY) -m experiments.voc_cls --checkpoint-workdir $(WORKDIR) $(ARGS)
+	$(PY) -m experiments.voc_cls checkpoint=$(WORKDIR) $(ARGS)
 
 caltech101: $(STAMP)
-	$(PY) -m experiments.caltech101 --checkpoint-workdir $(WORKDIR) $(ARGS)
+	$(PY) -m experiments.caltech101 checkpoint=$(WORKDIR) $(ARGS)
 
 # Detection (Tables 9 and 12) on the embedded data; pretrains ZF-5 in runs/zf5-det-single when no checkpoint is given.
 voc_det: $(STAMP)

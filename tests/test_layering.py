@@ -13,13 +13,15 @@ RANKS = {
     "spp_jax.geometry": 1, "spp_jax.pooling": 1,
     "spp_jax.roi": 2,
     "spp_jax": 3, "spp_jax.models": 3,  # the package itself re-exports the core API
-    "spp_jax.data": 4, "spp_jax.report": 4, "spp_jax.svm": 4, "spp_jax.voc_ap": 4,
+    "spp_jax.data": 4, "spp_jax.report": 4, "spp_jax.seedstats": 4, "spp_jax.svm": 4, "spp_jax.voc_ap": 4,
     "spp_jax.serve": 5,
     # The testing protocols; the training config (it names the protocols), state, steps, checkpoints.
     "spp_jax.evaluate": 6, "spp_jax.train": 6,
     "spp_jax.pretrained": 7,
     # Training runs (they test with spp_jax.evaluate).
     "spp_jax.train.loop": 8, "spp_jax.train.experiment": 8, "spp_jax.train.testing": 8,
+    # Grids of training runs (Table 2, the claims) and their tables.
+    "spp_jax.train.grid": 8, "spp_jax.train.claims": 8,
     "spp_jax.transfer": 9, "spp_jax.detection": 9,
 }
 # Same-or-lower layer, and still forbidden: transfer and detection load networks through

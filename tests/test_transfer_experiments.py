@@ -8,7 +8,11 @@ import tensorflow_datasets as tfds
 
 from experiments import caltech101 as caltech_main
 from experiments import voc_cls as voc_main
+from spp_jax.config_grammar import read_config
+from spp_jax.errors import ConfigError
 from spp_jax.transfer import datasets as D
+from spp_jax.transfer import run
+from spp_jax.transfer.config import CaltechConfig, VocClsConfig
 from workdirs import make_workdir as _make_workdir
 
 
@@ -18,14 +22,14 @@ def workdirs(tmp_path_factory):
     return (_make_workdir(str(root / "spp"), True, 0), _make_workdir(str(root / "nospp"), False, 1))
 
 
-COMMON = ["--quick", "--no-progress", "--batch-size", "8", "--bucket-step", "1.0"]
+COMMON = ["--preset", "quick", "progress=false", "batch_size=8", "bucket_step=1.0"]
 
 
 def test_voc_cls_entry_point_and_resume(workdirs, tmp_path, capsys):
     spp, nospp = workdirs
     out = str(tmp_path / "voc")
-    args = ["--checkpoint-workdir", spp, "--nospp-checkpoint-workdir", nospp, "--workdir", out, *COMMON,
-            "--settings", "nospp_crop224,spp_crop224,spp_full224"]
+    args = [f"checkpoint={spp}", f"nospp_checkpoint={nospp}", "--workdir", out, *COMMON,
+            "settings=nospp_crop224,spp_crop224,spp_full224"]
     data = voc_main.main(args)
     assert data["num_trainval"] == 40 and data["num_test"] == 24
     assert data["settings"] == ["nospp_crop224", "spp_crop224", "spp_full224"]
@@ -42,6 +46,18 @@ def test_voc_cls_entry_point_and_resume(workdirs, tmp_path, capsys):
     assert json.load(open(os.path.join(out, "voc_cls.json")))["table"] == "6"
     assert data["mean"] == "constant" and "subtracting the constant 128" in md  # Appendix A
     assert "| fc7 |" in capsys.readouterr().out
+    # The resolved config, written before any feature, reads back with every type checked.
+    want = VocClsConfig(checkpoint=spp, nospp_checkpoint=nospp, dataset="shapes", trainval_size=40, test_size=24,
+                        limit=True, progress=False, batch_size=8, bucket_step=1.0,
+                        settings=("nospp_crop224", "spp_crop224", "spp_full224"))
+    written = os.path.join(out, "voc_cls_config.json")
+    assert read_config(VocClsConfig, written) == want
+    assert json.load(open(os.path.join(out, "voc_cls.json")))["config"] == json.load(open(written))
+    raw = json.load(open(written))
+    with open(written, "w") as f:
+        json.dump({**raw, "batch_size": "8"}, f)
+    with pytest.raises(ConfigError, match=f"{written}: batch_size: expected an int, got '8'"):
+        read_config(VocClsConfig, written)
     # A second run reads every feature from the cache and gives the same table.
     again = voc_main.main(args)
     assert all(again["results"][k]["compiled_programs"] == 0 for k in again["results"])
@@ -51,8 +67,8 @@ def test_voc_cls_entry_point_and_resume(workdirs, tmp_path, capsys):
 def test_caltech101_entry_point(workdirs, tmp_path):
     spp, _ = workdirs
     out = str(tmp_path / "cal")
-    data = caltech_main.main(["--checkpoint-workdir", spp, "--workdir", out, *COMMON,
-                              "--settings", "nospp_crop224,spp_crop224", "--layers", "spp_pool5,fc7"])
+    data = caltech_main.main([f"checkpoint={spp}", "--workdir", out, *COMMON,
+                              "settings=nospp_crop224,spp_crop224", "layers=spp_pool5,fc7"])
     assert data["splits"] == 2 and data["num_classes"] == 30 and data["train_per_class"] == 3
     assert data["test_images"] == [90, 90]  # 3 test images per class in each split
     r = data["results"]["spp_crop224"]["layers"]["spp_pool5"]
@@ -61,13 +77,40 @@ def test_caltech101_entry_point(workdirs, tmp_path):
     md = open(os.path.join(out, "caltech101.md")).read()
     assert "| layer | SPP crop 224 |" in md and " ± " in md
     assert os.path.exists(os.path.join(out, "caltech101.png"))
+    cfg = read_config(CaltechConfig, os.path.join(out, "caltech101_config.json"))
+    assert (cfg.pool_size, cfg.splits, cfg.train_per_class, cfg.layers) == (450, 2, 3, ("spp_pool5", "fc7"))
+
+
+def test_settings_resolved_and_checked_against_the_nets_before_any_image(workdirs, tmp_path):
+    spp, nospp = workdirs
+    # settings=none: Table 6's columns for ZF-5 (full 392), the no-SPP one skipped without a no-SPP net
+    prep = run._prepare(VocClsConfig(checkpoint=spp, dataset="shapes"))
+    assert prep.cfg.settings == ("nospp_crop224", "spp_crop224", "spp_full224", "spp_full392")
+    assert [s.key for s in prep.settings] == ["spp_crop224", "spp_full224", "spp_full392"]
+    assert prep.notes[0].startswith("no SPP crop 224: skipped") and "nospp_checkpoint=DIR" in prep.notes[0]
+    # Sides the nets cannot take: ZF-5 needs >= 31 px, its no-SPP 6x6 pool5 207-238 px (README).
+    for setting, message in (("spp_crop30", "a 30 px input is too small for zf5 (needs >= 31)"),
+                             ("nospp_crop200", "the no-SPP zf5 takes crops of 207-238 px only")):
+        out = tmp_path / setting
+        with pytest.raises(SystemExit) as e:
+            voc_main.main([f"checkpoint={spp}", f"nospp_checkpoint={nospp}", f"settings={setting}",
+                           "--workdir", str(out)])
+        assert e.value.code == f"error: settings: {setting}: {message}" + (
+            " (the paper's: 224)" if setting.startswith("nospp") else "")
+        assert not out.exists()
+    with pytest.raises(SystemExit, match=f"error: nospp_checkpoint={spp} holds an SPP net"):
+        caltech_main.main([f"checkpoint={spp}", f"nospp_checkpoint={spp}", "--workdir", str(tmp_path / "c")])
+    # The library checks a config built by hand just the same.
+    with pytest.raises(ConfigError, match="batch_size=0: must be >= 1"):
+        run.run_voc(VocClsConfig(checkpoint=spp, batch_size=0), str(tmp_path / "lib"))
+    assert not any(tmp_path.iterdir())
 
 
 def test_errors_name_what_is_missing(tmp_path):
     with pytest.raises(SystemExit, match="make train MODEL=zf5"):
-        voc_main.main(["--workdir", str(tmp_path / "x"), "--quick"])
+        voc_main.main(["--workdir", str(tmp_path / "x"), "--preset", "quick"])
     with pytest.raises(SystemExit, match="make train MODEL=zf5"):
-        caltech_main.main(["--checkpoint-workdir", str(tmp_path / "nothing"), "--quick"])
+        caltech_main.main([f"checkpoint={tmp_path / 'nothing'}", "--preset", "quick"])
     with pytest.raises(FileNotFoundError, match="tfds build voc/2007 --data_dir"):
         D.voc_cls_data("voc/2007", str(tmp_path / "tfds"))
     with pytest.raises(FileNotFoundError, match="tfds build caltech101"):
@@ -101,7 +144,8 @@ def test_shapes_voc_labels_rule():
 
 
 def test_paper_defaults_full_side_per_backbone_and_ten_splits():
-    import inspect
     from spp_jax.transfer import run
+    from spp_jax.transfer.config import CaltechConfig
     assert run.voc_settings("zf5")[-1] == "spp_full392" and run.voc_settings("overfeat7")[-1] == "spp_full364"
-    assert inspect.signature(run.run_caltech).parameters["splits"].default == 10
+    assert CaltechConfig().splits == 10 and CaltechConfig().train_per_class == 30
+    assert CaltechConfig().test_per_class == 50

@@ -5,7 +5,9 @@
   datasets:  voc_cls_data (shapes multilabel | voc/2007), caltech_data (shapes fine | caltech101)
   classify:  train_svms, voc_cls_ap / voc_cls_map (VOC 2007 11-point AP), sample_split,
              caltech_classification (30 train / <= 50 test per class, mean +- std over splits)
-  run:       run_voc, run_caltech (what experiments/voc_cls.py and experiments/caltech101.py run)
+  config:    VocClsConfig, CaltechConfig (the one config grammar: presets embedded, quick, paper)
+  run:       run_voc(cfg, workdir), run_caltech(cfg, workdir) (what experiments/voc_cls.py and
+             experiments/caltech101.py run)
 """
 from spp_jax.transfer.classify import (caltech_classification, mean_class_accuracy, one_vs_rest,
                                        sample_split, train_svms, voc_classification, voc_cls_ap,

@@ -21,6 +21,7 @@ import dataclasses
 
 import numpy as np
 
+from spp_jax.errors import InputError
 from spp_jax.voc_ap import voc_ap_11point
 from spp_jax.svm import l2_normalize, train_linear_svms
 
@@ -140,7 +141,7 @@ def sample_split(labels, num_classes: int, train_per_class: int = 30, test_per_c
     For every class: ``train_per_class`` images drawn at random for training,
     and up to ``test_per_class`` of the remaining ones for testing.  The draw
     depends only on (labels, seed, class), so it is reproducible.  Raises if a
-    class has no image left for testing.
+    class has no image left for testing (InputError, a ValueError).
 
     Returns sorted (train indices, test indices) into the pool.
     """
@@ -148,9 +149,10 @@ def sample_split(labels, num_classes: int, train_per_class: int = 30, test_per_c
     short = [c for c in range(num_classes) if np.sum(labels == c) < train_per_class + 1]
     if short:
         counts = {c: int(np.sum(labels == c)) for c in short[:10]}
-        raise ValueError(f"classes {short[:10]}{'...' if len(short) > 10 else ''} have fewer than "
+        raise InputError(f"classes {short[:10]}{'...' if len(short) > 10 else ''} have fewer than "
                          f"{train_per_class + 1} images ({counts}): need {train_per_class} for training "
-                         "and at least one for testing; use a larger pool or fewer training images per class")
+                         "and at least one for testing; use a larger pool (pool_size) or fewer training "
+                         "images per class (train_per_class)")
     train, test = [], []
     for c in range(num_classes):
         idx = np.flatnonzero(labels == c)

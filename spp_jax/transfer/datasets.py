@@ -155,8 +155,9 @@ def _tfds_sources(name: str, splits: Sequence[str], data_dir: str | None, extra_
         builder = tfds.builder(name, **kwargs)
         srcs = [tfds.data_source(name, split=s, download=False, **kwargs) for s in splits]
     except Exception as e:  # TFDS raises assorted errors for missing or partial data
+        why = " ".join(str(e)[:300].split())  # one line: an entry point prints it as `error: ...`
         raise FileNotFoundError(
-            f"{name} is not available ({type(e).__name__}: {str(e)[:300]})\n"
+            f"{name} is not available ({type(e).__name__}: {why}). "
             + TFDS_HELP.format(name=name, data_dir=data_dir or "~/tensorflow_datasets", extra=extra_help)) from e
     return builder, srcs
 

@@ -1,16 +1,20 @@
 """The transfer experiments as library functions (``experiments/voc_cls.py``, ``experiments/caltech101.py``).
 
-Both load a pretrained network (:func:`spp_jax.pretrained.load_pretrained`: a ``make
-train`` workdir, read only, or a msgpack + sidecar), extract features per setting
-through the serving layer (cached under ``<workdir>/features``), train linear SVMs per
-layer and write a table in the paper's layout (rows: layers; columns: settings) as
-``<name>.md`` / ``<name>.json`` plus ``<name>.png`` in the workdir.
+:func:`run_voc` and :func:`run_caltech` each take a typed config
+(:class:`spp_jax.transfer.config.VocClsConfig` / :class:`~spp_jax.transfer.config.CaltechConfig`)
+and an output workdir. Both load a pretrained network (:func:`spp_jax.pretrained.load_pretrained`:
+a ``make train`` workdir, read only, or a msgpack + sidecar), check the settings fit it,
+open the images, write the resolved config as ``<name>_config.json``, extract features
+per setting through the serving layer (cached under ``<workdir>/features``), train
+linear SVMs per layer and write a table in the paper's layout (rows: layers; columns:
+settings) as ``<name>.md`` / ``<name>.json`` plus ``<name>.png`` in the workdir.
 
 As the paper (Appendix A), images are minus the constant 128 by default, not the
 training mean image (``mean="image"`` subtracts that instead).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -18,46 +22,68 @@ from typing import Sequence
 
 import numpy as np
 
-from spp_jax.errors import UserError
+from spp_jax import config_grammar as grammar
+from spp_jax.errors import ConfigError, UserError
 from spp_jax.pretrained import Pretrained, load_pretrained
 from spp_jax.report import markdown_table, write_report
 from spp_jax.serve import Server
 from spp_jax.transfer import classify
+from spp_jax.transfer.config import (CALTECH_SETTINGS, NO_CHECKPOINT_HELP, VOC_FULL_SIDE, CaltechConfig,
+                                     TransferConfig, VocClsConfig, voc_settings)
 from spp_jax.transfer.datasets import caltech_data, voc_cls_data
-from spp_jax.transfer.features import LAYER_TITLES, LAYERS, FeatureExtractor, Setting
+from spp_jax.transfer.features import LAYER_TITLES, FeatureExtractor, Setting
 
 log = logging.getLogger(__name__)
 
-NO_CHECKPOINT_HELP = (
-    "a pretrained network is needed: pass --checkpoint-workdir DIR, a workdir made by `make train`, "
-    "e.g. `make train MODEL=zf5 WORKDIR=runs/zf5` (embedded data), then --checkpoint-workdir runs/zf5")
-
-CALTECH_SETTINGS = ("nospp_crop224", "spp_crop224", "spp_full224")
-# Table 6's best full-image size: 392 for ZF-5, 364 for Overfeat-7 (SPP_FACTS section 5).
-# Convnet*-5 shares ZF-5's stride 16 and Overfeat-5 Overfeat-7's stride 12; giving them
-# 392 and 364 is our choice (the paper states the two above only).
-VOC_FULL_SIDE = {"zf5": 392, "convnet5": 392, "overfeat5": 364, "overfeat7": 364}
+__all__ = ["CALTECH_SETTINGS", "VOC_FULL_SIDE", "load_nets", "resolve_settings", "run_caltech", "run_voc",
+           "voc_settings"]
 
 
-def voc_settings(arch: str) -> tuple[str, ...]:
-    """Table 6's columns for a backbone: no-SPP crop, SPP crop, SPP full 224 and full 392 / 364."""
-    return ("nospp_crop224", "spp_crop224", "spp_full224", f"spp_full{VOC_FULL_SIDE[arch]}")
+def _input_sides(model) -> list[int]:
+    """The square input sides in [1, 1024] a network takes: every side from the smallest for an
+    SPP net; for a no-SPP net only those whose last pool gives the 6x6 fc6 input (207-238 for ZF-5)."""
+    from spp_jax.models import NO_SPP_POOL, map_size
+    from spp_jax.models.layers import spec_out_size
+
+    def fits(side: int) -> bool:
+        try:
+            last = map_size(model.arch, side)
+            return model.spp or spec_out_size(last, NO_SPP_POOL[model.arch]) == 6
+        except ValueError:  # too small for some layer
+            return False
+
+    return [s for s in range(1, 1025) if fits(s)]
+
+
+def _check_fits(setting: Setting, model) -> None:
+    """ConfigError unless the setting's input side fits the network (checked before any image is read)."""
+    sides = _input_sides(model)
+    if model.spp and setting.size < sides[0]:
+        raise ConfigError(f"settings: {setting.key}: a {setting.size} px input is too small for "
+                          f"{model.arch} (needs >= {sides[0]})")
+    if not model.spp and setting.size not in sides:
+        raise ConfigError(f"settings: {setting.key}: the no-SPP {model.arch} takes crops of {sides[0]}-"
+                          f"{sides[-1]} px only (the paper's: 224)")
 
 
 def resolve_settings(names: Sequence[str], nets: dict[bool, Pretrained | None]
                      ) -> tuple[list[Setting], list[str]]:
-    """Settings runnable with the available nets, and notes on the skipped ones."""
+    """Settings runnable with the available nets, and notes on the skipped ones.
+
+    Raises ConfigError when a setting's input side does not fit its net, or none can run.
+    """
     out, notes = [], []
     for n in names:
         s = Setting.parse(n)
         if nets.get(s.spp) is None:
             notes.append(f"{s.title}: skipped, needs a{'n SPP' if s.spp else ' no-SPP'} checkpoint"
-                         + ("" if s.spp else " (--nospp-checkpoint-workdir: a workdir trained with spp=false, "
+                         + ("" if s.spp else " (nospp_checkpoint=DIR: a workdir trained with spp=false, "
                                              "e.g. `make train MODEL=zf5 SPP=false SIZES=224 WORKDIR=runs/zf5-nospp`)"))
             continue
+        _check_fits(s, nets[s.spp].model)
         out.append(s)
     if not out:
-        raise ValueError(f"none of the settings {list(names)} can run: " + "; ".join(notes))
+        raise ConfigError(f"settings: none of {','.join(names)} can run: " + "; ".join(notes))
     return out, notes
 
 
@@ -72,16 +98,44 @@ def load_nets(checkpoint: str | None, nospp: str | None = None) -> dict[bool, Pr
     if nospp:
         other = load_pretrained(nospp)
         if other.model.spp:
-            raise UserError(f"--nospp-checkpoint-workdir {nospp} holds an SPP net (spp=true)")
+            raise UserError(f"nospp_checkpoint={nospp} holds an SPP net (spp=true): give a workdir "
+                            f"trained with spp=false")
         nets[False] = other
     return nets
 
 
-def _extractors(nets, mean: str, batch_size: int, full_batch_size: int, bucket_step: float = 0.5):
-    """One FeatureExtractor per available net; ``mean``: "constant" (128, the paper's) or "image"."""
-    return {spp: FeatureExtractor(Server(net.model, net.variables, net.serving_mean(mean), bucket_step=bucket_step),
-                                  batch_size=batch_size, full_batch_size=full_batch_size)
-            for spp, net in nets.items() if net is not None}
+@dataclasses.dataclass
+class _Prepared:
+    """What both experiments need before reading any image: the resolved config, the nets,
+    the settings that can run (and notes on the skipped ones), one extractor per net."""
+
+    cfg: TransferConfig
+    nets: dict[bool, Pretrained | None]
+    settings: list[Setting]
+    notes: list[str]
+    fx: dict[bool, FeatureExtractor]
+
+
+def _prepare(cfg: TransferConfig) -> _Prepared:
+    """Validate ``cfg``, load the nets (read only), resolve and check the settings; no file is written."""
+    cfg = grammar.validate(cfg)
+    nets = load_nets(cfg.checkpoint, cfg.nospp_checkpoint or None)
+    arch = next(n for n in nets.values() if n is not None).model.arch
+    cfg = dataclasses.replace(cfg, settings=cfg.default_settings(arch))  # the columns run, as written
+    settings, notes = resolve_settings(cfg.settings, nets)
+    fx = {spp: FeatureExtractor(Server(net.model, net.variables, net.serving_mean(cfg.mean),
+                                       bucket_step=cfg.bucket_step),
+                                batch_size=cfg.batch_size, full_batch_size=cfg.full_batch_size)
+          for spp, net in nets.items() if net is not None}
+    return _Prepared(cfg, nets, settings, notes, fx)
+
+
+def _write_config(cfg: TransferConfig, workdir: str, name: str) -> str:
+    """The resolved config as ``<workdir>/<name>_config.json`` (not config.json: an output
+    directory may be a training workdir, whose config.json must stay)."""
+    path = grammar.write_config(cfg, workdir, f"{name}_config.json")
+    log.info("config: %s", path)
+    return path
 
 
 def _plot(path: str, title: str, ylabel: str, layers: Sequence[str], series: dict[str, list], err=None):
@@ -157,141 +211,147 @@ def _run_settings(settings, fx, layers, splits: dict, cache: str, progress: bool
     return results
 
 
-def run_voc(workdir: str, checkpoint_workdir: str | None, *, nospp_workdir: str | None = None,
-            dataset: str = "shapes", data_dir: str | None = None, settings: Sequence[str] | None = None,
-            mean: str = "constant",
-            layers: Sequence[str] = LAYERS, trainval_size: int = 500, test_size: int = 300, seed: int = 0,
-            C: float = classify.DEFAULT_C, batch_size: int = 16, full_batch_size: int = 4,
-            bucket_step: float = 0.5, progress: bool = True, limit: bool = False, name: str = "voc_cls") -> dict:
-    """Table 6: VOC-2007-classification mAP (%) per layer and setting.
+def run_voc(cfg: VocClsConfig, workdir: str, *, name: str = "voc_cls") -> dict:
+    """Table 6: VOC-2007-classification mAP (%) per layer and setting, written to ``workdir``.
 
-    ``settings`` None: :func:`voc_settings` of the loaded backbone. ``mean``: "constant"
-    (128, the paper's Appendix A, default) or "image" (the training mean image).
+    ``cfg.settings`` none: :func:`voc_settings` of the loaded backbone. The config, and the
+    settings against the loaded nets, are checked before any image is read or file written;
+    the resolved config is written once the images are open. Returns ``<name>.json``'s data.
     """
     t0 = time.perf_counter()
     workdir = os.path.abspath(workdir)
-    nets = load_nets(checkpoint_workdir, nospp_workdir)
-    arch = next(n for n in nets.values() if n is not None).model.arch
-    settings, notes = resolve_settings(settings or voc_settings(arch), nets)
-    fx = _extractors(nets, mean, batch_size, full_batch_size, bucket_step)
-    trainval, test = voc_cls_data(dataset, data_dir, trainval_size=trainval_size, test_size=test_size,
-                                  seed=seed, cache_dir=os.path.join(workdir, "labels"), progress=progress,
-                                  limit=limit)
-    log.info("%s: %d trainval / %d test images, %d classes", dataset, len(trainval), len(test),
+    prep = _prepare(cfg)
+    cfg = prep.cfg
+    trainval, test = voc_cls_data(cfg.dataset, cfg.data_dir or None, trainval_size=cfg.trainval_size,
+                                  test_size=cfg.test_size, seed=cfg.seed, limit=cfg.limit,
+                                  cache_dir=os.path.join(workdir, "labels"), progress=cfg.progress)
+    log.info("%s: %d trainval / %d test images, %d classes", cfg.dataset, len(trainval), len(test),
              trainval.num_classes)
-    cache = os.path.join(workdir, "features")
+    _write_config(cfg, workdir, name)
 
     def score(s, k, ftr, fte):
-        r = classify.voc_classification(ftr, trainval.labels, fte, test.labels, C)
+        r = classify.voc_classification(ftr, trainval.labels, fte, test.labels, cfg.svm_c)
         out = {"map": 100 * r["map"], "ap": [100 * a for a in r["ap"]], "dim": int(ftr.shape[1]),
                "converged": r["converged"]}
         log.info("%s %s: mAP %.2f (D=%d)", s.key, k, out["map"], out["dim"])
         return out
 
-    results = _run_settings(settings, fx, layers, {"trainval": trainval, "test": test}, cache, progress,
-                            score)
+    results = _run_settings(prep.settings, prep.fx, cfg.layers, {"trainval": trainval, "test": test},
+                            os.path.join(workdir, "features"), cfg.progress, score)
+    md, data = _voc_report(prep, results, trainval, test)
+    data["seconds"] = total = time.perf_counter() - t0
+    text = "\n".join(md + [f"- total {total:.1f} s"])
+    write_report(workdir, name, text, data)
+    _plot(os.path.join(workdir, f"{name}.png"), f"VOC-style classification ({cfg.dataset})", "mAP (%)",
+          cfg.layers, {r["title"]: [r["layers"].get(k, {}).get("map") for k in cfg.layers]
+                       for r in results.values()})
+    print(text, flush=True)
+    return data
+
+
+def _voc_report(prep: _Prepared, results: dict, trainval, test) -> tuple[list[str], dict]:
+    """Table 6's markdown lines (without the total time) and JSON data."""
+    cfg, layers = prep.cfg, prep.cfg.layers
     rows = [LAYER_TITLES[k] for k in layers]
-    cols = [results[s.key]["title"] for s in settings]
+    cols = [results[s.key]["title"] for s in prep.settings]
     cells = {(LAYER_TITLES[k], r["title"]): r["layers"][k]["map"]
              for r in results.values() for k in layers if k in r["layers"]}
     best = max(((r["layers"][k]["map"], r["title"], k) for r in results.values() for k in r["layers"]))
     per_class = {(n, r["title"]): r["layers"]["fc7"]["ap"][i] for r in results.values() if "fc7" in r["layers"]
                  for i, n in enumerate(trainval.class_names)}
-    md = [f"## Table 6: VOC 2007-style classification mAP (%), {dataset} "
+    nets = _net_line(prep.nets, prep.fx, cfg.mean)
+    md = [f"## Table 6: VOC 2007-style classification mAP (%), {cfg.dataset} "
           f"({len(trainval)} trainval / {len(test)} test images, {trainval.num_classes} classes)", "",
           markdown_table(rows, cols, cells, corner="layer"), "",
           f"Best (Table 8 style): {best[0]:.2f} mAP, {best[1]}, {LAYER_TITLES[best[2]]}.", "",
-          f"Nets: {_net_line(nets, fx, mean)}.", "", LAYER_NOTE + f" SVM C = {C}.", ""]
+          f"Nets: {nets}.", "", LAYER_NOTE + f" SVM C = {cfg.svm_c}.", ""]
     if per_class:
         fc7_cols = [c for c in cols if (trainval.class_names[0], c) in per_class]
         md += ["### Per-class AP (%), fc7", "",
                markdown_table(list(trainval.class_names), fc7_cols, per_class, corner="class"), ""]
-    md += [f"- {r['title']}: features {r['feature_seconds']:.1f} s, {r['compiled_programs']} compiled programs"
-           for r in results.values()]
-    md += [f"- {n}" for n in notes]
-    total = time.perf_counter() - t0
-    md += [f"- total {total:.1f} s"]
-    data = {"table": "6", "dataset": dataset, "num_trainval": len(trainval), "num_test": len(test),
-            "class_names": list(trainval.class_names), "C": C, "layers": list(layers),
-            "settings": [s.key for s in settings], "results": results, "notes": notes,
-            "nets": _net_line(nets, fx, mean), "mean": mean, "seconds": total}
-    text = "\n".join(md)
-    write_report(workdir, name, text, data)
-    _plot(os.path.join(workdir, f"{name}.png"), f"VOC-style classification ({dataset})", "mAP (%)", layers,
-          {r["title"]: [r["layers"].get(k, {}).get("map") for k in layers] for r in results.values()})
-    print(text, flush=True)
-    return data
+    md += _timing_lines(results, prep.notes)
+    data = {"table": "6", "dataset": cfg.dataset, "num_trainval": len(trainval), "num_test": len(test),
+            "class_names": list(trainval.class_names), "C": cfg.svm_c, "layers": list(layers),
+            "settings": [s.key for s in prep.settings], "results": results, "notes": prep.notes,
+            "nets": nets, "mean": cfg.mean, "config": grammar.config_dict(cfg)}
+    return md, data
+
+
+def _timing_lines(results: dict, notes: list[str]) -> list[str]:
+    return ([f"- {r['title']}: features {r['feature_seconds']:.1f} s, {r['compiled_programs']} compiled "
+             f"programs" for r in results.values()] + [f"- {n}" for n in notes])
 
 
 # ---- Caltech101 ---------------------------------------------------------------------------
 
 
-def run_caltech(workdir: str, checkpoint_workdir: str | None, *, nospp_workdir: str | None = None,
-                dataset: str = "shapes", data_dir: str | None = None,
-                settings: Sequence[str] = CALTECH_SETTINGS, layers: Sequence[str] = LAYERS, mean: str = "constant",
-                pool_size: int = 2400, splits: int = 10, train_per_class: int = 30, test_per_class: int = 50,
-                seed: int = 0, C: float = classify.DEFAULT_C, batch_size: int = 16, full_batch_size: int = 4,
-                bucket_step: float = 0.5, progress: bool = True, name: str = "caltech101") -> dict:
-    """Table 7: Caltech101-style accuracy (%), mean +- std over ``splits`` random splits (10, as the
-    paper's "several"), per layer and setting; ``mean`` as :func:`run_voc`."""
+def run_caltech(cfg: CaltechConfig, workdir: str, *, name: str = "caltech101") -> dict:
+    """Table 7: Caltech101-style accuracy (%), mean +- std over ``cfg.splits`` random splits (10,
+    as the paper's "several"), per layer and setting, written to ``workdir``; as :func:`run_voc`."""
     t0 = time.perf_counter()
     workdir = os.path.abspath(workdir)
-    nets = load_nets(checkpoint_workdir, nospp_workdir)
-    settings, notes = resolve_settings(settings, nets)
-    fx = _extractors(nets, mean, batch_size, full_batch_size, bucket_step)
-    pool = caltech_data(dataset, data_dir, pool_size=pool_size, seed=seed,
-                        cache_dir=os.path.join(workdir, "labels"), progress=progress)
+    prep = _prepare(cfg)
+    cfg = prep.cfg
+    pool = caltech_data(cfg.dataset, cfg.data_dir or None, pool_size=cfg.pool_size, seed=cfg.seed,
+                        cache_dir=os.path.join(workdir, "labels"), progress=cfg.progress)
     k_cls = pool.num_classes
     # Only the images some split uses need features.
-    split_idx = [classify.sample_split(pool.labels, k_cls, train_per_class, test_per_class, seed + s)
-                 for s in range(splits)]
+    split_idx = [classify.sample_split(pool.labels, k_cls, cfg.train_per_class, cfg.test_per_class, cfg.seed + s)
+                 for s in range(cfg.splits)]
     used = np.unique(np.concatenate([np.concatenate(p) for p in split_idx]))
-    log.info("%s: pool of %d images, %d classes, %d used by %d splits", dataset, len(pool), k_cls,
-             len(used), splits)
-    sub = _Subset(pool, used)
+    log.info("%s: pool of %d images, %d classes, %d used by %d splits", cfg.dataset, len(pool), k_cls,
+             len(used), cfg.splits)
+    _write_config(cfg, workdir, name)
     labels = pool.labels[used]
     local = [(np.searchsorted(used, tr), np.searchsorted(used, te)) for tr, te in split_idx]
-    cache = os.path.join(workdir, "features")
 
     def score(s, k, feats):
-        r = classify.caltech_classification(feats, labels, k_cls, split_indices=local, C=C)
+        r = classify.caltech_classification(feats, labels, k_cls, split_indices=local, C=cfg.svm_c)
         out = {"mean": 100 * r["mean"], "std": 100 * r["std"], "accuracy": [100 * a for a in r["accuracy"]],
                "overall": [100 * a for a in r["overall"]], "dim": int(feats.shape[1])}
         log.info("%s %s: %.2f +- %.2f (D=%d)", s.key, k, out["mean"], out["std"], out["dim"])
         return out
 
-    results = _run_settings(settings, fx, layers, {"": sub}, cache, progress, score)
+    results = _run_settings(prep.settings, prep.fx, cfg.layers, {"": _Subset(pool, used)},
+                            os.path.join(workdir, "features"), cfg.progress, score)
+    md, data = _caltech_report(prep, results, pool, used, [len(p[1]) for p in split_idx])
+    data["seconds"] = total = time.perf_counter() - t0
+    text = "\n".join(md + [f"- total {total:.1f} s"])
+    write_report(workdir, name, text, data)
+    _plot(os.path.join(workdir, f"{name}.png"), f"Caltech101-style classification ({cfg.dataset})",
+          "accuracy (%)", cfg.layers,
+          {r["title"]: [r["layers"].get(k, {}).get("mean") for k in cfg.layers] for r in results.values()},
+          err={r["title"]: [r["layers"].get(k, {}).get("std") for k in cfg.layers] for r in results.values()})
+    print(text, flush=True)
+    return data
+
+
+def _caltech_report(prep: _Prepared, results: dict, pool, used, n_test: list[int]) -> tuple[list[str], dict]:
+    """Table 7's markdown lines (without the total time) and JSON data."""
+    cfg, layers, k_cls = prep.cfg, prep.cfg.layers, pool.num_classes
     rows = [LAYER_TITLES[k] for k in layers]
-    cols = [results[s.key]["title"] for s in settings]
+    cols = [results[s.key]["title"] for s in prep.settings]
     cells = {(LAYER_TITLES[k], r["title"]): f"{r['layers'][k]['mean']:.2f} ± {r['layers'][k]['std']:.2f}"
              for r in results.values() for k in layers if k in r["layers"]}
     best = max(((r["layers"][k]["mean"], r["layers"][k]["std"], r["title"], k)
                 for r in results.values() for k in r["layers"]))
-    n_test = [len(p[1]) for p in split_idx]
-    md = [f"## Table 7: Caltech101-style accuracy (%), {dataset} ({k_cls} classes, {train_per_class} training "
-          f"and up to {test_per_class} test images per class, mean ± std over {splits} random splits)", "",
+    nets = _net_line(prep.nets, prep.fx, cfg.mean)
+    md = [f"## Table 7: Caltech101-style accuracy (%), {cfg.dataset} ({k_cls} classes, {cfg.train_per_class} "
+          f"training and up to {cfg.test_per_class} test images per class, mean ± std over {cfg.splits} random "
+          f"splits)", "",
           markdown_table(rows, cols, cells, corner="layer"), "",
           f"Best (Table 8 style): {best[0]:.2f} ± {best[1]:.2f}, {best[2]}, {LAYER_TITLES[best[3]]}.", "",
           f"Accuracy = mean of per-class accuracies. Pool: {len(pool)} images ({len(used)} used); "
           f"test images per split: {min(n_test)}-{max(n_test)}.", "",
-          f"Nets: {_net_line(nets, fx, mean)}.", "", LAYER_NOTE + f" SVM C = {C}.", ""]
-    md += [f"- {r['title']}: features {r['feature_seconds']:.1f} s, {r['compiled_programs']} compiled programs"
-           for r in results.values()]
-    md += [f"- {n}" for n in notes]
-    total = time.perf_counter() - t0
-    md += [f"- total {total:.1f} s"]
-    data = {"table": "7", "dataset": dataset, "pool_size": len(pool), "num_used": int(len(used)),
-            "num_classes": k_cls, "class_names": list(pool.class_names), "splits": splits,
-            "train_per_class": train_per_class, "test_per_class": test_per_class, "test_images": n_test,
-            "C": C, "layers": list(layers), "settings": [s.key for s in settings], "results": results,
-            "notes": notes, "nets": _net_line(nets, fx, mean), "mean": mean, "seconds": total}
-    text = "\n".join(md)
-    write_report(workdir, name, text, data)
-    _plot(os.path.join(workdir, f"{name}.png"), f"Caltech101-style classification ({dataset})", "accuracy (%)",
-          layers, {r["title"]: [r["layers"].get(k, {}).get("mean") for k in layers] for r in results.values()},
-          err={r["title"]: [r["layers"].get(k, {}).get("std") for k in layers] for r in results.values()})
-    print(text, flush=True)
-    return data
+          f"Nets: {nets}.", "", LAYER_NOTE + f" SVM C = {cfg.svm_c}.", ""]
+    md += _timing_lines(results, prep.notes)
+    data = {"table": "7", "dataset": cfg.dataset, "pool_size": len(pool), "num_used": int(len(used)),
+            "num_classes": k_cls, "class_names": list(pool.class_names), "splits": cfg.splits,
+            "train_per_class": cfg.train_per_class, "test_per_class": cfg.test_per_class,
+            "test_images": n_test, "C": cfg.svm_c, "layers": list(layers),
+            "settings": [s.key for s in prep.settings], "results": results, "notes": prep.notes,
+            "nets": nets, "mean": cfg.mean, "config": grammar.config_dict(cfg)}
+    return md, data
 
 
 class _Subset:
