@@ -180,3 +180,16 @@ def test_init_schemes_biases():
         if scheme == "paper":
             k = np.concatenate([np.ravel(layers[n]["kernel"]) for n in ("conv3", "conv4", "fc6")])
             assert abs(k.std() - 0.01) < 0.0005 and abs(k.mean()) < 0.0005
+
+
+def test_input_sides():
+    from spp_jax.models import input_sides, map_size
+    # No-SPP ZF-5: the last pool (3, stride 2, ceil) gives 6x6 from a 12- or 13-cell map,
+    # which a 16-pixel stride reaches from 32 consecutive sides around 224.
+    sides = input_sides("zf5", spp=False)
+    assert sides == list(range(207, 239)) and 224 in sides
+    assert {map_size("zf5", s) for s in sides} == {12, 13}
+    spp = input_sides("overfeat7", largest=300)
+    assert spp == list(range(spp[0], 301))
+    with pytest.raises(ValueError):
+        map_size("overfeat7", spp[0] - 1)

@@ -70,6 +70,22 @@ def map_size(name: str, side: int) -> int:
     return side
 
 
+def input_sides(name: str, spp: bool = True, largest: int = 1024) -> list[int]:
+    """The square input sides in [1, largest] a network takes (ints, pixels).
+
+    Every side from the smallest the conv layers accept for an SPP net; for a no-SPP net
+    only those whose last pool gives the 6x6 fc6 input (207-238 for ZF-5).
+    """
+    def fits(side: int) -> bool:
+        try:
+            last = map_size(name, side)
+            return spp or L.spec_out_size(last, NO_SPP_POOL[name]) == 6
+        except ValueError:  # too small for some layer
+            return False
+
+    return [s for s in range(1, largest + 1) if fits(s)]
+
+
 class Backbone(nn.Module):
     """Conv layers of a Table-1 model: (B, H, W, 3) images -> (B, h, w, C) last conv map.
 

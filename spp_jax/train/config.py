@@ -200,20 +200,12 @@ class TrainConfig:
 
 def _check_input_sizes(cfg: TrainConfig) -> None:
     """Every training / validation side fits the model (and pools to 6x6 without SPP)."""
-    from spp_jax.models import NO_SPP_POOL, map_size
-    from spp_jax.models.layers import spec_out_size
+    from spp_jax.models import input_sides
 
-    def fits(side: int) -> bool:
-        try:
-            a = map_size(cfg.model, side)
-            return cfg.spp or spec_out_size(a, NO_SPP_POOL[cfg.model]) == 6
-        except ValueError:  # too small for some layer
-            return False
-
+    ok = input_sides(cfg.model, cfg.spp, largest=max(1024, *cfg.sizes, cfg.eval_size))
     for key, sides in (("sizes", cfg.sizes), ("eval_size", (cfg.eval_size,))):
-        bad = [s for s in sides if not fits(s)]
+        bad = [s for s in sides if s not in ok]
         if bad:
-            ok = [s for s in range(1, 1025) if fits(s)]
             if cfg.spp:
                 raise ConfigError(f"{key}: {bad[0]} px is too small for {cfg.model} (needs >= {ok[0]})")
             raise ConfigError(f"{key}: {bad[0]} px does not fit the no-SPP {cfg.model}, which takes "

@@ -40,19 +40,9 @@ __all__ = ["CALTECH_SETTINGS", "VOC_FULL_SIDE", "load_nets", "resolve_settings",
 
 
 def _input_sides(model) -> list[int]:
-    """The square input sides in [1, 1024] a network takes: every side from the smallest for an
-    SPP net; for a no-SPP net only those whose last pool gives the 6x6 fc6 input (207-238 for ZF-5)."""
-    from spp_jax.models import NO_SPP_POOL, map_size
-    from spp_jax.models.layers import spec_out_size
-
-    def fits(side: int) -> bool:
-        try:
-            last = map_size(model.arch, side)
-            return model.spp or spec_out_size(last, NO_SPP_POOL[model.arch]) == 6
-        except ValueError:  # too small for some layer
-            return False
-
-    return [s for s in range(1, 1025) if fits(s)]
+    """The square input sides in [1, 1024] the network takes (spp_jax.models.input_sides)."""
+    from spp_jax.models import input_sides
+    return input_sides(model.arch, model.spp)
 
 
 def _check_fits(setting: Setting, model) -> None:
