@@ -46,12 +46,12 @@ def stop_at_backbone(monkeypatch):
 
 def test_every_type_parses_after_the_preset():
     cfg, wd = parse_command_line([
-        "--preset", "quick", "dataset=voc2007", "data_dir=/data/tfds", "checkpoint=runs/zf5", "limit=no",
+        "--preset", "quick", "dataset=voc2007", "data_dir=/data/tfds", "checkpoint=runs/zf5", "limit=yes",
         "trainval_size=7", "second_checkpoint=runs/b", "mean=image", "proposals=p.npz", "workers=3",
         "scales=5", "scale_rule=released", "use_874=yes", "cache_dtype=float32", "ft_lrs=1e-2,1e-3",
         "ft_iter_scale=2", "flip=on", "rcnn=false", "rcnn_images=none", "rcnn_timing_windows=50",
         "pretrain_workdir=w", "pretrain_multisize=true", "pretrain_quick=false", "--workdir", "out"])
-    want = VocDetConfig(dataset="voc2007", data_dir="/data/tfds", trainval_size=7, test_size=8, limit=False,
+    want = VocDetConfig(dataset="voc2007", data_dir="/data/tfds", trainval_size=7, test_size=8, limit=True,
                         checkpoint="runs/zf5", pretrain_workdir="w", pretrain_multisize=True,
                         pretrain_quick=False, random_backbone=False, second_checkpoint="runs/b", mean="image",
                         proposals="p.npz", workers=3, scales=(5,), scale_rule="released", use_874=True,
@@ -126,6 +126,8 @@ BAD = [  # (arguments, the one line expected)
     ("--preset paper", "dataset=voc2007 needs checkpoint=PATH"),
     ("checkpoint=x random_backbone=true", "random_backbone=true and checkpoint=x exclude each other"),
     ("data_dir=/data", "data_dir=/data: the embedded data (dataset=shapes) is generated"),
+    ("dataset=voc2007 random_backbone=true test_size=10", "test_size=10: voc2007 uses all its images; add "
+                                                         "limit=true"),
     # the pre-grammar flags, each told its new spelling
     ("--quick", "unknown option --quick: use --preset quick"),
     ("--no-rcnn", "unknown option --no-rcnn: use rcnn=false"),

@@ -108,6 +108,14 @@ class VocDetConfig:
     rcnn_timing_windows: Optional[int] = option(None, "time R-CNN mode on N windows per image and "
                                                       "extrapolate (none: all windows)", ge=1)
 
+    def resolve(self, explicit: frozenset) -> "VocDetConfig":
+        """Refuse image counts given for all of VOC (they apply with limit=true only)."""
+        given = [k for k in ("trainval_size", "test_size") if k in explicit]
+        if given and self.dataset != "shapes" and not self.limit:
+            raise ConfigError(f"{given[0]}={getattr(self, given[0])}: {self.dataset} uses all its images; "
+                              f"add limit=true to use only the first {given[0]} of them")
+        return self
+
     def cross_check(self) -> None:
         if self.checkpoint and self.random_backbone:
             raise ConfigError(f"random_backbone=true and checkpoint={self.checkpoint} exclude each other: "
