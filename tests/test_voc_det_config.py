@@ -258,3 +258,16 @@ def test_the_pretraining_recipe_is_exactly_the_old_one(quick, multisize):
     assert C.pretrain_workdir(cfg) == f"runs/zf5-det-{'multi' if multisize else 'single'}" + \
         ("-quick" if quick else "")
     assert C.pretrain_workdir(dataclasses.replace(cfg, pretrain_workdir="w")) == "w" + ("-quick" if quick else "")
+
+
+def test_a_good_msgpack_passes_the_cheap_check_and_a_bad_sidecar_does_not(tmp_path):
+    from spp_jax.errors import UserError
+    from spp_jax.pretrained import check_pretrained_path, random_pretrained, save_pretrained
+    net = random_pretrained("zf5", width=0.0625, fc_dim=16, num_classes=3)
+    path = str(tmp_path / "net.msgpack")
+    save_pretrained(path, net.model, net.variables)
+    check_pretrained_path(path)  # no error
+    meta = json.loads((tmp_path / "net.msgpack.json").read_text())
+    (tmp_path / "net.msgpack.json").write_text(json.dumps({**meta, "arch": "alexnet"}))
+    with pytest.raises(UserError, match="net.msgpack.json: .*alexnet"):
+        check_pretrained_path(path)
