@@ -107,8 +107,9 @@ def pool(fmap: jax.Array, levels: Sequence[int] = B.DEFAULT_LEVELS, *,
       (B, C * sum(n*n)) array in fmap's dtype; layout in the module docstring.
 
     Pure and jit-compiled once per (shape, dtype, levels, mode); differentiable
-    (the gradient of a bin reaches its arg-max cell, as in max pooling); usable
-    under ``jax.vmap`` and inside other jitted functions.
+    (a bin's gradient reaches one cell: its first maximal cell in row-major order,
+    ties are not split; see :mod:`spp_jax.binmax`); usable under ``jax.vmap`` and
+    inside other jitted functions.
     """
     levels = B.normalize_levels(levels)
     if mode not in MODES:
