@@ -18,6 +18,7 @@ import numpy as np
 
 from bench.common import (Config, Row, block, pair_ratio, pair_spread, time_pair, time_pair_samples,
                           torch_device, tsync)
+from spp_jax import xla_options
 from spp_jax.models import layers as L
 from spp_jax.models.sppnet import scaled_specs
 
@@ -150,7 +151,8 @@ def build(arch: str, device, width: float = 1.0):
 
 
 def jax_forward(model, SPPNet):
-    return jax.jit(lambda v, x: model.apply(v, x, method=SPPNet.conv_map))
+    # The library's compile options (spp_jax.xla_options), as its serving programs use.
+    return xla_options.jit(lambda v, x: model.apply(v, x, method=SPPNet.conv_map))
 
 
 def torch_forward(tnet):
@@ -194,7 +196,7 @@ def train_steps(model, variables, tnet, b: int, side: int, device):
     y_np = rng.integers(0, 1000, b).astype(np.int32)
     x, y = jax.device_put(jnp.asarray(x_np), device), jax.device_put(jnp.asarray(y_np), device)
 
-    @jax.jit
+    @xla_options.jit
     def step(params, opt, x, y, key):
         def loss_fn(p):
             logits = model.apply({"params": p}, x, train=True, rngs={"dropout": key})
