@@ -1,4 +1,4 @@
-"""spp_jax.binmax and the pools built on it: values and gradients against brute-force numpy
+"""spp_jax.binmax and spp_jax.pool built on it: values and gradients against brute-force numpy
 (ties included: the gradient goes to the FIRST max of a window in row-major order) and
 against JAX's default gradients where there are no ties."""
 import jax
@@ -10,7 +10,6 @@ from jax import lax
 import spp_jax
 from spp_jax import binmax
 from spp_jax import bins as B
-from spp_jax.models import layers as L
 from tests.reference import released_bins
 
 
@@ -85,17 +84,17 @@ def test_nan_window_passes_no_gradient():
 
 @pytest.mark.parametrize("make", [tied, distinct])
 @pytest.mark.parametrize("kernel,size", [(3, 110 // 4), (2, 9), (3, 7)])
-def test_layer_pool_equals_reduce_window_and_its_gradient(make, kernel, size):
-    # Kernel = stride, floor mode (Overfeat's pool1 / pool2): the binmax path. XLA's own
-    # max-pool gradient also picks the first max in row-major order, so even with ties
-    # the gradients are equal.
-    spec = L.Pool("p", kernel, kernel)
+def test_tiled_windows_equal_reduce_window_and_its_gradient(make, kernel, size):
+    # Kernel = stride, floor mode: XLA's own max-pool gradient also picks the first max in
+    # row-major order, so even with ties the gradients are equal.
     x = jnp.asarray(make((2, size, size + 1, 3), 2))
     ref = lambda a: lax.reduce_window(a, -jnp.inf, lax.max, (1, kernel, kernel, 1),
                                       (1, kernel, kernel, 1), "VALID")
+    ours = lambda a: binmax.window_max(a, binmax.tiled_edges(size // kernel, kernel),
+                                       binmax.tiled_edges((size + 1) // kernel, kernel))
     g = jnp.asarray(np.random.default_rng(3).standard_normal(ref(x).shape).astype(np.float32))
-    np.testing.assert_array_equal(np.asarray(L.max_pool(x, spec)), np.asarray(ref(x)))
-    got = jax.grad(lambda a: jnp.vdot(L.max_pool(a, spec), g))(x)
+    np.testing.assert_array_equal(np.asarray(ours(x)), np.asarray(ref(x)))
+    got = jax.grad(lambda a: jnp.vdot(ours(a), g))(x)
     want = jax.grad(lambda a: jnp.vdot(ref(a), g))(x)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
 

@@ -12,8 +12,6 @@ import math
 import jax.numpy as jnp
 from jax import lax
 
-from spp_jax import binmax
-
 
 @dataclasses.dataclass(frozen=True)
 class Conv:
@@ -86,18 +84,9 @@ def spec_out_size(size: int, spec) -> int:
 
 
 def max_pool(x, spec: Pool):
-    """(B, H, W, C) -> max pooled (B, H', W', C) with Caffe ceil mode if asked.
-
-    Non-overlapping floor-mode pools (kernel = stride, Overfeat's pool1 and pool2) are a
-    crop, a reshape and a max, with :mod:`spp_jax.binmax`'s gradient (to the first max in
-    row-major order of each window, the rule of XLA's own max-pool gradient, without its
-    slow select-and-scatter on CPU). Other pools: one reduce_window.
-    """
+    """(B, H, W, C) -> max pooled (B, H', W', C) with Caffe ceil mode if asked."""
     h, w = x.shape[1], x.shape[2]
     oh, ow = spec_out_size(h, spec), spec_out_size(w, spec)
-    if spec.kernel == spec.stride and not spec.ceil_mode:
-        return binmax.window_max(x, binmax.tiled_edges(oh, spec.kernel),
-                                 binmax.tiled_edges(ow, spec.kernel))
     # Extra right/bottom padding with -inf so the ceil-mode last window sees only real cells.
     ph = max(0, (oh - 1) * spec.stride + spec.kernel - h)
     pw = max(0, (ow - 1) * spec.stride + spec.kernel - w)
