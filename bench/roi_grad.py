@@ -6,7 +6,8 @@ median): the forward pass alone (conv maps + project/roi_pool of the windows); f
 backward to every conv parameter through roi_pool; the conv layers' forward + backward alone
 (the same conv maps, a random cotangent on them, no windows); and roi_pool's own forward +
 backward on fixed conv5 maps. The ratio column is each time over the full forward + backward
-(the share it accounts for), so ``1 - share(conv fwd+bwd)`` is what window SPP adds.
+(the share it accounts for), so ``1 - share(conv fwd+bwd)`` is what window SPP adds (on a
+shared machine a few percent either way are noise; roi_pool's own fwd+bwd bounds it).
 
 No torch: ``python -m bench.roi_grad [--quick]`` runs it alone in the project venv.
 """
@@ -18,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench.common import Config, Row, make_config, markdown, time_fn
+from bench.common import Config, Row, make_config, markdown, time_fn, time_pair
 from bench.windows import IMAGE_HW, proposals
 
 NAME = "7 window-SPP backward"
@@ -74,9 +75,11 @@ def run(cfg: Config, device) -> list[Row]:
     cot_map = jax.device_put(jnp.asarray(rng.standard_normal(fmap.shape), jnp.float32), device)
     block = jax.block_until_ready
     reps = dict(warmup=1, repeats=cfg.bb_repeats)
-    t = {"fwd": time_fn(lambda: block(fwd(params, pixels, hw, cells)), **reps),
-         "fwd_bwd": time_fn(lambda: block(fwd_bwd(params, pixels, hw, cells, cot)), **reps),
-         "conv_bwd": time_fn(lambda: block(conv_bwd(params, pixels, hw, cot_map)), **reps),
+    # The two whose difference is the point run interleaved (robust to other jobs' load).
+    both = time_pair(lambda: block(fwd_bwd(params, pixels, hw, cells, cot)),
+                     lambda: block(conv_bwd(params, pixels, hw, cot_map)), **reps)
+    t = {"fwd_bwd": both[0], "conv_bwd": both[1],
+         "fwd": time_fn(lambda: block(fwd(params, pixels, hw, cells)), **reps),
          "roi_bwd": time_fn(lambda: block(roi_bwd(fmap, cells, cot)), **reps)}
     where = (f"ZF-5 width 1, batch {shape[0]}x{shape[1]}x{shape[2]} (2 images 688x917, valid_hw), "
              f"conv5 {fmap.shape[1]}x{fmap.shape[2]}, {WINDOWS} windows/image, levels {tuple(model.levels)}")
@@ -87,7 +90,8 @@ def run(cfg: Config, device) -> list[Row]:
         Row(NAME, "forward alone (conv + roi_pool)", t["fwd"], None, "s", share("fwd"),
             note="ratio = this / fwd+bwd"),
         Row(NAME, "conv fwd+bwd alone (no windows)", t["conv_bwd"], None, "s", share("conv_bwd"),
-            note=f"ratio = this / fwd+bwd: window SPP adds {100 * (1 - share('conv_bwd')):.0f} %"),
+            note=f"ratio = this / fwd+bwd (interleaved with it): window SPP adds "
+                 f"{100 * (1 - share('conv_bwd')):.0f} % of fwd+bwd (noise: a few %)"),
         Row(NAME, "roi_pool fwd+bwd alone on the conv5 maps", t["roi_bwd"], None, "s", share("roi_bwd"),
             note="ratio = this / fwd+bwd"),
     ]

@@ -170,7 +170,8 @@ def conv_finetuned(col: Column, props_tr: dict, num_classes: int, cache_root: st
     from spp_jax.serve import Server
 
     ex, cfg = col.extractor, dataclasses.replace(col.conv_finetune, scales=tuple(col.extractor.scales))
-    key = {"net": ex.server.fingerprint, "config": dataclasses.asdict(cfg), "split": col.trainval.split,
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "log_every"}
+    key = {"net": ex.server.fingerprint, "config": settings, "split": col.trainval.split,
            "n": len(col.trainval), "classes": num_classes, **proposals_key}
     stem = os.path.join(cache_root, "convft-" + hashlib.sha1(
         json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12])
@@ -211,7 +212,7 @@ def run_column(col: Column, props_tr: dict, props_te: dict, num_classes: int, ca
     tr_cache = F.cache_features(
         col.trainval, props_tr, ex,
         F.FeatureCache(cache_root, {**ex.key(), **pkey, "split": col.trainval.split, "n": len(col.trainval)},
-                       cfg.cache_dtype), flip=cfg.flip_finetune)
+                       cfg.cache_dtype), flip=cfg.flip_finetune and conv_ft is None)  # flips: fc fine-tuning
     te_cache = F.cache_features(
         col.test, props_te, ex,
         F.FeatureCache(cache_root, {**ex.key(), **pkey, "split": col.test.split, "n": len(col.test),

@@ -75,6 +75,11 @@ def _split(from_layer):
     return FC.split_params(v, trained, head)
 
 
+def test_default_iterations_follow_fast_rcnn_scaled_to_the_images():
+    assert FC.default_conv_iters(5011) == (30_000, 10_000)
+    assert FC.default_conv_iters(500, 0.5) == (1497, 499) and FC.default_conv_iters(1, 0.01) == (2, 1)
+
+
 def test_sampling_without_replacement_pads_with_masked_slots():
     rng = np.random.default_rng(0)
     idx = sample_batch(rng, np.arange(3), np.arange(3, 8), 16, 0.25, replace=False)
@@ -89,6 +94,21 @@ def test_sampling_without_replacement_pads_with_masked_slots():
     again = _batch(_config(windows_per_image=32))  # the same seed, the same batch
     np.testing.assert_array_equal(again.cells, wb.cells)
     np.testing.assert_array_equal(again.batch.pixels, wb.batch.pixels)
+
+
+def test_flip_mirrors_images_and_their_windows():
+    plain = _batch(_config())
+    flipped = 0
+    for seed in range(4):
+        wb = _batch(_config(flip=True), seed)
+        for i in range(2):
+            same = np.array_equal(wb.batch.pixels[i], plain.batch.pixels[i])
+            mirror = np.array_equal(wb.batch.pixels[i, :, :80], plain.batch.pixels[i, :, 79::-1])
+            assert same or mirror
+            flipped += mirror
+            if mirror and i == 0:  # image 0's object is on the left (x 8..40): mirrored, on the right
+                assert wb.cells[i][wb.labels[i] > 0][:, 0].min() > plain.cells[i][plain.labels[i] > 0][:, 2].max() - 1
+    assert 0 < flipped < 8
 
 
 def test_masked_windows_add_exactly_zero_to_loss_and_gradient():
@@ -117,7 +137,7 @@ def test_a_step_decreases_the_loss_on_a_fixed_batch():
     config = _config(dropout=0.0)
     wb = _batch(config)
     train, frozen = _split("conv4")
-    tx, _ = FC._optimizer(config)
+    tx, _ = FC._optimizer(config, config.iters)
     loss_fn = _loss_fn(0.0)
     step = FC.make_step(loss_fn, tx)
     args = FC.batch_arrays(wb)

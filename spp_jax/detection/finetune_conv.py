@@ -18,7 +18,9 @@ sampled windows flows back through window SPP into the conv layers (as Fast R-CN
   as in training); the loss is the mean softmax cross-entropy over the K + 1 classes of the
   unmasked windows;
 * SGD with momentum 0.9 and weight decay 5e-4 on the kernels (as the fc fine-tuning), learning
-  rate ``lrs[0]`` for ``iters[0]`` iterations, then ``lrs[1]`` for ``iters[1]``.
+  rate ``lrs[0]`` for ``iters[0]`` iterations, then ``lrs[1]`` for ``iters[1]``; by default
+  Fast R-CNN's schedule (1e-3 for 30k iterations, 1e-4 for 10k, 2 images each, on VOC 2007's
+  5011 trainval images) scaled to the number of training images (:func:`default_conv_iters`).
 
 Conv layers below ``from_layer`` are frozen: they are a separate argument of the step, behind
 ``stop_gradient``, outside the optimiser, so no gradient is computed for them or for their
@@ -50,10 +52,20 @@ from spp_jax.serve import Batch, Server
 log = logging.getLogger(__name__)
 
 NO_CONV = "fc6"  # from_layer value that trains fc6-fc8 only (on whole images)
+# Fast R-CNN's VOC 2007 schedule (2 images per iteration): 30k at 1e-3, then 10k at 1e-4.
+FAST_RCNN_ITERS = (30_000, 10_000)
+VOC07_TRAINVAL = 5011
 
-__all__ = ["NO_CONV", "ConvFinetuneConfig", "ConvFinetuneResult", "ImageWindows", "WindowBatch",
+__all__ = ["NO_CONV", "default_conv_iters", "ConvFinetuneConfig", "ConvFinetuneResult", "ImageWindows", "WindowBatch",
            "trained_layers", "image_windows", "make_batch", "split_params", "merge_variables",
            "make_loss", "make_step", "finetune_conv"]
+
+
+def default_conv_iters(n_images: int, scale: float = 1.0) -> tuple[int, int]:
+    """Fast R-CNN's (30k, 10k) iterations scaled by ``n_images / 5011`` (and ``scale``), >= (2, 1):
+    the same number of passes over the training images (16 at 2 images per iteration)."""
+    f = scale * n_images / VOC07_TRAINVAL
+    return max(2, round(FAST_RCNN_ITERS[0] * f)), max(1, round(FAST_RCNN_ITERS[1] * f))
 
 
 @dataclasses.dataclass
@@ -68,7 +80,8 @@ class ConvFinetuneConfig:
     windows_per_image: int = 64
     fg_fraction: float = 0.25
     scales: tuple[int, ...] = (688,)
-    iters: tuple[int, int] = (1500, 500)
+    iters: tuple[int, int] | None = None  # None: default_conv_iters(training images, iter_scale)
+    iter_scale: float = 1.0
     lrs: tuple[float, float] = (1e-3, 1e-4)
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -84,8 +97,10 @@ class ConvFinetuneConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 < self.fg_fraction <= 1:
             raise ConfigError(f"fg_fraction must be in (0, 1], got {self.fg_fraction}")
-        if len(self.iters) != 2 or min(self.iters) < 0 or sum(self.iters) < 1:
+        if self.iters is not None and (len(self.iters) != 2 or min(self.iters) < 0 or sum(self.iters) < 1):
             raise ConfigError(f"iters must be two counts >= 0, not both 0, got {self.iters}")
+        if not self.iter_scale > 0:
+            raise ConfigError(f"iter_scale must be > 0, got {self.iter_scale}")
         if len(self.lrs) != 2 or min(self.lrs) <= 0:
             raise ConfigError(f"lrs must be two rates > 0, got {self.lrs}")
         if not self.scales or min(self.scales) < 1:
@@ -180,7 +195,7 @@ def make_batch(server: Server, records, items: Sequence[ImageWindows], scale: in
         image = records[it.index]["image"]
         boxes = it.boxes
         if config.flip and rng.random() < 0.5:
-            image, boxes = image[:, ::-1], flip_boxes_lr(boxes, image.shape[1])
+            image, boxes = np.ascontiguousarray(image[:, ::-1]), flip_boxes_lr(boxes, image.shape[1])
         view = server.prepare(image, scale)
         idx, mask = _sample(rng, it, config.windows_per_image, config.fg_fraction)
         factors = (view.shape[0] / image.shape[0], view.shape[1] / image.shape[1])
@@ -235,8 +250,8 @@ def make_loss(model: SPPNet, head: Head) -> Callable:
     return loss_fn
 
 
-def _optimizer(config: ConvFinetuneConfig):
-    n1 = int(config.iters[0])
+def _optimizer(config: ConvFinetuneConfig, iters: Sequence[int]):
+    n1 = int(iters[0])
     sched = optax.piecewise_constant_schedule(config.lrs[0], {n1: config.lrs[1] / config.lrs[0]})
     kernels = lambda p: jax.tree_util.tree_map_with_path(  # noqa: E731 - decay kernels only
         lambda path, _: jax.tree_util.keystr(path).endswith("['kernel']"), p)
@@ -307,16 +322,17 @@ def finetune_conv(server: Server, records, proposals: dict, num_classes: int,
     train, frozen = split_params(server.variables, trained, head0)
     train = jax.tree.map(jnp.asarray, train)
     frozen = jax.tree.map(jnp.asarray, frozen)
-    tx, sched = _optimizer(c)
+    iters = tuple(c.iters or default_conv_iters(len(items), c.iter_scale))
+    tx, sched = _optimizer(c, iters)
     fc_dim = int(head0["fc7"]["kernel"].shape[1])
     step = make_step(make_loss(model, Head(num_classes, fc_dim, c.dropout, dtype=model.dtype)), tx)
     opt_state = tx.init(train)
     rng, key = np.random.default_rng(c.seed), jax.random.PRNGKey(c.seed)
     order = _schedule(rng, items, c.images_per_batch)
-    total = int(sum(c.iters))
+    total = int(sum(iters))
     log_fn(f"conv fine-tuning: layers {', '.join(trained) or 'none'} + fc6-fc8, {len(items)} images, "
            f"{c.images_per_batch} x {c.windows_per_image} windows per batch ({c.fg_fraction:.0%} fg), "
-           f"scales {tuple(c.scales)}, {c.iters[0]} + {c.iters[1]} iterations at {c.lrs}")
+           f"scales {tuple(c.scales)}, {iters[0]} + {iters[1]} iterations at {c.lrs}")
     history, shapes, warm = [], [], []
     run = np.zeros(3)  # loss sum, correct, count since the last log line
     for it in range(1, total + 1):
