@@ -343,7 +343,10 @@ def finetune_conv(server: Server, records, proposals: dict, num_classes: int,
         train, opt_state, loss, correct, count = step(train, opt_state, frozen, *batch_arrays(wb), sub)
         run += (float(loss), float(correct), float(count))
         shape = tuple(wb.batch.pixels.shape[:3])
-        (warm.append(time.perf_counter() - ts) if shape in shapes else shapes.append(shape))
+        if shape in shapes:
+            warm.append(time.perf_counter() - ts)
+        else:  # a new bucket shape: this iteration compiled its step
+            shapes.append(shape)
         if it % c.log_every == 0 or it == total:
             n_steps = c.log_every if it % c.log_every == 0 else it % c.log_every
             history.append({"iter": it, "lr": float(sched(it - 1)), "train_loss": run[0] / n_steps,
