@@ -68,6 +68,7 @@ caltech101: $(STAMP)
 	$(PY) -m experiments.caltech101 checkpoint=$(WORKDIR) $(ARGS)
 
 # Detection (Tables 9 and 12) on the embedded data; pretrains ZF-5 in runs/zf5-det-single when no checkpoint is given.
+# make voc_det [ARGS="--preset quick|paper --workdir DIR key=value ..."]   (keys: python -m experiments.voc_det --help)
 voc_det: $(STAMP)
 	$(PY) -m experiments.voc_det $(ARGS)
 

@@ -18,6 +18,7 @@ import numpy as np
 
 from bench.common import (Config, Row, block, pair_ratio, pair_spread, time_pair, time_pair_samples,
                           torch_device, tsync)
+from spp_jax import xla_options
 from spp_jax.models import layers as L
 from spp_jax.models.sppnet import scaled_specs
 
@@ -150,7 +151,8 @@ def build(arch: str, device, width: float = 1.0):
 
 
 def jax_forward(model, SPPNet):
-    return jax.jit(lambda v, x: model.apply(v, x, method=SPPNet.conv_map))
+    # The library's compile options (spp_jax.xla_options), as its serving programs use.
+    return xla_options.jit(lambda v, x: model.apply(v, x, method=SPPNet.conv_map))
 
 
 def torch_forward(tnet):
@@ -194,7 +196,7 @@ def train_steps(model, variables, tnet, b: int, side: int, device):
     y_np = rng.integers(0, 1000, b).astype(np.int32)
     x, y = jax.device_put(jnp.asarray(x_np), device), jax.device_put(jnp.asarray(y_np), device)
 
-    @jax.jit
+    @xla_options.jit
     def step(params, opt, x, y, key):
         def loss_fn(p):
             logits = model.apply({"params": p}, x, train=True, rngs={"dropout": key})
@@ -258,9 +260,60 @@ def run(cfg: Config, device, peak: dict) -> list[Row]:
                         pair_ratio(), GOAL, f"GFLOP/s (3x fwd) jax {fl / tj / 1e9:.0f} ({fl / tj / 1e9 / pk:.0%} "
                         f"of peak), torch {fl / tt / 1e9:.0f} ({fl / tt / 1e9 / pk:.0%}); {pair_spread()}"))
         del jstep, tstep, model, variables, tnet
+    rows += embedded_steps(cfg, device)
     rows += lrn_variants(cfg, device, pk)
     if cfg.flag_variants and cfg.device == "cpu":  # XLA CPU flags
         rows += flag_variants(cfg)
+    return rows
+
+
+def embedded_steps(cfg: Config, device) -> list[Row]:
+    """The embedded preset's own compiled train step (spp_jax.train.CompiledSteps: Overfeat-7
+    width 1/8, fc 1024, 10 classes, Adam with L2, batch 32, NaN guard) vs the same net in
+    torch (channels-last, Adam with the same L2 as weight_decay), at each training size."""
+    import torch
+    from bench import torch_models as TM
+    from spp_jax.train.config import build_model, get_config
+    from spp_jax.train.state import create_state, optimizer_from_config
+    from spp_jax.train.steps import CompiledSteps, make_eval_step, make_train_step
+    tc = get_config("embedded", ["model=overfeat7"])
+    model = build_model(tc, 10)
+    tx = optimizer_from_config(tc, 1000)
+    b = tc.batch_size
+    rep = jax.sharding.SingleDeviceSharding(device)
+    rows = []
+    for side in cfg.embedded_sizes:
+        state = jax.device_put(create_state(model.init(jax.random.key(0), jnp.zeros((1, side, side, 3)))
+                                            ["params"], tx), rep)
+        steps = CompiledSteps(make_train_step(model, tx, 0), make_eval_step(model),
+                              jax.eval_shape(lambda s: s, state), b, rep, rep)
+        rng = np.random.default_rng(4)
+        x_np = rng.standard_normal((b, side, side, 3), dtype=np.float32) * 58.0
+        y_np = rng.integers(0, 10, b).astype(np.int32)
+        batch = jax.device_put({"image": jnp.asarray(x_np), "label": jnp.asarray(y_np)}, rep)
+        holder = {"s": state}
+
+        def jstep():
+            holder["s"], m = steps(side, holder["s"], batch)
+            m["loss"].block_until_ready()
+
+        tnet = TM.TorchSPPNet("overfeat7", model.channels, num_classes=10, fc_dim=tc.fc_dim,
+                              width=tc.width).to(_tdev(), memory_format=torch.channels_last)
+        tnet.train()
+        topt = torch.optim.Adam(tnet.parameters(), lr=tc.learning_rate, weight_decay=tc.weight_decay)
+        x_t = torch.from_numpy(x_np * tc.input_scale).to(_tdev()).permute(0, 3, 1, 2)
+        y_t = torch.from_numpy(y_np.astype(np.int64)).to(_tdev())
+
+        def tstep():
+            topt.zero_grad(set_to_none=True)
+            F_cross_entropy(tnet(x_t), y_t).backward()
+            topt.step()
+            tsync(_tdev())
+        tj, tt = time_pair(jstep, tstep, 2, cfg.repeats)
+        rows.append(Row("3 embedded", f"overfeat7 width 1/8 train step (the preset's own) batch {b} @{side}",
+                        b / tj, b / tt, "img/s", pair_ratio(), (">=", 0.8),
+                        f"Adam + L2, dropout; JAX compile {steps.compile_seconds[side]:.1f} s; {pair_spread()}"))
+        del steps, state, holder, tnet
     return rows
 
 

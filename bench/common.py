@@ -51,6 +51,11 @@ class Config:
     det_repeats: int = 2
     # 6. compilation
     compile_batch: int = 32
+    # every comparison: pairs until the median ratio is stable (bench.common.time_pair_samples)
+    pair_tol: float = 0.03
+    min_pairs: int = 7
+    max_pair_seconds: float = 60.0
+    embedded_sizes: tuple = (180, 224)  # the embedded preset's own train step
 
     @property
     def mode(self) -> str:
@@ -64,7 +69,8 @@ def make_config(quick: bool = False, device: str = "cpu") -> Config:
                   spp_shapes=((128, 13, 13, 256), (128, 10, 10, 256), (32, 18, 18, 512)),
                   batch=8, batch_overfeat=4, bb_repeats=2, train_repeats=1,
                   flag_variants=False, rcnn_windows=32, fc_repeats=1,
-                  lrn_variants=("library (rsqrt)", "none (bound)"), det_repeats=1, compile_batch=8)
+                  lrn_variants=("library (rsqrt)", "none (bound)"), det_repeats=1, compile_batch=8,
+                  pair_tol=0.05, min_pairs=5, max_pair_seconds=15.0)
 
 
 # --------------------------------------------------------------------------- rows and table
@@ -270,12 +276,17 @@ def time_pair_samples(fa, fb, warmup: int, repeats: int, min_seconds: float = 0.
     libraries' worker threads spin for a while after a parallel region (OpenMP in
     torch, Eigen's pool in XLA), and on a 2-core machine a call that starts while the
     *other* library's threads still spin runs up to 2-3x slower.
+
+    Adaptive: after ``repeats`` pairs and ``min_seconds`` of timed work, pairs continue
+    until the median per-pair ratio is stable (:func:`ratio_stable`: the median's
+    approximate 95 % interval, 1.58 IQR / sqrt(n), within ``PAIRS.tol`` of it), capped at
+    ``max_repeats`` pairs and ``PAIRS.max_seconds`` of timed work.
     """
     for _ in range(warmup):
         fa()
         fb()
     ta, tb = [], []
-    while len(ta) < repeats or (sum(ta) + sum(tb) < min_seconds and len(ta) < max_repeats):
+    while True:
         time.sleep(SETTLE)
         t0 = time.perf_counter()
         fa()
@@ -286,10 +297,44 @@ def time_pair_samples(fa, fb, warmup: int, repeats: int, min_seconds: float = 0.
         t3 = time.perf_counter()
         ta.append(t1 - t0)
         tb.append(t3 - t2)
+        n, spent = len(ta), sum(ta) + sum(tb)
+        if n < max(repeats, PAIRS.min_pairs) or spent < min_seconds:
+            continue
+        if ratio_stable([b / a for a, b in zip(ta, tb)]) or n >= max_repeats \
+                or spent >= PAIRS.max_seconds:
+            break
     r = sorted(b / a for a, b in zip(ta, tb))
     q = lambda f: r[min(len(r) - 1, int(f * len(r)))]
-    LAST_PAIRS.update(ratio=median(r), q1=q(0.25), q3=q(0.75), n=len(r))
+    LAST_PAIRS.update(ratio=median(r), q1=q(0.25), q3=q(0.75), n=len(r), stable=ratio_stable(r))
     return ta, tb
+
+
+@dataclasses.dataclass
+class PairSettings:
+    """How long :func:`time_pair_samples` goes on (set from the Config by :func:`configure_pairs`)."""
+
+    tol: float = 0.03  # stable: the median ratio's ~95 % interval within +-3 % of it
+    min_pairs: int = 5
+    max_seconds: float = 60.0  # cap of timed work per comparison
+    wide: float = 0.5  # IQR / median above this: the row warns "wide spread"
+
+
+PAIRS = PairSettings()
+
+
+def configure_pairs(cfg: Config) -> None:
+    PAIRS.tol, PAIRS.min_pairs, PAIRS.max_seconds = cfg.pair_tol, cfg.min_pairs, cfg.max_pair_seconds
+
+
+def ratio_stable(ratios) -> bool:
+    """True when the median's approximate 95 % interval (box-plot notch) is within PAIRS.tol."""
+    r = sorted(ratios)
+    n = len(r)
+    if n < 3:
+        return False
+    med = median(r)
+    iqr = r[min(n - 1, int(0.75 * n))] - r[int(0.25 * n)]
+    return 1.58 * iqr / math.sqrt(n) <= PAIRS.tol * abs(med)
 
 
 # Per-pair ratio statistics (reference / spp_jax, each pair timed back to back) of the
@@ -303,8 +348,14 @@ def pair_ratio() -> float:
 
 
 def pair_spread() -> str:
+    """"N pairs, ratio IQR a-b", plus warnings when the spread is wide or the median unstable."""
     p = LAST_PAIRS
-    return f"{p['n']} pairs, ratio IQR {p['q1']:.2f}-{p['q3']:.2f}"
+    text = f"{p['n']} pairs, ratio IQR {p['q1']:.2f}-{p['q3']:.2f}"
+    if p["ratio"] and (p["q3"] - p["q1"]) / abs(p["ratio"]) > PAIRS.wide:
+        text += ", WIDE SPREAD (noisy machine?)"
+    if not p.get("stable", True):
+        text += f", median not stable to {PAIRS.tol:.0%} (cap reached)"
+    return text
 
 
 SETTLE = 0.02

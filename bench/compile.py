@@ -17,7 +17,6 @@ from bench.common import Config, Row
 GOAL = ("<=", 0.10)
 TRAIN_SIZES = (180, 224)
 TEST_SCALES = (224, 256, 300, 360, 448, 560)
-SLOTS = 19  # 18 views per scale + the full view
 
 
 def build_all(cache_dir: str, batch: int, arch: str = "zf5", device: str = "cpu") -> dict:
@@ -26,7 +25,7 @@ def build_all(cache_dir: str, batch: int, arch: str = "zf5", device: str = "cpu"
     import jax
     import jax.numpy as jnp
     from jax.sharding import SingleDeviceSharding
-    from spp_jax.evaluate.scoring import Scorer
+    from spp_jax import serve
     from spp_jax.models import get_model
     from spp_jax.train.state import create_state, make_optimizer
     from spp_jax.train.steps import CompiledSteps, make_eval_step, make_train_step
@@ -44,13 +43,12 @@ def build_all(cache_dir: str, batch: int, arch: str = "zf5", device: str = "cpu"
         t0 = time.perf_counter()
         steps.build(s)
         times[f"train {s}"] = time.perf_counter() - t0
-    scorer = Scorer(model, None)
     variables = {"params": abstract.params}
-    for s in TEST_SCALES:
+    for s in TEST_SCALES:  # the serving layer's conv program of each test scale (the dear one)
         images = jax.ShapeDtypeStruct((2, s, s, 3), jnp.float32, sharding=sh)
-        cells = jax.ShapeDtypeStruct((2, SLOTS, 4), jnp.int32, sharding=sh)
+        valid_hw = jax.ShapeDtypeStruct((2, 2), jnp.int32, sharding=sh)
         t0 = time.perf_counter()
-        lowered = scorer._windows.lower(variables, images, cells)
+        lowered = serve._conv.lower(model, variables, images, valid_hw, ())
         t1 = time.perf_counter()
         lowered.compile()
         times[f"test {s}"] = time.perf_counter() - t0

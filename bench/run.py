@@ -14,7 +14,8 @@ import sys
 import time
 import traceback
 
-from bench.common import RESULTS_DIR, Row, describe_meta, machine_info, make_config, markdown, write_results
+from bench.common import (RESULTS_DIR, Row, configure_pairs, describe_meta, machine_info, make_config,
+                          markdown, write_results)
 
 BENCHES = {
     1: "whole-map SPP vs adaptive_max_pool2d",
@@ -40,6 +41,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     cfg = make_config(args.quick, args.device)
+    configure_pairs(cfg)
     only = {int(x) for x in args.only.split(",") if x.strip()} or set(BENCHES)
     from bench.common import have_torch
     if not have_torch():

@@ -61,7 +61,10 @@ def run(cfg: Config, device) -> list[Row]:
     tdev = torch_device(cfg)
     for shape in cfg.spp_shapes:
         b, h, w, c = shape
-        x_np = rng.standard_normal(shape, dtype=np.float32)
+        # Distinct values (exact integers): no ties, so every gradient rule (ours: the first
+        # maximal cell; jnp.max: split; torch: its own) routes to the same cell.
+        x_np = (rng.permutation(int(np.prod(shape))) - int(np.prod(shape)) // 2).reshape(shape)
+        x_np = x_np.astype(np.float32)
         g_np = rng.standard_normal((b, c * sum(n * n for n in LEVELS)), dtype=np.float32)
         x = jax.device_put(jnp.asarray(x_np), device)
         g = jax.device_put(jnp.asarray(g_np), device)
@@ -79,8 +82,8 @@ def run(cfg: Config, device) -> list[Row]:
         with torch.no_grad():
             out_t = torch_spp(x_t).cpu().numpy()
         assert np.array_equal(out_j, ours_from_torch(out_t, b, c)), f"SPP outputs differ for {shape}"
-        # Gradients: both route each bin's gradient to its arg-max cell; with random
-        # normal inputs there are no ties, so they agree up to summation order.
+        # Gradients: both route each bin's gradient to its arg-max cell; with distinct
+        # inputs there are no ties, so they agree up to summation order.
         gj = np.asarray(grad(x, g))
         x_tg.grad = None
         torch_spp(x_tg).backward(g_t)

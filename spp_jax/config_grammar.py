@@ -75,7 +75,7 @@ from spp_jax.errors import ConfigError, UserError
 
 __all__ = ["Spec", "option", "spec_of", "parse_value", "coerce_value", "check_value", "parse_overrides",
            "apply_overrides", "from_preset", "validate", "config_dict", "write_config",
-           "read_config", "from_dict", "help_text", "cli_parser", "user_errors"]
+           "read_config", "from_dict", "help_text", "cli_parser", "reject_flags", "user_errors"]
 
 _META = "spp_jax.config_grammar"
 
@@ -476,6 +476,21 @@ def cli_parser(cls, description: str, *, presets: Mapping[str, Mapping[str, Any]
     ap.add_argument("overrides", nargs="*", metavar="key=value",
                     help="config keys to change (listed below)")
     return ap
+
+
+def reject_flags(extras: Sequence[str], cls, old_flags: Mapping[str, str] | None = None) -> None:
+    """Unknown ``--flags`` left by ``parse_known_intermixed_args`` -> ConfigError naming what to use.
+
+    ``old_flags`` maps a retired flag's name (``no_progress``) to its new spelling
+    (``progress=false``); a flag named like a key (``--svm-c``) is told ``svm_c=VALUE``.
+    """
+    flags = [e for e in extras if e.startswith("-")]
+    if not flags:
+        return
+    name = flags[0].lstrip("-").split("=", 1)[0].replace("-", "_")
+    use = (old_flags or {}).get(name) or (f"{name}=VALUE" if name in _fields(cls) else None)
+    hint = f"use {use}" if use else "the options are --preset, --workdir and key=value (see --help)"
+    raise ConfigError(f"unknown option {flags[0]}: {hint}")
 
 
 @contextlib.contextmanager

@@ -18,12 +18,11 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
+from spp_jax import binmax
 from spp_jax import bins as B
 
 MODES = ("appendix_a", "window_stride", "released")
-
 
 def _check_fmap(fmap, rank: int, what: str):
     shape = getattr(fmap, "shape", None)
@@ -38,59 +37,11 @@ def _check_fmap(fmap, rank: int, what: str):
         raise TypeError(f"{what} must have a floating dtype (max pooling of integers is not "
                         f"differentiable and not what SPP-net does), got {fmap.dtype}")
 
-
-def _axis_max_appendix_a(x, axis: int, n: int, mode: str = "appendix_a"):
-    """Max over the n Appendix A (or ``mode``) bins of one static axis: one gather + one reduce.
-
-    x: (..., a, ...) -> (..., n, ...).  Bins of unequal width are padded to the
-    widest by repeating their last index (max is idempotent, so repeats change
-    neither the value nor, after the scatter-add of the gradient, where the
-    gradient lands).
-    """
-    a = x.shape[axis]
-    edges = B.bin_edges(a, n, mode)
-    if all(e - s == 1 for s, e in edges) and n == a:
-        return x  # every bin is one cell
-    widest = max(e - s for s, e in edges)
-    idx = np.array([[min(s + k, e - 1) for k in range(widest)] for s, e in edges])  # (n, widest)
-    if widest == 1:
-        return jnp.take(x, idx[:, 0], axis=axis)
-    g = jnp.take(x, idx.reshape(-1), axis=axis)  # (..., n*widest, ...)
-    g = g.reshape(x.shape[:axis] + (n, widest) + x.shape[axis + 1:])
-    return jnp.max(g, axis=axis + 1)
-
-
-def _level_appendix_a(fmap, n: int, mode: str = "appendix_a"):
-    """(B, H, W, C) -> (B, n, n, C) bin maxima, separably: columns first, then rows.
-
-    A bin is a rectangle, so its max is the max over its rows of the per-row
-    max over its columns; this costs two gathers per level instead of n*n slices.
-    """
-    h, w = fmap.shape[1], fmap.shape[2]
-    ws = B.window_stride_bins(w, n)
-    hs = B.window_stride_bins(h, n)
-    same = mode == "appendix_a" or (B.bin_edges(h, n, mode) == B.bin_edges(h, n)
-                                    and B.bin_edges(w, n, mode) == B.bin_edges(w, n))
-    if ws.valid and hs.valid and same:  # the recipe's windows equal the bins here: one reduce_window
-        return _level_window_stride(fmap, n)
-    y = _axis_max_appendix_a(fmap, 2, n, mode)
-    return _axis_max_appendix_a(y, 1, n, mode)
-
-
-def _level_window_stride(fmap, n: int):
-    """Section 2.3's recipe as a VALID max pool (caller has checked it is exact)."""
-    h, w = fmap.shape[1], fmap.shape[2]
-    hs, ws = B.window_stride_bins(h, n), B.window_stride_bins(w, n)
-    return lax.reduce_window(fmap, -jnp.inf, lax.max, (1, hs.window, ws.window, 1),
-                             (1, hs.stride, ws.stride, 1), "VALID")
-
-
 def _coarsen(p, n_from: int, n_to: int):
     """(B, n_from, n_from, C) -> (B, n_to, n_to, C): max over groups of finer bins."""
     m = n_from // n_to
     b, c = p.shape[0], p.shape[-1]
     return p.reshape(b, n_to, m, n_to, m, c).max(axis=(2, 4))
-
 
 def _check_window_stride(h: int, w: int, levels):
     for n in levels:
@@ -102,24 +53,38 @@ def _check_window_stride(h: int, w: int, levels):
                     f"does not give {n} bins covering the map {name}: {d.describe()}. "
                     f"Use the default mode='appendix_a', which is defined for every size.")
 
+def _edges(a: int, n: int, rule: str) -> binmax.Edges:
+    return binmax.as_edges(B.bin_edges(a, n, rule))
+
+def _pyramid(fmap, levels: tuple[int, ...], rule: str) -> dict:
+    """{n: (B, n, n, C) bin maxima} of every level, separably: columns, then rows.
+
+    A bin is a rectangle, so its max is the max over its rows of the per-row max over
+    its columns. A level whose bins are unions of a finer level's groups (the derivation
+    plan) takes its per-row column maxima from the finer level's, a cheap grouped max.
+    Gradients follow :mod:`spp_jax.binmax`: each bin's to the first cell holding its
+    max in row-major order (ties are not split; the column stage keeps each row's first
+    max column, the grouped max the first group member, the row stage the first row).
+    """
+    h, w = fmap.shape[1], fmap.shape[2]
+    plan = B.derivation_plan(levels, rule)
+    cols = {}
+    for n in sorted(plan, reverse=True):
+        src = plan[n]
+        cols[n] = (binmax.axis_bin_max(fmap, 2, _edges(w, n, rule)) if src == n else
+                   binmax.axis_bin_max(cols[src], 2, binmax.tiled_edges(n, src // n)))
+    return {n: binmax.axis_bin_max(cols[n], 1, _edges(h, n, rule)) for n in plan}
 
 @functools.partial(jax.jit, static_argnames=("levels", "mode"))
 def _pool(fmap, levels: tuple[int, ...], mode: str):
     _TRACE_COUNT[0] += 1  # lets tests prove a second call with the same shape does not retrace
     b, c = fmap.shape[0], fmap.shape[-1]
-    plan = B.derivation_plan(levels, "released" if mode == "released" else "appendix_a")
-    direct = {}
-    for n in sorted(plan, reverse=True):
-        if plan[n] == n:
-            direct[n] = (_level_window_stride(fmap, n) if mode == "window_stride"
-                         else _level_appendix_a(fmap, n, mode))
-        else:
-            direct[n] = _coarsen(direct[plan[n]], plan[n], n)
-    return jnp.concatenate([direct[n].reshape(b, n * n * c) for n in levels], axis=-1)
-
+    # window_stride is only accepted where its windows are exactly the Appendix A bins
+    # (checked by pool()), so both modes pool the same bins.
+    got = _pyramid(fmap, levels, "released" if mode == "released" else "appendix_a")
+    return jnp.concatenate([got[n].reshape(b, n * n * c) for n in levels], axis=-1)
 
 _TRACE_COUNT = [0]
-
 
 def pool(fmap: jax.Array, levels: Sequence[int] = B.DEFAULT_LEVELS, *,
          mode: str = "appendix_a") -> jax.Array:
@@ -142,8 +107,9 @@ def pool(fmap: jax.Array, levels: Sequence[int] = B.DEFAULT_LEVELS, *,
       (B, C * sum(n*n)) array in fmap's dtype; layout in the module docstring.
 
     Pure and jit-compiled once per (shape, dtype, levels, mode); differentiable
-    (the gradient of a bin reaches its arg-max cell, as in max pooling); usable
-    under ``jax.vmap`` and inside other jitted functions.
+    (a bin's gradient reaches one cell: its first maximal cell in row-major order,
+    ties are not split; see :mod:`spp_jax.binmax`); usable under ``jax.vmap`` and
+    inside other jitted functions.
     """
     levels = B.normalize_levels(levels)
     if mode not in MODES:
@@ -152,7 +118,6 @@ def pool(fmap: jax.Array, levels: Sequence[int] = B.DEFAULT_LEVELS, *,
     if mode == "window_stride":
         _check_window_stride(fmap.shape[1], fmap.shape[2], levels)
     return _pool(fmap, levels, mode)
-
 
 def caffe_permutation(channels: int, levels: Sequence[int] = B.DEFAULT_LEVELS,
                       caffe_order: Sequence[int] = (1, 2, 3, 6)) -> np.ndarray:

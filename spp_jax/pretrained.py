@@ -34,7 +34,7 @@ from spp_jax.models import SPPNet, get_model, random_variables
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MEAN_CHOICES", "PAPER_MEAN", "Pretrained", "load_pretrained", "random_pretrained",
+__all__ = ["MEAN_CHOICES", "PAPER_MEAN", "Pretrained", "check_pretrained_path", "load_pretrained", "random_pretrained",
            "read_workdir", "save_pretrained"]
 
 # Appendix A: transfer (VOC 2007 classification, Caltech101) and detection subtract a
@@ -86,6 +86,30 @@ def load_pretrained(path: str) -> Pretrained:
                         f"`make train MODEL=zf5 WORKDIR=runs/zf5`, then runs/zf5) or a .msgpack file with "
                         f"its .json sidecar")
     return _from_workdir(path) if os.path.isdir(path) else _from_msgpack(path)
+
+
+def check_pretrained_path(path: str) -> None:
+    """Cheap checks that ``path`` looks loadable by :func:`load_pretrained`, without reading arrays.
+
+    Run before any data work: the path exists; a workdir has a readable config.json and a
+    non-empty ``checkpoints/``; a file has a JSON sidecar naming a buildable network.  The
+    arrays themselves are verified when they are loaded.  Raises a one-line UserError.
+    """
+    if not path or not os.path.exists(path):
+        load_pretrained(path)  # its "does not exist" error
+    if not os.path.isdir(path):
+        sidecar = path + ".json"
+        _model_from_sidecar(_read_sidecar(path), sidecar)
+        return
+    from spp_jax.train.config import load_config
+
+    try:
+        load_config(path)
+    except FileNotFoundError:
+        raise UserError(f"{os.path.abspath(path)} has no config.json: is it a `make train` workdir?") from None
+    ckpts = os.path.join(path, "checkpoints")
+    if not os.path.isdir(ckpts) or not os.listdir(ckpts):
+        raise NoCheckpoint(f"no checkpoints in {path}: train first (make train WORKDIR={path})")
 
 
 def random_pretrained(arch: str = "zf5", *, width: float = 0.25, fc_dim: int = 512, num_classes: int = 11,

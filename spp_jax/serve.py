@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from spp_jax import xla_options
 from spp_jax.data import augment
 from spp_jax.data.pipeline import MeanCache
 from spp_jax.geometry import project_boxes
@@ -100,7 +101,7 @@ class Maps:
         return bool((self.hw == np.asarray(self.fmap.shape[1:3])).all())
 
 
-@functools.partial(jax.jit, static_argnames=("model", "taps"))
+@functools.partial(xla_options.jit, static_argnames=("model", "taps"))
 def _conv(model, variables, images, valid_hw, taps):
     """(B, H, W, 3), (B, 2) or None -> last conv map, {tap: conv map} (see Server.conv_layers)."""
     if taps:
@@ -113,18 +114,18 @@ def _conv(model, variables, images, valid_hw, taps):
     return fmap, {t: inter[t + "_out"][0] for t in taps}
 
 
-@functools.partial(jax.jit, static_argnames=("levels", "mode"))
+@functools.partial(xla_options.jit, static_argnames=("levels", "mode"))
 def _pool_windows(fmap, cells, levels, mode):
     """(B, h, w, C), (B, K, 4) inclusive cells -> (B, K, D)."""
     return jax.vmap(lambda f, c: roi_pool_cells(f, c, levels, mode))(fmap, cells)
 
 
-@functools.partial(jax.jit, static_argnames=("model",))
+@functools.partial(xla_options.jit, static_argnames=("model",))
 def _model_pool(model, fmap):
     return model.apply({}, fmap, method=SPPNet.pool_map)
 
 
-@functools.partial(jax.jit, static_argnames=("head", "logits"))
+@functools.partial(xla_options.jit, static_argnames=("head", "logits"))
 def _head(head, params, x, logits):
     return head.apply({"params": params}, x, method=None if logits else Head.features)
 

@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 
+from bench import common
 from bench.common import Config, Row, make_config, markdown, time_pair, write_results
 
 
@@ -53,8 +54,27 @@ def test_row_without_ratio_has_no_verdict():
 def test_time_pair_interleaves():
     calls = []
     ta, tb = time_pair(lambda: calls.append("a"), lambda: calls.append("b"), warmup=1, repeats=3)
-    assert calls == ["a", "b"] * 4
+    pairs = len(calls) // 2
+    assert calls == ["a", "b"] * pairs and pairs >= 1 + max(3, common.PAIRS.min_pairs)
+    assert pairs <= 1 + 200  # the cap
+    assert common.LAST_PAIRS["n"] == pairs - 1
     assert ta >= 0 and tb >= 0 and not math.isnan(ta)
+
+
+def test_ratio_stable_needs_a_narrow_median_interval():
+    assert common.ratio_stable([1.0] * 5)
+    assert not common.ratio_stable([1.0, 1.0])  # too few pairs
+    spread = [0.5, 1.5] * 5  # IQR 1 around a median of 1: interval 1.58 / sqrt(10) = 50 %
+    assert not common.ratio_stable(spread)
+    assert common.ratio_stable(spread * 2000)  # the interval shrinks with sqrt(n)
+
+
+def test_pair_spread_warns_when_wide_or_unstable(monkeypatch):
+    monkeypatch.setattr(common, "LAST_PAIRS", dict(ratio=1.0, q1=0.9, q3=1.1, n=40, stable=True))
+    assert common.pair_spread() == "40 pairs, ratio IQR 0.90-1.10"
+    monkeypatch.setattr(common, "LAST_PAIRS", dict(ratio=1.0, q1=0.5, q3=2.0, n=9, stable=False))
+    text = common.pair_spread()
+    assert "WIDE SPREAD" in text and "not stable" in text
 
 
 def test_torch_layout_conversion_matches_caffe_permutation():

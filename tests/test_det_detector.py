@@ -91,22 +91,6 @@ def test_negative_dedup_matches_brute_force():
     assert (lab == -1).sum() < 4 * len(boxes) - 2  # the rule did drop something
 
 
-@pytest.mark.parametrize("argv, msg", [
-    (["--ft-lrs", "1e-3"], "--ft-lrs wants two positive rates"),
-    (["--ft-lrs", "1e-3,-1"], "--ft-lrs wants two positive rates"),
-    (["--dataset", "voc2007", "--trainval-size", "10"], "embedded data only"),
-    (["--rcnn-images", "0"], "--rcnn-images must be >= 1"),
-    (["--ft-iter-scale", "-1"], "--ft-iter-scale must be > 0"),
-    (["--proposals", "/nonexistent.npz"], "does not exist"),
-])
-def test_voc_det_rejects_bad_options(argv, msg, capsys):
-    from experiments.voc_det import main
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    assert e.value.code == 2
-    assert msg in capsys.readouterr().err
-
-
 def _toy_detector(w, bbox_dx=None):
     from spp_jax.detection.bbox_reg import BBoxRegressor
     bb = None

@@ -29,7 +29,9 @@ def test_rcnn_pool5_is_the_whole_net_on_the_warp():
     x = warp_windows(img, boxes, fill=128.0) - 128.0  # outside the image: 0 after the mean
     assert (x[1, :, :5] == 0).all()
     want = m.apply(v, jnp.asarray(x), method=lambda mod, x: mod.pool_map(mod.conv_map(x)))
-    np.testing.assert_allclose(p5, np.asarray(want), rtol=1e-5, atol=1e-5)
+    # The server's programs compile with spp_jax.xla_options (another CPU convolution than
+    # this eager reference): equal up to float rounding, ~1e-6 of the largest value (~80).
+    np.testing.assert_allclose(p5, np.asarray(want), rtol=1e-5, atol=1e-4)
 
 
 def test_rcnn_extractor_and_timing():

@@ -68,8 +68,9 @@ def test_feature_shapes_per_layer(spp_net, nospp_net):
     got = fx.features([img], Setting.parse("spp_crop224"))
     np.testing.assert_allclose(got["fc7"], ref["fc7"], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(got["spp_pool5"], ref["pooled"], rtol=1e-4, atol=1e-5)
-    # conv5 of a 224 crop is the flattened 13x13 map.
-    np.testing.assert_allclose(got["conv5"][0], np.asarray(ref["conv"][0]).reshape(-1), rtol=1e-5, atol=1e-6)
+    # conv5 of a 224 crop is the flattened 13x13 map (the server compiles with
+    # spp_jax.xla_options, another CPU convolution than the reference: float rounding only).
+    np.testing.assert_allclose(got["conv5"][0], np.asarray(ref["conv"][0]).reshape(-1), rtol=1e-5, atol=1e-5)
 
     mn, vn = nospp_net
     fn = FeatureExtractor(Server(mn, vn, MEAN), batch_size=4)

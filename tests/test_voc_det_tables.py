@@ -88,18 +88,17 @@ def test_drawing_shows_only_confident_detections(tmp_path):
 
 def test_detection_backbone_is_pretrained_single_size_by_default():
     # The paper's detection backbone is "ZF-5 (single-size trained)" (Section 4).
-    from experiments.voc_det import pretrain_overrides
-    from spp_jax.train.config import get_config
-    single = get_config("embedded", list(pretrain_overrides()))
+    from spp_jax.detection.config import VocDetConfig, pretrain_config
+    single = pretrain_config(VocDetConfig())
     assert (single.model, single.size_schedule, single.sizes, single.num_epochs) == ("zf5", "single", (224,), 20)
-    multi = get_config("embedded", list(pretrain_overrides(multisize=True)))
+    multi = pretrain_config(VocDetConfig(pretrain_multisize=True))
     assert (multi.size_schedule, multi.sizes) == ("multi", (180, 224))
 
 
 def test_a_missing_backbone_is_a_one_line_error(tmp_path):
     from experiments.voc_det import main
     with pytest.raises(SystemExit, match=r"^error: pretrained network '/nonexistent.msgpack' does not exist"):
-        main(["--checkpoint", "/nonexistent.msgpack", "--quick", "--workdir", str(tmp_path)])
+        main(["checkpoint=/nonexistent.msgpack", "--preset", "quick", "--workdir", str(tmp_path)])
 
 
 def test_conv_fine_tuned_column_runs_next_to_the_others_and_is_reused(tmp_path):

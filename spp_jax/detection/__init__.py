@@ -1,6 +1,7 @@
 """SPP-net detection, the reusable pieces: boxes, NMS, VOC evaluation, records, proposals, scales,
 window features (through :mod:`spp_jax.serve`) and their per-image cache, fine-tuning, SVMs, box
-regression, R-CNN mode and the detector. Assembling Tables 9 and 12 is the experiment's job
+regression, R-CNN mode and the detector; the experiment's config (:mod:`spp_jax.detection.config`,
+not imported here). Assembling Tables 9 and 12 is the experiment's job
 (``experiments/voc_det.py``).
 
 Boxes everywhere are ``(..., 4)`` arrays of ``(x1, y1, x2, y2)`` in 0-based

@@ -330,8 +330,8 @@ def random_variables(model: SPPNet, seed: int = 0, bias_std: float = 0.0) -> dic
 
     Shapes come from ``jax.eval_shape`` (tracing only), values from NumPy, so this
     takes milliseconds where ``model.init`` compiles the network. For pipelines that
-    need *some* network (tests, ``--random-backbone``): He scaling keeps activations
-    O(1) through a random conv stack, where std 0.01 would shrink conv5 towards zero.
+    need *some* network (tests, voc_det's ``random_backbone=true``): He scaling keeps
+    activations O(1) through a random conv stack, where std 0.01 would shrink conv5 towards zero.
     """
     import numpy as np
     shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 224, 224, 3), jnp.float32))

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from spp_jax import xla_options
 from spp_jax.train.state import TrainState
 
 log = logging.getLogger(__name__)
@@ -124,6 +125,8 @@ def abstract_with_sharding(tree, sharding) -> Any:
 class CompiledSteps:
     """Ahead-of-time compiled train steps keyed by input size, plus a jitted eval step.
 
+    Both are compiled with :mod:`spp_jax.xla_options` (on CPU: XLA's own convolutions).
+
     ``build(size)`` lowers and compiles ``step`` for exactly (global batch, size, size, 3)
     float32 images and (batch,) int32 labels with the given shardings, donating the train
     state, and records the compile time (``compile_seconds``).
@@ -135,10 +138,10 @@ class CompiledSteps:
         self.batch_size = batch_size
         self.batch_sharding = batch_sharding
         self.state_sharding = state_sharding
-        self._jit = jax.jit(train_step, in_shardings=(state_sharding, batch_sharding),
-                            out_shardings=(state_sharding, state_sharding), donate_argnums=0)
-        self._eval = jax.jit(eval_step, in_shardings=(state_sharding, batch_sharding),
-                             out_shardings=state_sharding)
+        self._jit = xla_options.jit(train_step, in_shardings=(state_sharding, batch_sharding),
+                                    out_shardings=(state_sharding, state_sharding), donate_argnums=0)
+        self._eval = xla_options.jit(eval_step, in_shardings=(state_sharding, batch_sharding),
+                                     out_shardings=state_sharding)
         self.compiled: dict[int, Any] = {}
         self.compile_seconds: dict[int, float] = {}
 

@@ -186,18 +186,6 @@ _OLD_FLAGS = {"checkpoint_workdir": "checkpoint=DIR", "nospp_checkpoint_workdir"
               "quick": "--preset quick", "no_progress": "progress=false"}
 
 
-def _reject_flags(extras: Sequence[str], cls) -> None:
-    """Unknown ``--flags`` -> ConfigError naming the ``key=value`` to use instead."""
-    flags = [e for e in extras if e.startswith("-")]
-    if not flags:
-        return
-    name = flags[0].lstrip("-").split("=", 1)[0].replace("-", "_")
-    fields = {f.name for f in dataclasses.fields(cls)}
-    use = _OLD_FLAGS.get(name) or (f"{name}=VALUE" if name in fields else None)
-    hint = f"use {use}" if use else "the options are --preset, --workdir and key=value (see --help)"
-    raise ConfigError(f"unknown option {flags[0]}: {hint}")
-
-
 def parse_command_line(cls, presets: Mapping[str, Mapping[str, Any]], description: str,
                        argv: Sequence[str] | None, task: str) -> tuple[Any, str]:
     """``[--preset NAME] [--workdir DIR] [key=value ...]`` -> (validated config, output workdir).
@@ -208,7 +196,7 @@ def parse_command_line(cls, presets: Mapping[str, Mapping[str, Any]], descriptio
     ap = grammar.cli_parser(cls, description, presets=presets, default_preset=DEFAULT_PRESET)
     ap.add_argument("--workdir", default=None, help=f"output directory (default: <checkpoint>-{task})")
     args, extras = ap.parse_known_intermixed_args(argv)
-    _reject_flags(extras, cls)
+    grammar.reject_flags(extras, cls, _OLD_FLAGS)
     if extras:
         raise ConfigError(f"unexpected argument {extras[0]!r} (see --help)")
     cfg = grammar.from_preset(cls, presets, args.preset, args.overrides)

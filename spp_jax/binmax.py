@@ -1,0 +1,125 @@
+"""Max over static bins of one axis, whose gradient reaches exactly one cell per bin.
+
+The one building block of the fast max pools: a bin is a static half-open cell range
+``[start, end)`` of one axis; bins may overlap or repeat cells. A rectangular window's
+max is the max over its rows of the per-row max over its columns, so 2-D pools are two
+of these (:func:`window_max`), columns first.
+
+Why a hand-written gradient: XLA's default backward of a max pool (select-and-scatter)
+or of a gathered max (scatter-add) is slow on CPU, and ``jnp.max`` splits the gradient
+between tied cells. Here the backward recomputes, from the saved input and output, the
+position of each bin's maximum and routes the cotangent there with compares and selects
+only (fused element-wise work, no scatter).
+
+Tie rule (documented, tested): a bin's gradient goes to the FIRST cell holding its max,
+in index order along the axis; for :func:`window_max` that is the first in row-major
+order (smallest row, then smallest column) of the window. Ties are never split. A bin
+whose max is NaN passes no gradient. This is also the rule of XLA's default max-pool
+gradient, so without NaNs the values equal it.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+Edges = tuple[tuple[int, int], ...]  # static (start, end) per bin, half-open
+
+
+def tiled_edges(count: int, k: int) -> Edges:
+    """``count`` consecutive, non-overlapping bins of ``k`` cells from cell 0 (a floor-mode
+    k x k / stride k pool's windows along one axis)."""
+    return tuple((i * k, i * k + k) for i in range(count))
+
+
+def _widest(edges: Edges) -> int:
+    return max(e - s for s, e in edges)
+
+
+def _is_tiled(edges: Edges) -> bool:
+    k = _widest(edges)
+    return all((s, e) == (i * k, i * k + k) for i, (s, e) in enumerate(edges))
+
+
+def _tiles(x, axis: int, edges: Edges):
+    """Tiled bins: (..., a, ...) -> (..., n, k, ...), a crop and a reshape."""
+    n, k = len(edges), _widest(edges)
+    x = lax.slice_in_dim(x, 0, n * k, axis=axis)
+    return x.reshape(x.shape[:axis] + (n, k) + x.shape[axis + 1:])
+
+
+def _along(v, axis: int, ndim: int):
+    """1-D ``v`` shaped to broadcast along ``axis`` of an ``ndim`` array."""
+    return jnp.asarray(v).reshape((1,) * axis + (-1,) + (1,) * (ndim - axis - 1))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def axis_bin_max(x, axis: int, edges: Edges):
+    """(..., a, ...) -> (..., n, ...): max of ``x`` over each of the n bins of ``axis``.
+
+    ``edges`` is a static tuple of (start, end) with 0 <= start < end <= a.
+    Gradient: see the module docstring (first max along the axis, ties not split).
+    Tiled bins are a reshape; other bins static slices (XLA's CPU gathers are slower).
+    """
+    if _is_tiled(edges):
+        return jnp.max(_tiles(x, axis, edges), axis=axis + 1)
+    return jnp.concatenate([jnp.max(lax.slice_in_dim(x, s, e, axis=axis), axis=axis, keepdims=True)
+                            for s, e in edges], axis=axis)
+
+
+def _fwd(x, axis, edges):
+    y = axis_bin_max(x, axis, edges)
+    return y, (x, y)
+
+
+def _one_hot_first(win, y, g, axis: int):
+    """Cotangent of the cells of ``win`` (bins along axis + 1): ``g`` at each bin's first max."""
+    w = win.shape[axis + 1]
+    k = _along(np.arange(w), axis + 1, win.ndim)
+    first = jnp.min(jnp.where(win == jnp.expand_dims(y, axis + 1), k, w), axis=axis + 1,
+                    keepdims=True)  # w where no cell matches (a NaN max): no gradient
+    return jnp.where(k == first, jnp.expand_dims(g, axis + 1), jnp.zeros((), g.dtype))
+
+
+def _bwd(axis, edges, res, g):
+    x, y = res
+    if _is_tiled(edges):
+        d = _one_hot_first(_tiles(x, axis, edges), y, g, axis)
+        d = d.reshape(d.shape[:axis] + (-1,) + d.shape[axis + 2:])
+        pad = [(0, 0)] * d.ndim
+        pad[axis] = (0, x.shape[axis] - d.shape[axis])  # cells past the last bin get nothing
+        return (jnp.pad(d, pad),)
+    # Overlapping or uneven bins: each bin's cotangent over its own cells, then every cell
+    # sums the (static, at most a few) bins that hold it.
+    per_bin = [_one_hot_first(jnp.expand_dims(lax.slice_in_dim(x, s, e, axis=axis), axis),
+                              lax.slice_in_dim(y, i, i + 1, axis=axis),
+                              lax.slice_in_dim(g, i, i + 1, axis=axis), axis)
+               for i, (s, e) in enumerate(edges)]  # each (..., 1, e - s, ...)
+    parts = []
+    for cell in range(x.shape[axis]):
+        terms = [lax.index_in_dim(per_bin[i], cell - s, axis + 1, keepdims=False)
+                 for i, (s, e) in enumerate(edges) if s <= cell < e]
+        parts.append(functools.reduce(jnp.add, terms) if terms else
+                     jnp.zeros(x.shape[:axis] + (1,) + x.shape[axis + 1:], g.dtype))
+    return (jnp.concatenate(parts, axis=axis),)
+
+
+axis_bin_max.defvjp(_fwd, _bwd)
+
+
+def window_max(x, rows: Edges, cols: Edges):
+    """(B, H, W, C) -> (B, len(rows), len(cols), C): max over each rows x cols window.
+
+    Gradient to the first max in row-major order of each window (module docstring):
+    the column stage picks each row's first max column, the row stage the first row
+    holding the window's max.
+    """
+    return axis_bin_max(axis_bin_max(x, 2, tuple(cols)), 1, tuple(rows))
+
+
+def as_edges(pairs: Sequence[Sequence[int]]) -> Edges:
+    return tuple((int(s), int(e)) for s, e in pairs)

@@ -1,0 +1,160 @@
+"""spp_jax.binmax and spp_jax.pool built on it: values and gradients against brute-force numpy
+(ties included: the gradient goes to the FIRST max of a window in row-major order) and
+against JAX's default gradients where there are no ties."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+import spp_jax
+from spp_jax import binmax
+from spp_jax import bins as B
+from tests.reference import released_bins
+
+
+def tied(shape, seed, levels=3):
+    """Small integers: many exact ties inside every window."""
+    return np.random.default_rng(seed).integers(0, levels, shape).astype(np.float32)
+
+
+def distinct(shape, seed):
+    """All values distinct: no ties anywhere, so every gradient rule agrees."""
+    n = int(np.prod(shape))
+    return (np.random.default_rng(seed).permutation(n).reshape(shape) / n).astype(np.float32)
+
+
+def window_ref(x, rows, cols, g):
+    """Brute force: every window's max, and its cotangent sent to the window's first max
+    cell in row-major order (np.argmax of the row-major flattened window)."""
+    b, h, w, c = x.shape
+    y = np.zeros((b, len(rows), len(cols), c), np.float32)
+    dx = np.zeros_like(x)
+    for i, (r0, r1) in enumerate(rows):
+        for j, (c0, c1) in enumerate(cols):
+            win = x[:, r0:r1, c0:c1, :]
+            y[:, i, j] = win.max(axis=(1, 2))
+            flat = win.transpose(0, 3, 1, 2).reshape(b, c, -1)
+            k = flat.argmax(-1)  # first maximum, row-major
+            dr, dc = np.divmod(k, c1 - c0)
+            for bi in range(b):
+                for ci in range(c):
+                    dx[bi, r0 + dr[bi, ci], c0 + dc[bi, ci], ci] += g[bi, i, j, ci]
+    return y, dx
+
+
+def check_window(x, rows, cols, seed=0):
+    g = np.random.default_rng(seed + 1).standard_normal((x.shape[0], len(rows), len(cols), x.shape[3]))
+    g = g.astype(np.float32)
+    y, vjp = jax.vjp(lambda a: binmax.window_max(a, rows, cols), jnp.asarray(x))
+    (dx,) = vjp(jnp.asarray(g))
+    y_ref, dx_ref = window_ref(x, rows, cols, g)
+    np.testing.assert_array_equal(np.asarray(y), y_ref)
+    np.testing.assert_allclose(np.asarray(dx), dx_ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("make", [tied, distinct])
+def test_tiled_windows_with_crop(make):
+    x = make((2, 11, 8, 3), 0)  # 11 rows -> 3 windows of 3 (2 rows cropped), 8 cols -> 4 of 2
+    check_window(x, binmax.tiled_edges(3, 3), binmax.tiled_edges(4, 2))
+
+
+@pytest.mark.parametrize("make", [tied, distinct])
+def test_overlapping_uneven_windows(make):
+    x = make((2, 7, 13, 2), 1)
+    rows = binmax.as_edges(B.bin_edges(7, 3))  # [0,3) [2,5) [4,7): overlap by one
+    cols = ((0, 5), (3, 4), (3, 13), (12, 13))  # uneven, nested, repeated cells
+    check_window(x, rows, cols)
+
+
+def test_all_equal_window_gives_its_first_cell():
+    x = np.zeros((1, 4, 6, 1), np.float32)
+    g = jax.grad(lambda a: binmax.window_max(a, binmax.tiled_edges(2, 2), ((0, 3), (2, 6))).sum())(x)
+    want = np.zeros((4, 6))
+    want[0, 0] = want[0, 2] = want[2, 0] = want[2, 2] = 1
+    np.testing.assert_array_equal(np.asarray(g)[0, :, :, 0], want)
+
+
+def test_nan_window_passes_no_gradient():
+    x = np.arange(8, dtype=np.float32).reshape(1, 2, 4, 1)
+    x[0, 0, 1, 0] = np.nan
+    g = jax.grad(lambda a: jnp.nansum(binmax.window_max(a, ((0, 2),), ((0, 2), (2, 4)))))(x)
+    np.testing.assert_array_equal(np.asarray(g)[0, :, :, 0], [[0, 0, 0, 0], [0, 0, 0, 1]])
+
+
+@pytest.mark.parametrize("make", [tied, distinct])
+@pytest.mark.parametrize("kernel,size", [(3, 110 // 4), (2, 9), (3, 7)])
+def test_tiled_windows_equal_reduce_window_and_its_gradient(make, kernel, size):
+    # Kernel = stride, floor mode: XLA's own max-pool gradient also picks the first max in
+    # row-major order, so even with ties the gradients are equal.
+    x = jnp.asarray(make((2, size, size + 1, 3), 2))
+    ref = lambda a: lax.reduce_window(a, -jnp.inf, lax.max, (1, kernel, kernel, 1),
+                                      (1, kernel, kernel, 1), "VALID")
+    ours = lambda a: binmax.window_max(a, binmax.tiled_edges(size // kernel, kernel),
+                                       binmax.tiled_edges((size + 1) // kernel, kernel))
+    g = jnp.asarray(np.random.default_rng(3).standard_normal(ref(x).shape).astype(np.float32))
+    np.testing.assert_array_equal(np.asarray(ours(x)), np.asarray(ref(x)))
+    got = jax.grad(lambda a: jnp.vdot(ours(a), g))(x)
+    want = jax.grad(lambda a: jnp.vdot(ref(a), g))(x)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+
+
+def pool_ref_with_grad(x, levels, g, bins_of):
+    """Brute-force pyramid values and gradient (first max in row-major order per bin)."""
+    b, h, w, c = x.shape
+    outs, dx, off = [], np.zeros_like(x), 0
+    for n in levels:
+        rows, cols = bins_of(h, n), bins_of(w, n)
+        gn = g[:, off:off + n * n * c].reshape(b, n, n, c)
+        y, d = window_ref(x, rows, cols, gn)
+        outs.append(y.reshape(b, -1))
+        dx += d
+        off += n * n * c
+    return np.concatenate(outs, 1), dx
+
+
+@pytest.mark.parametrize("make", [tied, distinct])
+@pytest.mark.parametrize("hw", [(13, 13), (10, 7), (4, 18), (1, 3)])
+def test_pyramid_values_and_gradient_with_ties(make, hw):
+    levels = (6, 4, 3, 2, 1)  # 3, 2 and 1 are derived from 6 (a grouped max), 4 pooled directly
+    x = make((2,) + hw + (3,), 4)
+    g = np.random.default_rng(5).standard_normal((2, 3 * B.num_bins(levels))).astype(np.float32)
+    y, vjp = jax.vjp(lambda a: spp_jax.pool(a, levels), jnp.asarray(x))
+    y_ref, dx_ref = pool_ref_with_grad(x, levels, g, B.bin_edges)
+    np.testing.assert_array_equal(np.asarray(y), y_ref)
+    np.testing.assert_allclose(np.asarray(vjp(jnp.asarray(g))[0]), dx_ref, rtol=1e-6, atol=1e-6)
+
+
+def test_released_pyramid_gradient_with_ties():
+    levels = (6, 3, 2, 1)
+    x = tied((2, 13, 9, 2), 6)
+    g = np.random.default_rng(7).standard_normal((2, 2 * 50)).astype(np.float32)
+    y, vjp = jax.vjp(lambda a: spp_jax.pool(a, levels, mode="released"), jnp.asarray(x))
+    y_ref, dx_ref = pool_ref_with_grad(x, levels, g, released_bins)
+    np.testing.assert_array_equal(np.asarray(y), y_ref)
+    np.testing.assert_allclose(np.asarray(vjp(jnp.asarray(g))[0]), dx_ref, rtol=1e-6, atol=1e-6)
+
+
+def test_pyramid_gradient_equals_default_autodiff_without_ties():
+    # The plain formulation (per-bin slices, jnp.max): JAX's default gradient.
+    levels = (6, 3, 2, 1)
+    x = jnp.asarray(distinct((3, 13, 11, 4), 8))
+
+    def plain(a):
+        h, w = a.shape[1:3]
+        return jnp.concatenate([jnp.stack([jnp.stack([a[:, r0:r1, c0:c1].max(axis=(1, 2))
+                                                      for c0, c1 in B.bin_edges(w, n)], 1)
+                                           for r0, r1 in B.bin_edges(h, n)], 1).reshape(a.shape[0], -1)
+                                for n in levels], 1)
+    g = jnp.asarray(np.random.default_rng(9).standard_normal((3, 4 * 50)).astype(np.float32))
+    np.testing.assert_array_equal(np.asarray(spp_jax.pool(x, levels)), np.asarray(plain(x)))
+    got = jax.grad(lambda a: jnp.vdot(spp_jax.pool(a, levels), g))(x)
+    want = jax.grad(lambda a: jnp.vdot(plain(a), g))(x)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+
+
+def test_works_under_vmap_and_jit():
+    x = jnp.asarray(tied((3, 2, 9, 9, 2), 10))
+    f = jax.jit(jax.vmap(jax.grad(lambda a: spp_jax.pool(a, (3, 1)).sum())))
+    want = np.stack([np.asarray(jax.grad(lambda a: spp_jax.pool(a, (3, 1)).sum())(xi)) for xi in x])
+    np.testing.assert_array_equal(np.asarray(f(x)), want)

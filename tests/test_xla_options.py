@@ -1,0 +1,58 @@
+"""spp_jax.xla_options: the CPU options resolve, unknown options fall back, results match the default."""
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from spp_jax import xla_options
+
+
+@pytest.fixture
+def fresh_cache():
+    xla_options._resolved.cache_clear()
+    yield
+    xla_options._resolved.cache_clear()
+
+
+def test_cpu_options_resolve(fresh_cache):
+    assert jax.default_backend() == "cpu"
+    assert xla_options.compiler_options() == xla_options.OPTIONS["cpu"]
+
+
+def test_unknown_option_is_dropped_with_one_warning(fresh_cache, monkeypatch, caplog):
+    known = dict(xla_options.OPTIONS["cpu"])
+    monkeypatch.setitem(xla_options.OPTIONS, "cpu", {**known, "xla_cpu_no_such_option_for_test": "1"})
+    with caplog.at_level(logging.WARNING, logger="spp_jax.xla_options"):
+        assert xla_options.compiler_options() == known
+        assert xla_options.compiler_options() == known  # resolved once: no second warning
+        f = xla_options.jit(lambda x: x * 2)
+        assert float(f(jnp.float32(3))) == 6.0
+    warned = [r for r in caplog.records if "xla_cpu_no_such_option_for_test" in r.getMessage()]
+    assert len(warned) == 1
+
+
+def test_other_backends_get_no_options(fresh_cache):
+    assert xla_options._resolved("tpu") == ()
+
+
+def test_conv_net_gradient_equals_default_compile():
+    # A small conv + pool net's gradient with the options equals the default compile's.
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, 21, 21, 3)).astype(np.float32))
+    w1 = jnp.asarray(rng.standard_normal((7, 7, 3, 8)).astype(np.float32) * 0.1)
+    w2 = jnp.asarray(rng.standard_normal((3, 3, 8, 4)).astype(np.float32) * 0.1)
+
+    def loss(ws, x):
+        dn = ("NHWC", "HWIO", "NHWC")
+        y = jax.nn.relu(jax.lax.conv_general_dilated(x, ws[0], (2, 2), "SAME", dimension_numbers=dn))
+        y = jax.lax.conv_general_dilated(y, ws[1], (1, 1), "SAME", dimension_numbers=dn)
+        return jnp.sum(y ** 2)
+
+    g = jax.grad(loss)
+    want = jax.jit(g)((w1, w2), x)
+    got = xla_options.jit(g)((w1, w2), x)
+    assert xla_options.jit(g).lower((w1, w2), x).compile() is not None
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6 * float(jnp.abs(b).max()))
