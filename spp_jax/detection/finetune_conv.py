@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from spp_jax import xla_options
 from spp_jax.detection.boxes import flip_boxes_lr, scale_boxes
 from spp_jax.detection.cache import valid_windows
 from spp_jax.detection.finetune import new_head_params, sample_batch, window_labels
@@ -261,9 +262,10 @@ def _optimizer(config: ConvFinetuneConfig, iters: Sequence[int]):
 
 def make_step(loss_fn: Callable, tx) -> Callable:
     """One jitted SGD step: (train, opt_state, frozen, WindowBatch arrays..., key) -> (train, opt_state,
-    loss, correct, count). Gradients of ``train`` only: ``frozen`` is never differentiated."""
+    loss, correct, count). Gradients of ``train`` only: ``frozen`` is never differentiated. Compiled
+    with :mod:`spp_jax.xla_options`, as the training and serving programs."""
 
-    @jax.jit
+    @xla_options.jit
     def step(train, opt_state, frozen, pixels, hw, cells, labels, mask, key):
         (loss, (correct, count)), g = jax.value_and_grad(loss_fn, has_aux=True)(
             train, frozen, pixels, hw, cells, labels, mask, key)
