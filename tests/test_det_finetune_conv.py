@@ -201,3 +201,17 @@ def test_bad_settings_fail_before_any_work(kw, msg):
     records, props = _data()
     with pytest.raises(ConfigError, match=msg):
         FC.finetune_conv(Server(m, v), records, props, K + 1, _config(**kw))
+
+
+def test_mesh_sharded_variables_compile_one_step_per_bucket_shape(caplog):
+    # Variables restored from a training run carry its mesh's sharding (the new fc8 does not):
+    # the step must still compile once per bucket shape, not again on the shape's second use.
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+    m, v = _net()
+    mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+    sharded = jax.device_put(v, NamedSharding(mesh, PartitionSpec()))
+    records, props = _data()
+    with jax.log_compiles(), caplog.at_level("WARNING"):
+        res = FC.finetune_conv(Server(m, sharded, 128.0), records, props, K + 1, _config(iters=(3, 0)))
+    compiles = [r for r in caplog.records if "Compiling" in r.getMessage() and "jit(step)" in r.getMessage()]
+    assert res.shapes == [(2, 64, 96)] and len(compiles) == 1

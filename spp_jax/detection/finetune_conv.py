@@ -322,8 +322,10 @@ def finetune_conv(server: Server, records, proposals: dict, num_classes: int,
         raise ValueError("no training image has a window with IoU >= 0.1 to a ground-truth box")
     head0 = new_head_params(server.variables["params"]["classifier"], num_classes, c.seed)
     train, frozen = split_params(server.variables, trained, head0)
-    train = jax.tree.map(jnp.asarray, train)
-    frozen = jax.tree.map(jnp.asarray, frozen)
+    # Plain host copies: restored variables may carry a training mesh's sharding that the new
+    # fc8 lacks; mixed, the step's outputs differ from its first inputs and each bucket shape
+    # would compile twice.
+    train, frozen = (jax.tree.map(lambda a: jnp.asarray(np.asarray(a)), t) for t in (train, frozen))
     iters = tuple(c.iters or default_conv_iters(len(items), c.iter_scale))
     tx, sched = _optimizer(c, iters)
     fc_dim = int(head0["fc7"]["kernel"].shape[1])
