@@ -24,6 +24,7 @@ BENCHES = {
     4: "fc6+fc7 with dedup",
     5: "detection per image: SPP vs R-CNN",
     6: "compilation cold vs warm",
+    7: "window-SPP backward: conv + roi_pool fwd+bwd",
 }
 
 
@@ -87,6 +88,8 @@ def main(argv=None) -> int:
     stage(4, lambda: fc.run(cfg, jdev, peak))
     stage(5, lambda: detection.run(cfg, jdev))
     stage(6, lambda: compile_bench.run(cfg, args.device))
+    from bench import roi_grad
+    stage(7, lambda: roi_grad.run(cfg, jdev))
 
     meta["seconds"] = round(time.perf_counter() - t_start, 1)
     name = args.name or ("bench-quick" if cfg.quick else "bench")

@@ -7,6 +7,7 @@ Examples:
     python -m experiments.voc_det scales=1 rcnn=false              # the SPP 1-scale column alone
     python -m experiments.voc_det scales=5 rcnn=false second_checkpoint=runs/zf5-seed1   # Table 12
     python -m experiments.voc_det --preset quick --workdir /tmp/vd  # a tiny end-to-end run
+    python -m experiments.voc_det finetune_conv=conv3              # + "SPP 1-scale, conv fine-tuned"
     python -m experiments.voc_det --preset paper checkpoint=runs/zf5 data_dir=/data/tfds
 
 The preset (``embedded`` by default) sets its keys, then each key=value wins; the
@@ -132,6 +133,12 @@ def columns_for(cfg: VocDetConfig, nets, inputs: Inputs):
             log.info("R-CNN column on %d/%d images only", len(tr_c), len(te_c))
         columns.append(T.Column(T.COL_RCNN, RCNNExtractor(nets[0][2]), nets[0][1].variables["params"]["classifier"],
                                 tr_c, te_c))
+    if cfg.finetune_conv != "none":  # last: the other columns are done (and cached) first
+        from spp_jax.detection.finetune_conv import ConvFinetuneConfig
+        conv_ft = ConvFinetuneConfig(from_layer=cfg.finetune_conv, lrs=cfg.conv_ft_lrs,
+                                     iter_scale=cfg.conv_ft_iter_scale, flip=cfg.flip)
+        columns.append(T.Column(T.COL_SPP1_CONV, SPPExtractor(nets[0][2], S.SCALES_1, cfg.scale_rule),
+                                nets[0][1].variables["params"]["classifier"], tr, te, conv_finetune=conv_ft))
     names = [c.name for c in columns]
     if T.COL_SPP1 in names and T.COL_SPP5 in names:
         combos.append((T.COL_SPP1, T.COL_SPP5))  # two detectors of one network

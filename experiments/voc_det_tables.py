@@ -23,11 +23,22 @@ each column's total over R-CNN mode's (proposals are excluded, as in the paper).
 
 Table 12 (model combination): two columns' ``ftfc7 bb`` detectors score the
 test windows and NMS runs on the union (:func:`spp_jax.detection.detector.test_combined`).
+
+A column with ``conv_finetune`` settings (the "SPP 1-scale, conv fine-tuned" column, beyond the
+paper) first fine-tunes its network end to end from a conv layer up
+(:mod:`spp_jax.detection.finetune_conv`), then runs the same caches, SVMs, box regression and
+tests on the fine-tuned network's features; its ftfc6 / ftfc7 rows use the end-to-end fc6 / fc7
+(no second, fc-only fine-tuning) and it has no fc6 row (there is no pretrained fc6 for the new
+conv features). The fine-tuned network is kept in the cache directory, so a rerun reuses it and
+its feature caches, and the other columns' caches are untouched (they are keyed by network).
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
+import os
 import time
 from typing import Any, Sequence
 
@@ -36,20 +47,23 @@ import numpy as np
 from spp_jax.detection import cache as F
 from spp_jax.detection import detector as D
 from spp_jax.detection import finetune as FT
+from spp_jax.detection import finetune_conv as FC
 from spp_jax.report import markdown_table, write_report
 
 log = logging.getLogger(__name__)
 
 ROWS = ("pool5", "fc6", "ftfc6", "ftfc7", "ftfc7 bb")
 COL_SPP1, COL_SPP5, COL_RCNN = "SPP 1-scale", "SPP 5-scale", "R-CNN"
+COL_SPP1_CONV = "SPP 1-scale, conv fine-tuned"
 T_CONV, T_POOL, T_FC = "conv s/image", "pool s/image", "fc6+fc7 s/image"
 T_TOTAL, T_SPEEDUP = "total s/image (conv+pool+fc)", "speed-up vs R-CNN (total)"
 T_PROPOSALS = "selective search s/image (1 worker)"
 T_FT, T_COLUMN = "fine-tuning s", "column wall s"
-TIMING_ORDER = (T_CONV, T_POOL, T_FC, T_TOTAL, T_SPEEDUP, T_PROPOSALS, T_FT)
+T_FT_ITER = "fine-tuning s/iteration (conv fine-tuning, warm)"
+TIMING_ORDER = (T_CONV, T_POOL, T_FC, T_TOTAL, T_SPEEDUP, T_PROPOSALS, T_FT, T_FT_ITER)
 
-__all__ = ["ROWS", "COL_SPP1", "COL_SPP5", "COL_RCNN", "Table9Config", "Column", "ColumnResult",
-           "run_column", "measure_speed", "combine_columns", "run_table9", "write_tables"]
+__all__ = ["ROWS", "COL_SPP1", "COL_SPP5", "COL_RCNN", "COL_SPP1_CONV", "Table9Config", "Column",
+           "ColumnResult", "conv_finetuned", "run_column", "measure_speed", "combine_columns", "run_table9", "write_tables"]
 
 
 @dataclasses.dataclass
@@ -80,13 +94,16 @@ class Table9Config:
 @dataclasses.dataclass
 class Column:
     """name: the column title; extractor: SPPExtractor or RCNNExtractor; head0: the pretrained
-    fc params ({"fc6", "fc7", ...}); trainval / test: record sources (R-CNN mode may use a subset)."""
+    fc params ({"fc6", "fc7", ...}); trainval / test: record sources (R-CNN mode may use a subset);
+    conv_finetune: end-to-end fine-tuning settings (None: the paper's fc-only fine-tuning) of the
+    SPP extractor's network, at the extractor's scales (see the module doc)."""
 
     name: str
     extractor: Any
     head0: dict
     trainval: Any
     test: Any
+    conv_finetune: FC.ConvFinetuneConfig | None = None
 
 
 @dataclasses.dataclass
@@ -141,30 +158,82 @@ def measure_speed(extractor, records, proposals, n_images: int = 3, max_windows:
     return {T_CONV: conv / n, T_POOL: pool / n}
 
 
+def conv_finetuned(col: Column, props_tr: dict, num_classes: int, cache_root: str, proposals_key: dict):
+    """The column's extractor on its network fine-tuned end to end, and the fine-tuning result.
+
+    The fine-tuned variables and the result's numbers are stored under ``cache_root`` keyed by
+    the pretrained network, the settings, the training records and the proposals, so a rerun
+    in the same workdir reuses them (and with them the fine-tuned network's feature caches).
+    """
+    import flax.serialization
+    from spp_jax.detection.features import SPPExtractor
+    from spp_jax.serve import Server
+
+    ex, cfg = col.extractor, dataclasses.replace(col.conv_finetune, scales=tuple(col.extractor.scales))
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "log_every"}
+    key = {"net": ex.server.fingerprint, "config": settings, "split": col.trainval.split,
+           "n": len(col.trainval), "classes": num_classes, **proposals_key}
+    stem = os.path.join(cache_root, "convft-" + hashlib.sha1(
+        json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12])
+    model = ex.server.model.clone(num_classes=num_classes)
+    if os.path.exists(stem + ".json") and os.path.exists(stem + ".msgpack"):
+        with open(stem + ".msgpack", "rb") as f:
+            variables = flax.serialization.msgpack_restore(f.read())
+        with open(stem + ".json") as f:
+            meta = json.load(f)
+        res = FC.ConvFinetuneResult(model, variables, variables["params"]["classifier"],
+                                    tuple(meta["trained"]), meta["history"], meta["seconds"],
+                                    meta["seconds_per_iter"], [tuple(s) for s in meta["shapes"]])
+        log.info("conv fine-tuning: reusing %s.msgpack (%.0f s when it ran)", stem, res.seconds)
+    else:
+        os.makedirs(cache_root, exist_ok=True)
+        res = FC.finetune_conv(ex.server, col.trainval, props_tr, num_classes, cfg)
+        meta = {"key": key, "trained": list(res.trained), "history": res.history, "seconds": res.seconds,
+                "seconds_per_iter": res.seconds_per_iter, "shapes": [list(s) for s in res.shapes]}
+        for path, blob, mode in ((stem + ".msgpack", flax.serialization.msgpack_serialize(res.variables), "wb"),
+                                 (stem + ".json", json.dumps(meta, default=float), "w")):
+            with open(path + ".tmp", mode) as f:
+                f.write(blob)
+            os.replace(path + ".tmp", path)  # the .json last: present means complete
+    server = Server(res.model, res.variables, ex.server.mean, bucket_step=ex.server.bucket_step,
+                    pool_chunk=ex.server.pool_chunk)
+    return SPPExtractor(server, ex.scales, ex.rule), res
+
+
 def run_column(col: Column, props_tr: dict, props_te: dict, num_classes: int, cache_root: str,
                cfg: Table9Config, class_names: Sequence[str]) -> ColumnResult:
-    """Fill one column: caches, fine-tuning, the five rows, timing."""
+    """Fill one column: (end-to-end fine-tuning,) caches, fine-tuning, the rows, timing."""
     t0 = time.perf_counter()
     ex, K = col.extractor, num_classes
     pkey = cfg.proposals_key
+    conv_ft = None
+    if col.conv_finetune is not None:
+        ex, conv_ft = conv_finetuned(col, props_tr, K + 1, cache_root, pkey)
     tr_cache = F.cache_features(
         col.trainval, props_tr, ex,
         F.FeatureCache(cache_root, {**ex.key(), **pkey, "split": col.trainval.split, "n": len(col.trainval)},
-                       cfg.cache_dtype), flip=cfg.flip_finetune)
+                       cfg.cache_dtype), flip=cfg.flip_finetune and conv_ft is None)  # flips: fc fine-tuning
     te_cache = F.cache_features(
         col.test, props_te, ex,
         F.FeatureCache(cache_root, {**ex.key(), **pkey, "split": col.test.split, "n": len(col.test),
                                     "gt": False}, cfg.cache_dtype), include_gt=False)
     timing = dict(measure_speed(ex, col.test, props_te, cfg.timing_images, cfg.timing_windows))
-    ft = FT.finetune(tr_cache, col.head0, K + 1, cfg.finetune, flips=cfg.flip_finetune)
+    if conv_ft is None:
+        ft = FT.finetune(tr_cache, col.head0, K + 1, cfg.finetune, flips=cfg.flip_finetune)
+    else:  # the end-to-end fc6-fc8 are the fine-tuned ones
+        ft = FT.FinetuneResult(conv_ft.head, conv_ft.history[-1]["iter"], conv_ft.history, conv_ft.seconds)
+        timing[T_FT_ITER] = conv_ft.seconds_per_iter
     timing[T_FT] = ft.seconds
     results, bb_det = {}, None
-    for row, layer, head, bb in (("pool5", "pool5", None, False), ("fc6", "fc6", col.head0, False),
-                                 ("ftfc6", "ftfc6", ft.params, False), ("ftfc7", "ftfc7", ft.params, True)):
+    rows = (("pool5", "pool5", None, False), ("fc6", "fc6", col.head0, False),
+            ("ftfc6", "ftfc6", ft.params, False), ("ftfc7", "ftfc7", ft.params, True))
+    for row, layer, head, bb in rows:
+        if row == "fc6" and conv_ft is not None:
+            continue  # no pretrained fc6 for the fine-tuned conv features
         det = D.train_detector(tr_cache, layer, K, head=head, bbox_reg=bb, config=cfg.detector)
         results[row] = D.test_detector(det, te_cache, class_names=class_names)
         timing[f"SVM train + mining s ({row})"] = det.timing["total_s"]
-        if row == "fc6":
+        if row in ("fc6", "ftfc6") and T_FC not in timing:
             timing[T_FC] = results[row].timing["fc_s_per_image"]
         if bb:
             results["ftfc7 bb"] = D.test_detector(det, te_cache, use_bbox_reg=True, class_names=class_names)

@@ -286,6 +286,12 @@ class Server:
         whole = np.concatenate([np.zeros_like(maps.hw), maps.hw[:, ::-1] - 1], axis=1)[:, None]
         return _pool_windows(maps.fmap, jnp.asarray(whole, jnp.int32), levels, mode)[:, 0]
 
+    def map_hw(self, hw) -> np.ndarray:
+        """(B, 2) int image sizes (as :attr:`Batch.hw`) -> (B, 2) int32 valid last-conv map sizes.
+
+        Raises ValueError when an image is too small for the network."""
+        return M.valid_extents(self.specs, hw)[[s.name for s in self.specs].index(self.convs[-1])]
+
     def cells(self, boxes, map_hw: Sequence[int]) -> np.ndarray:
         """(R, 4) image-pixel windows -> (R, 4) int32 inclusive cells on a valid map of size ``map_hw``
         (:func:`spp_jax.project_boxes` with the model's geometry)."""

@@ -50,13 +50,15 @@ def test_every_type_parses_after_the_preset():
         "trainval_size=7", "second_checkpoint=runs/b", "mean=image", "proposals=p.npz", "workers=3",
         "scales=5", "scale_rule=released", "use_874=yes", "cache_dtype=float32", "ft_lrs=1e-2,1e-3",
         "ft_iter_scale=2", "flip=on", "rcnn=false", "rcnn_images=none", "rcnn_timing_windows=50",
-        "pretrain_workdir=w", "pretrain_multisize=true", "pretrain_quick=false", "--workdir", "out"])
+        "pretrain_workdir=w", "pretrain_multisize=true", "pretrain_quick=false", "finetune_conv=conv2",
+        "conv_ft_lrs=2e-3,2e-4", "conv_ft_iter_scale=0.25", "--workdir", "out"])
     want = VocDetConfig(dataset="voc2007", data_dir="/data/tfds", trainval_size=7, test_size=8, limit=True,
                         checkpoint="runs/zf5", pretrain_workdir="w", pretrain_multisize=True,
                         pretrain_quick=False, random_backbone=False, second_checkpoint="runs/b", mean="image",
                         proposals="p.npz", workers=3, scales=(5,), scale_rule="released", use_874=True,
                         cache_dtype="float32", ft_lrs=(1e-2, 1e-3), ft_iter_scale=2.0, flip=True, rcnn=False,
-                        rcnn_images=None, rcnn_timing_windows=50)
+                        rcnn_images=None, rcnn_timing_windows=50, finetune_conv="conv2",
+                        conv_ft_lrs=(2e-3, 2e-4), conv_ft_iter_scale=0.25)
     assert cfg == want and wd == "out"  # test_size=8 from the quick preset, the rest from key=value
     assert isinstance(cfg.ft_iter_scale, float) and cfg.ft_lrs == (0.01, 0.001)
     assert parse_command_line([])[1] == "runs/voc_det"
@@ -68,8 +70,10 @@ def test_presets_hold_the_old_modes():
     assert (paper.dataset, paper.ft_lrs, paper.scales, paper.rcnn, paper.mean) == \
         ("voc2007", (1e-4, 1e-5), (1, 5), True, "constant")
     embedded, _ = parse_command_line(["checkpoint=c"])  # the default preset
-    # the old default run: 500/100 embedded images, fine-tuning at 1e-3 then 1e-4
-    assert embedded == dataclasses.replace(paper, dataset="shapes", ft_lrs=(1e-3, 1e-4))
+    # the old default run: 500/100 embedded images, fine-tuning at 1e-3 then 1e-4 (and, were the
+    # end-to-end column asked for, half of Fast R-CNN's scaled iterations)
+    assert embedded == dataclasses.replace(paper, dataset="shapes", ft_lrs=(1e-3, 1e-4), conv_ft_iter_scale=0.5)
+    assert embedded.finetune_conv == paper.finetune_conv == "none"  # no end-to-end column by default
     assert (embedded.trainval_size, embedded.test_size) == (500, 100)
     quick, _ = parse_command_line(["--preset", "quick"])
     # the old --quick: Settings(n_trainval=12, n_test=8, ft_iter_scale=0.02, ft_lrs=(1e-3, 1e-4), rcnn_images=4)
@@ -110,6 +114,9 @@ BAD = [  # (arguments, the one line expected)
     ("ft_iter_scale=0", "ft_iter_scale=0.0: must be > 0"),
     ("ft_iter_scale=nan", "ft_iter_scale=nan: must be a finite number"),
     ("rcnn_images=0", "rcnn_images=0: must be >= 1"),
+    ("finetune_conv=pool2", "finetune_conv=pool2: must be one of: none, conv1, conv2, conv3, conv4, conv5, fc6"),
+    ("conv_ft_iter_scale=0", "conv_ft_iter_scale=0.0: must be > 0"),
+    ("conv_ft_lrs=1e-3", "conv_ft_lrs: expected 2 comma-separated values, got '1e-3'"),
     ("rcnn_timing_windows=-2", "rcnn_timing_windows=-2: must be >= 1"),
     ("trainval_size=0", "trainval_size=0: must be >= 1"),
     ("workers=many", "workers: expected an int, got 'many'"),
@@ -271,3 +278,24 @@ def test_a_good_msgpack_passes_the_cheap_check_and_a_bad_sidecar_does_not(tmp_pa
     (tmp_path / "net.msgpack.json").write_text(json.dumps({**meta, "arch": "alexnet"}))
     with pytest.raises(UserError, match="net.msgpack.json: .*alexnet"):
         check_pretrained_path(path)
+
+
+def test_finetune_conv_adds_the_end_to_end_column_last():
+    from experiments import voc_det_tables as T
+    from spp_jax.models import get_model, random_variables
+    from spp_jax.pretrained import Pretrained
+    from spp_jax.serve import Server
+    m = get_model("zf5", width=0.05, fc_dim=16, num_classes=11)
+    b = Pretrained(m, random_variables(m, 0), None, "tiny")
+    nets = [("", b, Server(m, b.variables, 128.0))]
+    inputs = main_mod.Inputs(R.load_records("shapes", "trainval", size=2), R.load_records("shapes", "test", size=2),
+                             None, {"proposals": "ss-fast"})
+    plain, _ = main_mod.columns_for(parse_command_line(["--preset", "quick"])[0], nets, inputs)
+    cfg = parse_command_line(["--preset", "quick", "finetune_conv=conv4", "conv_ft_lrs=2e-3,2e-4"])[0]
+    cols, _ = main_mod.columns_for(cfg, nets, inputs)
+    assert [c.name for c in cols] == [c.name for c in plain] + [T.COL_SPP1_CONV]  # the others unchanged
+    ft = cols[-1]
+    assert ft.extractor.scales == (688,) and ft.extractor.server is nets[0][2]
+    c = ft.conv_finetune
+    assert (c.from_layer, c.lrs, c.iter_scale, c.flip) == ("conv4", (2e-3, 2e-4), 0.05, False)
+    assert all(col.conv_finetune is None for col in plain)

@@ -99,3 +99,37 @@ def test_a_missing_backbone_is_a_one_line_error(tmp_path):
     from experiments.voc_det import main
     with pytest.raises(SystemExit, match=r"^error: pretrained network '/nonexistent.msgpack' does not exist"):
         main(["checkpoint=/nonexistent.msgpack", "--preset", "quick", "--workdir", str(tmp_path)])
+
+
+def test_conv_fine_tuned_column_runs_next_to_the_others_and_is_reused(tmp_path):
+    from spp_jax.detection.finetune_conv import ConvFinetuneConfig
+    root = str(tmp_path)
+    m, v = tiny_model()
+    head0 = v["params"]["classifier"]
+    tr, te = tiny_records("trainval", 3), tiny_records("test", 2)
+    s = ProposalSettings(max_side=160, min_side=8, max_boxes=60)
+    ptr = compute_proposals(tr, root, settings=s, workers=0, progress=False)
+    pte = compute_proposals(te, root, settings=s, workers=0, progress=False)
+    conv = ConvFinetuneConfig(from_layer="conv5", iters=(2, 1), windows_per_image=16, log_every=1)
+    cols = [T.Column(T.COL_SPP1, tiny_extractor(), head0, tr, te),
+            T.Column(T.COL_SPP1_CONV, tiny_extractor(), head0, tr, te, conv_finetune=conv)]
+    cfg = T.Table9Config(finetune=FinetuneConfig(iters=(2, 1), eval_every=2, lrs=(1e-3, 1e-4)), timing_images=1)
+    names = [str(k) for k in range(10)]
+    cache = os.path.join(root, "cache")
+    res, _ = T.run_table9(cols, ptr, pte, 10, cache, cfg, names)
+    spp, ft = res
+    assert set(ft.results) == {"pool5", "ftfc6", "ftfc7", "ftfc7 bb"}  # no pretrained fc6 row
+    assert ft.finetune.params["fc8"]["kernel"].shape[1] == 11
+    assert ft.timing[T.T_FT_ITER] > 0 and ft.timing[T.T_FT] > 0 and ft.timing[T.T_TOTAL] > 0
+    assert ft.test_cache.dir != spp.test_cache.dir  # the fine-tuned network's own features
+    _, js = T.write_tables(root, "tiny", res, {}, names, {"total_seconds": 1.0})
+    assert json.load(open(js))["cells"].get(f"fc6|{T.COL_SPP1_CONV}") is None
+    # A rerun in the same workdir reuses the stored network (no training: the same seconds),
+    # hence its feature caches, and leaves the other column's caches alone.
+    before = sorted(os.listdir(cache))
+    ex, again = T.conv_finetuned(cols[1], ptr, 11, cache, cfg.proposals_key)
+    assert again.seconds == ft.finetune.seconds and sorted(os.listdir(cache)) == before
+    from spp_jax.detection.cache import FeatureCache
+    key = {**ex.key(), **cfg.proposals_key, "split": te.split, "n": len(te), "gt": False}
+    assert FeatureCache(cache, key).dir == ft.test_cache.dir  # the first run's test features
+    assert ex.server.fingerprint != tiny_extractor().server.fingerprint

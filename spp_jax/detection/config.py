@@ -38,6 +38,7 @@ __all__ = ["DEFAULT_PRESET", "DEFAULT_WORKDIR", "DETECTION_PRETRAIN", "PRESETS",
 
 DEFAULT_WORKDIR = "runs/voc_det"
 SCALE_COUNTS = (1, 5)  # the SPP columns: 1 scale (688) and 5 scales (480 ... 1200)
+CONV_FT_LAYERS = ("none", "conv1", "conv2", "conv3", "conv4", "conv5", "fc6")
 
 
 def _repeated(values: Sequence) -> str | None:
@@ -101,6 +102,16 @@ class VocDetConfig:
     flip: bool = option(False, "also fine-tune on the mirrored training images (the released code; the paper "
                                "does not say)")
 
+    # --- end-to-end fine-tuning (spp_jax.detection.finetune_conv; beyond the paper) ---
+    finetune_conv: str = option("none", "add the column 'SPP 1-scale, conv fine-tuned': the network trained end "
+                                        "to end from this conv layer up, with fc6-fc8, through window SPP "
+                                        "(fc6: fc6-fc8 only, on whole images); none: no such column",
+                                group="conv fine-tuning", choices=CONV_FT_LAYERS)
+    conv_ft_lrs: tuple[float, float] = option((1e-3, 1e-4), "its learning rates before,after the decay "
+                                                            "(Fast R-CNN's)", gt=0)
+    conv_ft_iter_scale: float = option(1.0, "multiply its iterations (Fast R-CNN's 30k+10k of 2 images, "
+                                            "scaled to the images)", gt=0)
+
     # --- the R-CNN column (spp_jax.detection.rcnn) ---
     rcnn: bool = option(True, "run the R-CNN-mode column (false: skip it)", group="R-CNN column")
     rcnn_images: Optional[int] = option(None, "R-CNN column on the first N trainval and test images only "
@@ -134,9 +145,10 @@ class VocDetConfig:
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "embedded": {"dataset": "shapes", "ft_lrs": (1e-3, 1e-4)},
+    # conv_ft_iter_scale 0.5: 1497 + 499 iterations (~8 passes over 500 images), 0.25-1 s each here.
+    "embedded": {"dataset": "shapes", "ft_lrs": (1e-3, 1e-4), "conv_ft_iter_scale": 0.5},
     "quick": {"dataset": "shapes", "trainval_size": 12, "test_size": 8, "limit": True, "ft_iter_scale": 0.02,
-              "ft_lrs": (1e-3, 1e-4), "rcnn_images": 4, "pretrain_quick": True},
+              "ft_lrs": (1e-3, 1e-4), "rcnn_images": 4, "pretrain_quick": True, "conv_ft_iter_scale": 0.05},
     "paper": {},
 }
 DEFAULT_PRESET = "embedded"

@@ -107,22 +107,28 @@ class FinetuneResult:
 
 
 def sample_batch(rng: np.random.Generator, fg_idx: np.ndarray, bg_idx: np.ndarray, batch: int = 128,
-                 fg_fraction: float = 0.25) -> np.ndarray:
+                 fg_fraction: float = 0.25, replace: bool = True) -> np.ndarray:
     """Indices of one mini-batch: round(batch * fg_fraction) foreground (fewer if fewer exist), rest background.
 
-    Sampling is without replacement when the pool is large enough, else with.
+    ``replace=True`` (fine-tuning on cached windows): always ``batch`` indices, drawn without
+    replacement when a pool is large enough, else with (and all foreground when there is no
+    background). ``replace=False`` (one image's windows, :mod:`~spp_jax.detection.finetune_conv`):
+    never a window twice, so fewer than ``batch`` indices when the image has too few windows;
+    the foreground share stays capped at ``fg_fraction``.
     """
-    n_fg = min(int(round(batch * fg_fraction)), len(fg_idx))
-    n_bg = batch - n_fg
-    if len(bg_idx) == 0:
-        n_fg, n_bg = batch, 0
     if len(fg_idx) == 0 and len(bg_idx) == 0:
         raise ValueError("no foreground or background windows to sample from")
+    n_fg = min(int(round(batch * fg_fraction)), len(fg_idx))
+    n_bg = batch - n_fg
+    if not replace:
+        n_bg = min(n_bg, len(bg_idx))
+    elif len(bg_idx) == 0:
+        n_fg, n_bg = batch, 0
     parts = []
     for pool, n in ((fg_idx, n_fg), (bg_idx, n_bg)):
         if n:
-            parts.append(rng.choice(pool, n, replace=len(pool) < n))
-    return np.concatenate(parts)
+            parts.append(rng.choice(pool, n, replace=replace and len(pool) < n))
+    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
 
 def gather_windows(entries, max_bg_per_image: int | None = None, seed: int = 0
