@@ -192,9 +192,10 @@ def test_eval_refuses_a_bad_config_file_naming_it(tmp_path, mutate, message):
 
 
 def test_config_files_written_before_later_keys_still_load():
-    # results/overfeat7-embedded was trained before data_seed existed.
+    # The config.json of a run trained before data_seed existed (the previous
+    # results/overfeat7-embedded, kept as test data): it has no data_seed key.
     from spp_jax.train.config import load_config
-    cfg = load_config(os.path.join(ROOT, "results", "overfeat7-embedded"))
+    cfg = load_config(os.path.join(ROOT, "tests", "data", "config-before-data-seed"))
     assert cfg.data_seed is None and cfg.dataset_seed == cfg.seed and cfg.model == "overfeat7"
 
 
