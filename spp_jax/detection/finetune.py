@@ -42,7 +42,7 @@ PAPER_ITERS = (250_000, 50_000)
 PAPER_IMAGES = 5011  # VOC 2007 trainval
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "window_labels", "default_iters", "sample_batch",
-           "gather_windows", "new_head_params", "finetune", "finetune_arrays"]
+           "gather_windows", "new_head_params", "two_step_sgd", "finetune", "finetune_arrays"]
 
 
 def window_labels(boxes, gt_boxes, gt_labels, fg_iou: float = FG_IOU,
@@ -186,6 +186,17 @@ def _make_fns(head: Head, tx):
     return step, evaluate
 
 
+def two_step_sgd(lrs: Sequence[float], n1: int, weight_decay: float, momentum: float):
+    """(optax transform, lr schedule): SGD with momentum at ``lrs[0]`` for ``n1`` iterations, then
+    ``lrs[1]``; L2 weight decay on kernels only (biases are not decayed, as in the released code).
+    Shared by the fc fine-tuning here and the end-to-end one (:mod:`.finetune_conv`)."""
+    sched = optax.piecewise_constant_schedule(lrs[0], {int(n1): lrs[1] / lrs[0]})
+    kernels = lambda p: jax.tree_util.tree_map_with_path(  # noqa: E731 - kernels only
+        lambda path, _: jax.tree_util.keystr(path).endswith("['kernel']"), p)
+    return optax.chain(optax.add_decayed_weights(weight_decay, kernels),
+                       optax.sgd(sched, momentum=momentum)), sched
+
+
 def finetune_arrays(X: np.ndarray, y: np.ndarray, pretrained: dict, num_classes: int, *,
                     X_hold: np.ndarray | None = None, y_hold: np.ndarray | None = None,
                     iters: Sequence[int], config: FinetuneConfig = FinetuneConfig(),
@@ -204,11 +215,7 @@ def finetune_arrays(X: np.ndarray, y: np.ndarray, pretrained: dict, num_classes:
     fc_dim = pretrained["fc7"]["kernel"].shape[1]
     head = Head(num_classes, fc_dim, c.dropout)
     n1, n2 = int(iters[0]), int(iters[1])
-    sched = optax.piecewise_constant_schedule(c.lrs[0], {n1: c.lrs[1] / c.lrs[0]})
-    decay_mask = lambda p: jax.tree_util.tree_map_with_path(  # noqa: E731 - kernels only
-        lambda path, _: jax.tree_util.keystr(path).endswith("['kernel']"), p)
-    tx = optax.chain(optax.add_decayed_weights(c.weight_decay, decay_mask),
-                     optax.sgd(sched, momentum=c.momentum))
+    tx, sched = two_step_sgd(c.lrs, n1, c.weight_decay, c.momentum)
     params = new_head_params(pretrained, num_classes, c.seed)
     opt_state = tx.init(params)
     step, evaluate = _make_fns(head, tx)

@@ -44,7 +44,7 @@ import optax
 from spp_jax import xla_options
 from spp_jax.detection.boxes import flip_boxes_lr, scale_boxes
 from spp_jax.detection.cache import valid_windows
-from spp_jax.detection.finetune import new_head_params, sample_batch, window_labels
+from spp_jax.detection.finetune import new_head_params, sample_batch, two_step_sgd, window_labels
 from spp_jax.errors import ConfigError
 from spp_jax.models import Head, SPPNet
 from spp_jax.roi import roi_pool_cells
@@ -252,12 +252,7 @@ def make_loss(model: SPPNet, head: Head) -> Callable:
 
 
 def _optimizer(config: ConvFinetuneConfig, iters: Sequence[int]):
-    n1 = int(iters[0])
-    sched = optax.piecewise_constant_schedule(config.lrs[0], {n1: config.lrs[1] / config.lrs[0]})
-    kernels = lambda p: jax.tree_util.tree_map_with_path(  # noqa: E731 - decay kernels only
-        lambda path, _: jax.tree_util.keystr(path).endswith("['kernel']"), p)
-    return optax.chain(optax.add_decayed_weights(config.weight_decay, kernels),
-                       optax.sgd(sched, momentum=config.momentum)), sched
+    return two_step_sgd(config.lrs, int(iters[0]), config.weight_decay, config.momentum)
 
 
 def make_step(loss_fn: Callable, tx) -> Callable:
