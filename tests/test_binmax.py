@@ -67,6 +67,24 @@ def test_overlapping_uneven_windows(make):
     check_window(x, rows, cols)
 
 
+@pytest.mark.parametrize("make", [tied, distinct])
+@pytest.mark.parametrize("k,st,a", [(3, 2, 13), (5, 4, 13), (7, 6, 13), (4, 3, 10), (3, 1, 6), (2, 1, 9)])
+def test_strided_overlapping_windows(make, k, st, a):
+    """Equal windows at a stride (every level of a 13-cell map) take the strided path;
+    the map is one cell wider than the windows reach, so that cell gets no gradient."""
+    edges = tuple((i * st, i * st + k) for i in range((a - k) // st + 1))
+    assert binmax._uniform(edges) == (k, st)
+    check_window(make((2, a, a + 1, 3), 2), edges, edges)
+
+
+def test_strided_nan_window_passes_no_gradient():
+    x = np.arange(7, dtype=np.float32).reshape(1, 1, 7, 1)
+    x[0, 0, 1, 0] = np.nan
+    edges = ((0, 3), (2, 5), (4, 7))
+    g = jax.grad(lambda a: jnp.nansum(binmax.axis_bin_max(a, 2, edges)))(x)
+    np.testing.assert_array_equal(np.asarray(g)[0, 0, :, 0], [0, 0, 0, 0, 1, 0, 1])
+
+
 def test_all_equal_window_gives_its_first_cell():
     x = np.zeros((1, 4, 6, 1), np.float32)
     g = jax.grad(lambda a: binmax.window_max(a, binmax.tiled_edges(2, 2), ((0, 3), (2, 6))).sum())(x)
