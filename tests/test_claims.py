@@ -77,7 +77,10 @@ def test_grid_reuses_finished_runs_and_reruns_changed_ones(tmp_path):
     trainer.runs = plan(tmp_path, seeds=(0, 1, 2))
     grid.run_grid(trainer.runs, trainer)
     assert sorted(trainer.calls) == sorted(r.workdir for r in trainer.runs if r.seed == 2)
+    # Keys that only change how a run is watched (progress bars, logging) keep it reused.
     trainer.calls.clear()
+    trainer.runs = plan(tmp_path, seeds=(0,), extra=["log_every=7", "data_threads=1", "keep_checkpoints=5"])
+    assert all(r.reused for r in grid.run_grid(trainer.runs, trainer)) and trainer.calls == []
     trainer.runs = plan(tmp_path, seeds=(0,), extra=["fc_dim=48"])
     grid.run_grid(trainer.runs, trainer)
     assert len(trainer.calls) == len(trainer.runs)

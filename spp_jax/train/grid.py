@@ -94,8 +94,19 @@ def _errors(report: dict) -> dict[str, tuple[float, float]]:
     return {p: (float(r["top1_err"]), float(r["top5_err"])) for p, r in report["results"].items()}
 
 
+# Keys that change how a run is watched, logged, checkpointed or where its data lives, never
+# its parameters or its test errors: a finished run is reused whatever they are (a grid
+# restarted with progress=false, or from a copy of committed results, still reuses it).
+# Everything else, eval_size aside (set from the data at run time), must match.
+NOT_RESULTS = frozenset({
+    "progress", "plot", "log_every", "checkpoint_every", "keep_checkpoints",
+    "async_checkpointing", "compile_cache_dir", "memory_check", "data_threads", "data_dir",
+    "eval_batch_size", "overwrite", "eval_size"})
+
+
 def finished(run: Run) -> RunResult | None:
-    """The run's result if its workdir already holds the testing of exactly this config."""
+    """The run's result if its workdir already holds the testing of this config (equal in
+    every key outside :data:`NOT_RESULTS`)."""
     path = os.path.join(run.workdir, "eval.json")
     try:
         with open(path) as f:
@@ -104,9 +115,8 @@ def finished(run: Run) -> RunResult | None:
         return None
     want = json.loads(json.dumps(config_dict(run.config)))  # tuples -> lists, as on disk
     got = report.get("config", {})
-    # eval_size is adjusted to the data's crop size at run time; compare the rest.
-    if {k: v for k, v in got.items() if k != "eval_size"} != {k: v for k, v in want.items()
-                                                             if k != "eval_size"}:
+    if ({k: v for k, v in got.items() if k not in NOT_RESULTS}
+            != {k: v for k, v in want.items() if k not in NOT_RESULTS}):
         log.info("%s: eval.json is from another config; running it again", run.workdir)
         return None
     return RunResult(run, _errors(report), _recorded_seconds(run.workdir), reused=True)
