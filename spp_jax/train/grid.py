@@ -21,6 +21,7 @@ from typing import Callable, Sequence
 
 from spp_jax.config_grammar import config_dict
 from spp_jax.train.config import TrainConfig, get_config
+from spp_jax.train.workdir import RESUMABLE_KEYS
 
 log = logging.getLogger(__name__)
 
@@ -94,14 +95,14 @@ def _errors(report: dict) -> dict[str, tuple[float, float]]:
     return {p: (float(r["top1_err"]), float(r["top5_err"])) for p, r in report["results"].items()}
 
 
-# Keys that change how a run is watched, logged, checkpointed or where its data lives, never
-# its parameters or its test errors: a finished run is reused whatever they are (a grid
-# restarted with progress=false, or from a copy of committed results, still reuses it).
-# Everything else, eval_size aside (set from the data at run time), must match.
-NOT_RESULTS = frozenset({
-    "progress", "plot", "log_every", "checkpoint_every", "keep_checkpoints",
-    "async_checkpointing", "compile_cache_dir", "memory_check", "data_threads", "data_dir",
-    "eval_batch_size", "overwrite", "eval_size"})
+# The keys a resumed run may change (workdir.RESUMABLE_KEYS) minus those that change its
+# test errors (the epochs, which views are tested and on how many images, the validation
+# cadence that the plateau schedule reads, the device layout): what is left only changes
+# how a run is watched, logged, checkpointed or where its data lives, so a finished run is
+# reused whatever they are (a grid restarted with progress=false, or from a copy of
+# committed results). eval_size is among them: it is set from the data at run time.
+NOT_RESULTS = RESUMABLE_KEYS - {"epochs", "protocols", "eval_limit", "multiview_limit",
+                                "eval_every", "distributed"}
 
 
 def finished(run: Run) -> RunResult | None:
