@@ -59,6 +59,10 @@ def test_plan_configs_and_workdirs(tmp_path):
     multi = [x for x in runs if x.variant.key == "multi"]
     assert all(x.config.sizes == (180, 224) and x.config.size_schedule == "multi" for x in multi)
     assert {x.config.seed for x in runs} == {0, 1, 2} and {x.config.data_seed for x in runs} == {0}
+    # one generated copy of the embedded images for the whole grid, unless the user names one
+    assert {x.config.data_dir for x in runs} == {os.path.join(str(tmp_path), "data")}
+    mine = plan(tmp_path, seeds=(0,), extra=[f"data_dir={tmp_path / 'elsewhere'}"])
+    assert {x.config.data_dir for x in mine} == {str(tmp_path / "elsewhere")}
     with pytest.raises(ConfigError):  # every config is checked before anything runs
         plan(tmp_path, extra=["dropout=2"])
 

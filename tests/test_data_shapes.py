@@ -207,3 +207,28 @@ def test_build_past_tfds_memory_buffer_needs_no_tensorflow(tmp_path, monkeypatch
     assert shuffle.MAX_MEM_BUFFER_SIZE == 1000  # restored after the build
     import sys
     assert "tensorflow" not in sys.modules
+
+
+def test_build_waits_for_another_process_building_the_same_config(tmp_path):
+    # The runs of a grid share one data directory; a second process must not build the same
+    # config at the same time (TFDS's temporary-directory rename would collide) but wait for
+    # the first and then read its files.
+    import fcntl
+    import threading
+
+    from spp_jax.data import shapes_tfds
+
+    sizes = dict(train=1, validation=2, test=1)
+    name = shapes_tfds.make_config("classification", **sizes).name
+    got = {}
+    with open(tmp_path / f".spp_shapes-{name}.lock", "a") as held:  # "another process" holds it
+        fcntl.flock(held, fcntl.LOCK_EX)
+        t = threading.Thread(target=lambda: got.setdefault(
+            "src", shapes_tfds.load_shapes("classification", "validation", tmp_path, **sizes)))
+        t.start()
+        t.join(1.5)
+        assert t.is_alive() and "src" not in got  # blocked while the lock is held
+        assert not (tmp_path / "spp_shapes").exists()  # and built nothing meanwhile
+        fcntl.flock(held, fcntl.LOCK_UN)
+    t.join(60)
+    assert len(got["src"]) == 2

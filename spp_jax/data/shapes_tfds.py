@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import inspect
 import os
 from collections.abc import Iterator
@@ -246,7 +247,7 @@ def load_shapes(
     """
     cfg = make_config(variant, seed=seed, **split_sizes)
     builder = make_builder(cfg, data_dir)
-    with _in_memory_shuffler():
+    with _build_lock(data_dir, cfg.name), _in_memory_shuffler():
         builder.download_and_prepare(file_format="array_record")
     sizes = dict(cfg.split_sizes)
     if split not in sizes:
@@ -255,6 +256,21 @@ def load_shapes(
     if got != sizes[split]:  # e.g. an interrupted or hand-edited directory
         raise RuntimeError(f"{builder.data_dir}: split {split!r} has {got} examples, expected {sizes[split]}")
     return builder.as_data_source(split=split)
+
+
+@contextlib.contextmanager
+def _build_lock(data_dir: str | os.PathLike, name: str):
+    """Hold an exclusive ``flock`` on ``data_dir/.spp_shapes-<name>.lock`` while a config is
+    built: processes sharing a data directory (the runs of a grid started side by side)
+    build it once; the others wait, then find the finished files. The OS drops the lock
+    when a holder dies, so an interrupted build never blocks the next one."""
+    os.makedirs(data_dir, exist_ok=True)
+    with open(os.path.join(data_dir, f".spp_shapes-{name}.lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 @contextlib.contextmanager

@@ -73,8 +73,12 @@ def plan(preset: str, overrides: Sequence[str], root: str, *, models: Sequence[s
     the embedded images across seeds (the claims compare initialisations on one data set).
     Workdirs: ``root/<model>/<variant>/seed<k>``; without the model level when
     ``by_model`` is false (Table 2's one-model ``runs/<model>-table2/<variant>``), without
-    the seed level when ``seeds`` is None.
+    the seed level when ``seeds`` is None.  The embedded data is generated once, in
+    ``root/data``, for every run (unless ``data_dir`` is given): the runs of a grid train on
+    the same images, and a copy per run would cost 3.2 GB of disk each at the preset's size.
     """
+    shared = [] if any(o.split("=", 1)[0].strip() == "data_dir" for o in overrides) else [
+        f"data_dir={os.path.join(root, 'data')}"]
     runs = []
     for model in models:
         for v in variants:
@@ -85,6 +89,8 @@ def plan(preset: str, overrides: Sequence[str], root: str, *, models: Sequence[s
                 if data_seed is not None:
                     extra.append(f"data_seed={data_seed}")
                 cfg = get_config(preset, [*overrides, *extra])
+                if cfg.dataset == "shapes" and shared:
+                    cfg = get_config(preset, [*overrides, *extra, *shared])
                 sub = os.path.join(root, model if by_model else "", v.key,
                                    "" if seed is None else f"seed{seed}")
                 runs.append(Run(model, v, seed, os.path.normpath(sub), cfg))
