@@ -56,6 +56,10 @@ class Config:
     min_pairs: int = 7
     max_pair_seconds: float = 60.0
     embedded_sizes: tuple = (180, 224)  # the embedded preset's own train step
+    # 8. input pipeline
+    pipeline_examples: int = 2000  # generated training images (the per-image cost does not
+    pipeline_batches: int = 60     # depend on how many); batches timed alone; steps per
+    pipeline_steps: int = 20       # timed call, fed vs resident
 
     @property
     def mode(self) -> str:
@@ -70,7 +74,8 @@ def make_config(quick: bool = False, device: str = "cpu") -> Config:
                   batch=8, batch_overfeat=4, bb_repeats=2, train_repeats=1,
                   flag_variants=False, rcnn_windows=32, fc_repeats=1,
                   lrn_variants=("library (rsqrt)", "none (bound)"), det_repeats=1, compile_batch=8,
-                  pair_tol=0.05, min_pairs=5, max_pair_seconds=15.0)
+                  pair_tol=0.05, min_pairs=5, max_pair_seconds=15.0,
+                  pipeline_examples=800, pipeline_batches=20, pipeline_steps=8)
 
 
 # --------------------------------------------------------------------------- rows and table

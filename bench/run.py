@@ -25,6 +25,7 @@ BENCHES = {
     5: "detection per image: SPP vs R-CNN",
     6: "compilation cold vs warm",
     7: "window-SPP backward: conv + roi_pool fwd+bwd",
+    8: "input pipeline vs the train step it feeds",
 }
 
 
@@ -90,6 +91,8 @@ def main(argv=None) -> int:
     stage(6, lambda: compile_bench.run(cfg, args.device))
     from bench import roi_grad
     stage(7, lambda: roi_grad.run(cfg, jdev))
+    from bench import pipeline
+    stage(8, lambda: pipeline.run(cfg, jdev))
 
     meta["seconds"] = round(time.perf_counter() - t_start, 1)
     name = args.name or ("bench-quick" if cfg.quick else "bench")

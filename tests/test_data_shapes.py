@@ -156,13 +156,23 @@ def test_tfds_round_trip(tmp_path, variant, sizes):
 def test_tfds_reuses_files_and_data_source(tmp_path):
     import tensorflow_datasets as tfds
 
+    from tensorflow_datasets.core import file_adapters
+
     from spp_jax.data import shapes_tfds
 
+    tfds_writer_module = file_adapters.array_record_module
     src = shapes_tfds.load_shapes("detection", "test", tmp_path, trainval=2, test=2)
     cfg = shapes_tfds.make_config("detection", trainval=2, test=2)
     shard_dir = tmp_path / "spp_shapes" / cfg.name / str(shapes_tfds.SppShapes.VERSION)
     files = sorted(p.name for p in shard_dir.iterdir())
     assert any("array_record" in f for f in files)
+    # Written uncompressed (a training read is then a copy, not a zstd decompression), and
+    # TFDS's own writer is restored afterwards.
+    from array_record.python import array_record_module
+    shard = next(p for p in shard_dir.iterdir() if "array_record" in p.name)
+    opts = array_record_module.ArrayRecordReader(str(shard)).writer_options_string().split(",")
+    assert "uncompressed" in opts and not any(o.startswith("zstd") for o in opts)
+    assert file_adapters.array_record_module is tfds_writer_module
     mtimes = {p: p.stat().st_mtime_ns for p in shard_dir.iterdir()}
     again = shapes_tfds.load_shapes("detection", "test", tmp_path, trainval=2, test=2)
     assert {p: p.stat().st_mtime_ns for p in shard_dir.iterdir()} == mtimes  # not rebuilt
