@@ -48,6 +48,8 @@ class ClaimsConfig:
                             lt=2 ** 31)
     train_preset: str = option("embedded", "training preset every run starts from",
                                choices=tuple(TRAIN_PRESETS))
+    train: bool = option(True, "false: train nothing; tables from the runs finished so far, "
+                               "the others listed as missing")
 
 
 PRESETS = {
@@ -91,11 +93,16 @@ def main(argv=None):
         runs = grid.plan(cfg.train_preset, train_items, args.workdir, models=cfg.models,
                          variants=variants, seeds=cfg.seeds, data_seed=cfg.data_seed)
         log_devices(runs[0].config.distributed)
-        grammar.write_config(cfg, args.workdir, "claims_config.json")
+        if cfg.train:  # a report-only pass leaves the grid's recorded config alone
+            grammar.write_config(cfg, args.workdir, "claims_config.json")
         logging.info("claims grid: %d runs in %s", len(runs), os.path.abspath(args.workdir))
-        results = grid.run_grid(runs)
+        results = grid.run_grid(runs, train=cfg.train)
+        if not results:
+            raise ConfigError(f"train=false and no run of the grid has finished in {args.workdir}")
+        missing = grid.unfinished(runs, results)
         md = claims.write_claims(args.workdir, results, "SPP-net classification claims, "
-                                 f"{runs[0].config.dataset} data, {len(cfg.seeds)} seeds", variants)
+                                 f"{runs[0].config.dataset} data, {len(cfg.seeds)} seeds", variants,
+                                 missing=missing)
     print(md)
 
 

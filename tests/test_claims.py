@@ -127,6 +127,27 @@ def test_write_claims(tmp_path):
     assert cell["top1"]["values"] == [21.0, 22.5, 20.0]
 
 
+def test_report_of_a_grid_in_progress(tmp_path):
+    """train=false: nothing trains; cells over fewer seeds say so, unfinished runs are listed."""
+    trainer = FakeTrainer()
+    trainer.runs = plan(tmp_path, seeds=(0, 1), models=("zf5",))
+    grid.run_grid([r for r in trainer.runs if r.seed == 0 or r.variant.key == "single"], trainer)
+    trainer.calls.clear()
+    results = grid.run_grid(trainer.runs, trainer, train=False)
+    assert trainer.calls == [] and len(results) == 4
+    assert grid.run_grid(trainer.runs, train=False) == results  # no trainer needed at all
+    missing = grid.unfinished(trainer.runs, results)
+    md = claims.write_claims(str(tmp_path), results, "t", missing=missing, make_plot=False)
+    assert "(in progress: 4 of 6 runs finished)" in md
+    single = [26.0 - 3.0 + j for j in (0.0, 1.5)]  # 10-view, seeds 0 and 1
+    no_spp = 30.0 - 3.0  # seed 0 only
+    assert (f"| zf5 | {no_spp:.1f} / {no_spp / 10:.1f} (n=1) | {np.mean(single):.1f} ± "
+            f"{np.std(single, ddof=1):.1f} / ") in md
+    assert md.count("**not finished**") == 2 and "`zf5/multi/seed1`: **not finished**" in md
+    data = json.loads((tmp_path / "claims.json").read_text())
+    assert data["missing"] == ["zf5/nospp/seed1", "zf5/multi/seed1"]
+
+
 def test_tiny_real_grid_resumes(tmp_path):
     """Two real tiny runs (one variant, two seeds): tables from their eval.json, then reused."""
     # One compile cache for both runs: the second compiles nothing.
@@ -162,4 +183,7 @@ def test_entry_point_config(tmp_path, capsys):
         assert str(e.value.code).startswith("error: ") and words in str(e.value.code)
         assert "\n" not in str(e.value.code)
     assert not (tmp_path / "w").exists()  # nothing written before the whole grid is checked
+    with pytest.raises(SystemExit) as e:  # a report of a grid where nothing has finished
+        entry.main(["--workdir", str(tmp_path / "w"), "train=false"])
+    assert "no run of the grid has finished" in str(e.value.code) and not (tmp_path / "w").exists()
     assert entry.split_overrides(["seeds=1", "val_examples=32"]) == (["seeds=1"], ["val_examples=32"])

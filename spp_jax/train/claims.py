@@ -21,7 +21,7 @@ from typing import Sequence
 
 from spp_jax import seedstats
 from spp_jax.report import markdown_table, write_report
-from spp_jax.train.grid import VARIANTS, RunResult, Variant
+from spp_jax.train.grid import VARIANTS, Run, RunResult, Variant
 
 VIEWS = ("1crop", "1full", "10view", "multiview")
 VIEW_TITLES = {"1crop": "1 crop", "1full": "1 full", "10view": "10-view",
@@ -36,8 +36,11 @@ class Cell:
     top5: seedstats.SeedStats
     seeds: tuple[int | None, ...]
 
-    def text(self) -> str:
-        return f"{self.top1.cell()} / {self.top5.cell()}"
+    def text(self, seeds: int | None = None) -> str:
+        """``"top-1 / top-5"``; ``(n=k)`` added when k is fewer than ``seeds`` (a grid in
+        progress, whose cells are not all over the same number of seeds)."""
+        n = self.top1.n
+        return f"{self.top1.cell()} / {self.top5.cell()}" + (f" (n={n})" if seeds and n < seeds else "")
 
 
 def _per_seed(results: Sequence[RunResult], model: str, variant: str, view: str
@@ -101,13 +104,14 @@ def tables_markdown(cells: dict[tuple[str, str, str], Cell], variants: Sequence[
     """Table 2 (10-view, rows models) and one views table per model, as markdown."""
     models = sorted({m for m, _, _ in cells})
     cols = [v.title for v in variants]
-    t2 = {(m, v.title): cells[(m, v.key, "10view")].text() for m in models for v in variants
+    most = max((c.top1.n for c in cells.values()), default=0)
+    t2 = {(m, v.title): cells[(m, v.key, "10view")].text(most) for m in models for v in variants
           if (m, v.key, "10view") in cells}
     out = ["## Table 2: 10-view top-1 / top-5 error (%), mean ± std over seeds", "",
            markdown_table(models, cols, t2, corner="model")]
     for m in models:
         rows = [VIEW_TITLES[w] for w in VIEWS if any((m, v.key, w) in cells for v in variants)]
-        tv = {(VIEW_TITLES[w], v.title): cells[(m, v.key, w)].text() for w in VIEWS for v in variants
+        tv = {(VIEW_TITLES[w], v.title): cells[(m, v.key, w)].text(most) for w in VIEWS for v in variants
               if (m, v.key, w) in cells}
         out += ["", f"## {m}: top-1 / top-5 error (%) per testing view, mean ± std over seeds", "",
                 markdown_table(rows, cols, tv, corner="test view")]
@@ -145,13 +149,21 @@ def plot(cells: dict[tuple[str, str, str], Cell], path: str,
 
 
 def write_claims(root: str, results: Sequence[RunResult], title: str,
-                 variants: Sequence[Variant] = VARIANTS, make_plot: bool = True) -> str:
-    """``claims.md`` / ``claims.json`` (and ``claims.png``) in ``root``; returns the markdown."""
+                 variants: Sequence[Variant] = VARIANTS, make_plot: bool = True,
+                 missing: Sequence[Run] = ()) -> str:
+    """``claims.md`` / ``claims.json`` (and ``claims.png``) in ``root``; returns the markdown.
+
+    ``missing``: planned runs that have not finished (a report of a grid in progress); they
+    are listed, and every cell says over which seeds it is.
+    """
     cells = aggregate(results)
     found = verdicts(results, variants)
     runs = [f"- `{os.path.relpath(r.run.workdir, root)}`: "
             + ("reused (finished earlier)" if r.reused else "run now")
             + (f", {r.seconds / 60:.1f} min" if r.seconds else "") for r in results]
+    runs += [f"- `{os.path.relpath(r.workdir, root)}`: **not finished** (left out)" for r in missing]
+    if missing:
+        title += f" (in progress: {len(results)} of {len(results) + len(missing)} runs finished)"
     md = "\n".join([f"# {title}", "", tables_markdown(cells, variants), "",
                     "## Verdicts (top-1 error; two-sided t-test at 5 %)", "",
                     *[f"- {v.sentence()}" for v in found], "", "## Runs", "", *runs])
@@ -162,7 +174,8 @@ def write_claims(root: str, results: Sequence[RunResult], title: str,
             "verdicts": [v.as_dict() for v in found],
             "runs": [{"workdir": os.path.relpath(r.run.workdir, root), "model": r.run.model,
                       "variant": r.run.variant.key, "seed": r.run.seed, "errors": r.errors,
-                      "seconds": r.seconds, "reused": r.reused} for r in results]}
+                      "seconds": r.seconds, "reused": r.reused} for r in results],
+            "missing": [os.path.relpath(r.workdir, root) for r in missing]}
     write_report(root, "claims", md, data)
     if make_plot:
         plot(cells, os.path.join(root, "claims.png"), variants)

@@ -138,13 +138,15 @@ def _recorded_seconds(workdir: str) -> float | None:
         return None
 
 
-def run_grid(runs: Sequence[Run], train_fn: Callable[[TrainConfig, str], dict] | None = None
-             ) -> list[RunResult]:
+def run_grid(runs: Sequence[Run], train_fn: Callable[[TrainConfig, str], dict] | None = None,
+             train: bool = True) -> list[RunResult]:
     """Run (or read back) every run in order; ``train_fn(cfg, workdir) -> eval report``.
 
-    ``train_fn`` defaults to :func:`spp_jax.train.experiment.train_and_evaluate`.
+    ``train_fn`` defaults to :func:`spp_jax.train.experiment.train_and_evaluate`.  With
+    ``train=False`` nothing is trained: the finished runs are read back and the others left
+    out (tables of a grid still in progress, e.g. while another process trains it).
     """
-    if train_fn is None:
+    if train_fn is None and train:
         from spp_jax.train.experiment import train_and_evaluate as train_fn
     out = []
     for i, run in enumerate(runs):
@@ -153,8 +155,17 @@ def run_grid(runs: Sequence[Run], train_fn: Callable[[TrainConfig, str], dict] |
             log.info("[%d/%d] %s: finished earlier, reused", i + 1, len(runs), run.workdir)
             out.append(done)
             continue
+        if not train:
+            log.info("[%d/%d] %s: not finished, left out (train=false)", i + 1, len(runs), run.workdir)
+            continue
         log.info("[%d/%d] %s: training", i + 1, len(runs), run.workdir)
         t = time.perf_counter()
         report = train_fn(run.config, run.workdir)
         out.append(RunResult(run, _errors(report), time.perf_counter() - t, reused=False))
     return out
+
+
+def unfinished(runs: Sequence[Run], results: Sequence[RunResult]) -> list[Run]:
+    """The planned runs that have no result (left out by ``run_grid(..., train=False)``)."""
+    done = {r.run.workdir for r in results}
+    return [r for r in runs if r.workdir not in done]
