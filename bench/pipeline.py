@@ -3,7 +3,9 @@
 Two questions, per training size (180, 224):
 
 * **Alone**, how fast does the grain pipeline make batches (the preset's augmentation,
-  ``data_threads`` reader threads, the embedded images), and at what CPU cost per image?
+  ``data_threads`` reader threads, the embedded images, the resized images cached as in
+  every epoch after a run's first; the first epoch's figures are in the note), and at what
+  CPU cost per image?
   Measured over ``pipeline_batches`` batches after a warm-up, against the step's own
   images/s on a resident batch (row ratio = pipeline images/s / step images/s; below 1 the
   pipeline would be the bottleneck even with a core to itself).
@@ -74,16 +76,23 @@ def _alone(it, n: int) -> tuple[float, float]:
 
 def run(cfg: Config, device) -> list[Row]:
     from spp_jax.data import pipeline
+    from spp_jax.train.experiment import cache_budget
     rows = []
     with tempfile.TemporaryDirectory(prefix="spp_bench_data_") as tmp:
         t0 = time.perf_counter()
         tc, ds, aug = _data(tmp, cfg)
         print(f"  data: {len(ds.train)} generated images ({time.perf_counter() - t0:.0f} s)", flush=True)
         b, k = tc.batch_size, cfg.pipeline_steps
+
+        def pipe(side, cache=None):
+            return pipeline.TrainIterator(ds.train, b, seed=0, sizes=pipeline.CycleSizes((side,)),
+                                          cfg=aug, num_threads=tc.data_threads, cache=cache)
+        # Training's steady state (every epoch after the first): the resized images cached.
+        cache = pipeline.ResizedCache(cache_budget(tc))
+        cold = _alone(pipe(224, cache), len(ds.train) // b - 1)  # fills the cache
         for side in cfg.embedded_sizes:
             step, rep = _step(tc, side, device)
-            it = pipeline.TrainIterator(ds.train, b, seed=0, sizes=pipeline.CycleSizes((side,)),
-                                        cfg=aug, num_threads=tc.data_threads)
+            it = pipe(side, cache)
             resident = jax.device_put(next(it), rep)
             step(resident)["loss"].block_until_ready()  # compile
 
@@ -104,7 +113,9 @@ def run(cfg: Config, device) -> list[Row]:
             step_ips = k * b / t_still
             rows.append(Row("8 pipeline", f"grain pipeline alone ({tc.data_threads} threads) vs the "
                             f"step, batch {b} @{side}", ips, step_ips, "img/s", ips / step_ips,
-                            GOAL_ALONE, f"{ms:.2f} CPU ms per image; {cfg.pipeline_batches} batches"))
+                            GOAL_ALONE, f"{ms:.2f} CPU ms per image, resized images cached "
+                            f"(first epoch, @224: {cold[0]:.0f} img/s, {cold[1]:.2f} CPU ms per "
+                            f"image); {cfg.pipeline_batches} batches"))
             rows.append(Row("8 pipeline", f"train step fed by the pipeline vs on a resident batch, "
                             f"batch {b} @{side}", k * b / t_fed, step_ips, "img/s", shared,
                             GOAL_SHARED, f"{k} steps per call; {spread}"))

@@ -229,6 +229,52 @@ def test_worker_processes_do_not_change_output():
     assert_same_batches(got, ref)
 
 
+class CountingSource:
+    """A source that counts reads per index."""
+
+    def __init__(self, inner):
+        self.inner, self.reads = inner, {}
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __getitem__(self, i):
+        self.reads[i] = self.reads.get(i, 0) + 1
+        return self.inner[i]
+
+
+@pytest.mark.parametrize("threads", [0, 2])
+def test_resized_cache_same_batches_one_read_per_image(threads):
+    bad = (3,)
+    ref = list(train_iter(make_source(20, bad=bad), num_epochs=3, num_threads=threads))
+    src = CountingSource(make_source(20, bad=bad))
+    cache = P.ResizedCache(1 << 30)
+    # One iterator per epoch sharing the cache, as PipelineData builds them.
+    got = [b for e in range(3) for b in train_iter(src, num_epochs=e + 1, start_epoch=e,
+                                                   num_threads=threads, cache=cache)]
+    assert_same_batches(got, ref)  # bit-identical to reading and resizing every time
+    good = [i for i in range(20) if i not in bad]
+    assert len(cache) == len(good) and all(src.reads[i] == 1 for i in good)
+    assert src.reads[3] >= 3  # a bad sample is never cached: read again each epoch
+    img, label = cache.get(0)
+    assert min(img.shape[:2]) == CFG.resize_side and label == 0
+    assert cache.nbytes == sum(cache.get(i)[0].nbytes for i in good)
+
+
+def test_resized_cache_budget_and_worker_copies():
+    import pickle
+    src = make_source(20)
+    one = min(A.resize_shorter(src[i]["image"], CFG.resize_side).nbytes for i in range(20))
+    cache = P.ResizedCache(3 * one)
+    ref = list(train_iter(src, num_epochs=2))
+    assert_same_batches(list(train_iter(src, num_epochs=2, cache=cache)), ref)
+    assert 1 <= len(cache) <= 3 and cache.nbytes <= 3 * one  # past the budget: not kept
+    copy = pickle.loads(pickle.dumps(cache))  # what a grain worker process receives
+    assert len(copy) == 0 and copy.nbytes == 0 and copy.max_bytes == cache.max_bytes
+    with train_iter(src, num_epochs=2, num_threads=1, num_workers=2, cache=P.ResizedCache(1 << 30)) as it:
+        assert_same_batches(list(it), ref)
+
+
 def test_size_schedules():
     assert [P.CycleSizes((224, 180))(e) for e in range(4)] == [224, 180, 224, 180]
     u = P.UniformSizes(180, 224, seed=1)

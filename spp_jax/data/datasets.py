@@ -93,14 +93,18 @@ class PipelineData:
     Each epoch is one :class:`spp_jax.data.pipeline.TrainIterator` at that epoch's
     input size (the loop decides the size schedule); its state is the grain
     iterator's, so a resumed run sees exactly the remaining batches.  Validation
-    is the "1 crop" view (centre 224 of the 256-resized image).
+    is the "1 crop" view (centre 224 of the 256-resized image).  ``cache_bytes``:
+    RAM for the resized training images (``pipeline.ResizedCache``; 0: none).
     """
 
     def __init__(self, train, validation, num_classes: int, cfg: pipeline.AugmentConfig, *,
-                 seed: int = 0, num_threads: int = 2, num_workers: int = 0):
+                 seed: int = 0, num_threads: int = 2, num_workers: int = 0, cache_bytes: int = 0):
         if len(train) == 0:
             raise ValueError("the training split is empty")
         self.train, self.validation = train, validation
+        # One cache for all epochs: from the second on, no training image is read or
+        # resized again (as far as the budget goes).
+        self.cache = pipeline.ResizedCache(cache_bytes) if cache_bytes > 0 else None
         self.num_classes = int(num_classes)
         self.cfg, self.seed = cfg, seed
         self.num_threads, self.num_workers = num_threads, num_workers
@@ -117,7 +121,7 @@ class PipelineData:
             self.train, batch_size, seed=self.seed, sizes=pipeline.CycleSizes((int(size),)),
             cfg=self.cfg, start_epoch=int(epoch), num_epochs=int(epoch) + 1,
             process_index=process_index, process_count=process_count,
-            num_workers=self.num_workers, num_threads=self.num_threads)
+            num_workers=self.num_workers, num_threads=self.num_threads, cache=self.cache)
         if state is not None:
             it.set_state(state)
         return it

@@ -94,6 +94,12 @@ class TrainConfig:
     pca_from_data: bool = option(False, "estimate the PCA colour eigen-pairs from the data "
                                         "(else ImageNet's)")
     data_threads: int = option(2, "input pipeline reader threads per process", ge=1)
+    data_cache_gb: float = option(4.0, "RAM (GB per process) for the training images after "
+                                       "their first resize, reused every later epoch (the "
+                                       "embedded 10,000 take ~2.6; capped at a quarter of the "
+                                       "available RAM); 0: read and resize every time. Same "
+                                       "results either way", ge=0,
+                                  optional_in_file=True)
 
     # --- final testing protocols (experiments.train / experiments.eval) ---
     protocols: tuple[str, ...] = option(("1crop", "1full", "10view", "multiview"),

@@ -22,6 +22,7 @@ from spp_jax.report import error_pair, markdown_table, write_report
 from spp_jax.pretrained import read_workdir
 from spp_jax.train.config import TrainConfig, build_model, trained_num_classes
 from spp_jax.train.loop import train
+from spp_jax.train.memory import available_ram_bytes
 from spp_jax.train.sharding import maybe_initialize_distributed
 from spp_jax.train.workdir import training_workdir
 
@@ -32,6 +33,14 @@ def data_dir_for(cfg: TrainConfig, workdir: str) -> str | None:
     if cfg.data_dir:
         return cfg.data_dir
     return os.path.join(workdir, "data") if cfg.dataset == "shapes" else None
+
+
+def cache_budget(cfg: TrainConfig) -> int:
+    """Bytes for the resized-image cache: ``data_cache_gb``, but at most a quarter of the RAM
+    available now (the cache is a speed-up; it must never be what runs a host out of memory)."""
+    avail = available_ram_bytes()
+    want = int(cfg.data_cache_gb * 2 ** 30)
+    return want if avail is None else min(want, avail // 4)
 
 
 def prepare_data(cfg: TrainConfig, workdir: str):
@@ -103,7 +112,7 @@ def _train_and_evaluate(cfg: TrainConfig, workdir: str) -> dict:
     t0 = time.perf_counter()
     ds, aug = prepare_data(cfg, workdir)
     data = PipelineData(ds.train, ds.validation, ds.num_classes, aug, seed=cfg.seed,
-                        num_threads=cfg.data_threads)
+                        num_threads=cfg.data_threads, cache_bytes=cache_budget(cfg))
     if cfg.eval_size != aug.crop_size:
         cfg = dataclasses.replace(cfg, eval_size=aug.crop_size)
     result = train(cfg, workdir, data)

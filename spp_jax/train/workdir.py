@@ -47,6 +47,7 @@ LOCK_FILE = ".lock"
 RESUMABLE_KEYS = frozenset({
     "progress", "plot", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
     "async_checkpointing", "compile_cache_dir", "memory_check", "distributed", "data_threads",
+    "data_cache_gb",
     "data_dir", "protocols", "eval_limit", "multiview_limit", "eval_batch_size", "eval_size",
     "epochs", "overwrite"})
 
