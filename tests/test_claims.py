@@ -127,6 +127,37 @@ def test_write_claims(tmp_path):
     assert cell["top1"]["values"] == [21.0, 22.5, 20.0]
 
 
+def test_multiview_compared_with_ten_view_on_the_same_images(tmp_path):
+    """Multi-view saw 4 of 10 images: its verdict and the matched row use 10-view on those 4."""
+    trainer = FakeTrainer()
+    trainer.runs = plan(tmp_path, seeds=(0, 1, 2), models=("zf5",), extra=["val_examples=16"])
+    rng = np.random.default_rng(0)
+    hits = {}
+
+    def with_hits(cfg, workdir):
+        report = FakeTrainer.__call__(trainer, cfg, workdir)
+        for p, r in report["results"].items():
+            idx = list(range(4 if p == "multiview" else 10))
+            h1 = rng.random(len(idx)) < 0.6
+            hits[(workdir, p)] = h1
+            r.update(indices=idx, top1_hits=h1.astype(int).tolist(), top5_hits=[1] * len(idx),
+                     top1_err=100 * (1 - h1.mean()), top5_err=0.0)
+        with open(os.path.join(workdir, "eval.json"), "w") as f:
+            json.dump(report, f)
+        return report
+
+    grid.run_grid(trainer.runs, with_hits)
+    results = grid.run_grid(trainer.runs, train=False)  # read back from eval.json
+    multi = [r for r in results if r.run.variant.key == "multi"]
+    want = [100 * (1 - hits[(r.run.workdir, "10view")][:4].mean()) for r in multi]
+    cell = claims.aggregate(results)[("zf5", "multi", claims.MATCHED)]
+    assert list(cell.top1.values) == pytest.approx(want)
+    mv = [100 * (1 - hits[(r.run.workdir, "multiview")].mean()) for r in multi]
+    v = {x.claim: x for x in claims.verdicts(results)}["zf5, SPP multi-size: multi-view beats 10-view"]
+    assert v.paired and v.diff == pytest.approx(np.mean(want) - np.mean(mv))
+    assert ("zf5", "nospp", claims.MATCHED) not in claims.aggregate(results)  # no multi-view there
+
+
 def test_report_of_a_grid_in_progress(tmp_path):
     """train=false: nothing trains; cells over fewer seeds say so, unfinished runs are listed."""
     trainer = FakeTrainer()

@@ -67,6 +67,14 @@ def test_protocols_smoke(tiny):
     # + 2 full views: (6 + 18 + 2, 6 + 18 + 2, 2 + 18 + 2) for the three images.
     assert res["multiview"].views_per_image == pytest.approx((26 + 26 + 22) / 3)
     assert res["10view"].views_per_image == 10
+    # Per-image hits, in split order, that the errors are the mean of.
+    for r in res.values():
+        assert r.indices == (0, 1, 2)
+        assert r.top1_err == pytest.approx(100 * (1 - np.mean(r.top1_hits))) and all(r.top5_hits)
+    limited = evaluate(m, v, InMemorySource(items), cfg=AugmentConfig(), scales=(224, 256),
+                       batch_size=2, progress=False, protocols=("1crop", "multiview"), multiview_limit=2)
+    assert limited["multiview"].indices == (0, 1) and limited["1crop"].indices == (0, 1, 2)
+    assert limited["multiview"].as_dict()["top1_hits"] == [int(h) for h in res["multiview"].top1_hits[:2]]
 
 
 def test_no_spp_model_skips_map_protocols():

@@ -34,34 +34,50 @@ class ProtocolResult:
     num_images: int
     views_per_image: float  # mean number of distinct views averaged per image
     seconds: float
+    # Per image, in order: its index in the split and whether the label was in the top 1 /
+    # top 5.  Two protocols run on different numbers of images (multi-view is limited) can
+    # then be compared on the images both saw.
+    indices: tuple[int, ...] = ()
+    top1_hits: tuple[bool, ...] = ()
+    top5_hits: tuple[bool, ...] = ()
 
     def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        for k in ("indices", "top1_hits", "top5_hits"):  # compact JSON: ints, 0/1
+            d[k] = [int(v) for v in d[k]]
+        return d
 
 
-def topk_errors(probs: np.ndarray, labels: np.ndarray, ks: Sequence[int] = (1, 5)) -> list[float]:
-    """Top-k error in percent: (N, classes) scores, (N,) int labels.
+def topk_hits(probs: np.ndarray, labels: np.ndarray, ks: Sequence[int] = (1, 5)) -> list[np.ndarray]:
+    """Per image, whether the label is among the k largest scores: (N,) bool per k.
 
-    A label counts as found when its score is among the k largest; ties are
-    broken by class index (``argsort`` is stable), so a constant score vector
-    is not rewarded.
+    (N, classes) scores, (N,) int labels; ties are broken by class index (``argsort``
+    is stable), so a constant score vector is not rewarded.
     """
     probs, labels = np.asarray(probs), np.asarray(labels)
     if probs.ndim != 2 or labels.shape != probs.shape[:1]:
         raise ValueError(f"probs (N, K) and labels (N,) expected, got {probs.shape}, {labels.shape}")
     order = np.argsort(-probs, axis=1, kind="stable")
-    out = []
-    for k in ks:
-        hit = (order[:, :min(k, probs.shape[1])] == labels[:, None]).any(axis=1)
-        out.append(float(100.0 * (1.0 - hit.mean())))
-    return out
+    return [(order[:, :min(k, probs.shape[1])] == labels[:, None]).any(axis=1) for k in ks]
+
+
+def topk_errors(probs: np.ndarray, labels: np.ndarray, ks: Sequence[int] = (1, 5)) -> list[float]:
+    """Top-k error in percent (see :func:`topk_hits`)."""
+    return [float(100.0 * (1.0 - hit.mean())) for hit in topk_hits(probs, labels, ks)]
+
+
+def _result(probs, labels, indices, views_per_image: float, seconds: float) -> ProtocolResult:
+    h1, h5 = topk_hits(np.stack(probs) if isinstance(probs, list) else probs, np.asarray(labels))
+    return ProtocolResult(float(100.0 * (1.0 - h1.mean())), float(100.0 * (1.0 - h5.mean())),
+                          len(h1), views_per_image, seconds, tuple(int(i) for i in indices),
+                          tuple(bool(v) for v in h1), tuple(bool(v) for v in h5))
 
 
 def _crop_protocol(scorer: Scorer, source, view: str, cfg: AugmentConfig, batch_size: int,
                    limit: int | None, progress: bool):
     it = EvalIterator(source, view, batch_size, cfg=cfg, pad_last_batch=True,
                       process_index=0, process_count=1)
-    probs, labels = [], []
+    probs, labels, indices = [], [], []
     n = 0
     bar = tqdm(total=min(limit or len(source), len(source)), desc=f"eval {view}", disable=not progress,
                leave=False)
@@ -72,13 +88,14 @@ def _crop_protocol(scorer: Scorer, source, view: str, cfg: AugmentConfig, batch_
         keep = batch["mask"]
         probs.append(p[keep])
         labels.append(batch["label"][keep])
+        indices.append(batch["index"][keep])
         n += int(keep.sum())
         bar.update(int(keep.sum()))
         if limit is not None and n >= limit:
             break
     bar.close()
     probs, labels = np.concatenate(probs)[:limit], np.concatenate(labels)[:limit]
-    return probs, labels, v, it.num_skipped
+    return probs, labels, np.concatenate(indices)[:limit], v, it.num_skipped
 
 
 def _map_views(scorer: Scorer, img: np.ndarray, cfg: AugmentConfig, scales: Sequence[int],
@@ -140,9 +157,9 @@ def evaluate(model, variables, source, *, protocols: Sequence[str] = PROTOCOLS,
     for name, view in (("1crop", "center"), ("10view", "ten")):
         if name in protocols:
             t = time.perf_counter()
-            probs, labels, v, skipped = _crop_protocol(scorer, source, view, cfg, batch_size, limit, progress)
-            e1, e5 = topk_errors(probs, labels)
-            results[name] = ProtocolResult(e1, e5, len(labels), float(v), time.perf_counter() - t)
+            probs, labels, idx, v, skipped = _crop_protocol(scorer, source, view, cfg, batch_size,
+                                                            limit, progress)
+            results[name] = _result(probs, labels, idx, float(v), time.perf_counter() - t)
             if skipped:
                 log.warning("%s: skipped %d unreadable images", name, skipped)
     want_full, want_mv = "1full" in protocols, "multiview" in protocols
@@ -150,7 +167,7 @@ def evaluate(model, variables, source, *, protocols: Sequence[str] = PROTOCOLS,
         t = time.perf_counter()
         n_total = min(len(source), limit or len(source))
         n_mv = min(n_total, multiview_limit or n_total)
-        full_p, full_y, mv_p, mv_y, mv_views = [], [], [], [], []
+        full_p, full_y, full_i, mv_p, mv_y, mv_i, mv_views = [], [], [], [], [], [], []
         skipped = 0
         for i in tqdm(range(n_total if want_full else n_mv), desc="eval full/multi-view",
                       disable=not progress, leave=False):
@@ -161,17 +178,17 @@ def evaluate(model, variables, source, *, protocols: Sequence[str] = PROTOCOLS,
             f, mv, nv = _map_views(scorer, img, cfg, scales, want_mv and i < n_mv)
             full_p.append(f)
             full_y.append(label)
+            full_i.append(i)
             if mv is not None:
                 mv_p.append(mv)
                 mv_y.append(label)
+                mv_i.append(i)
                 mv_views.append(nv)
         dt = time.perf_counter() - t
         if want_full:
-            e1, e5 = topk_errors(np.stack(full_p), np.array(full_y))
-            results["1full"] = ProtocolResult(e1, e5, len(full_y), 1.0, dt)
+            results["1full"] = _result(full_p, full_y, full_i, 1.0, dt)
         if want_mv:
-            e1, e5 = topk_errors(np.stack(mv_p), np.array(mv_y))
-            results["multiview"] = ProtocolResult(e1, e5, len(mv_y), float(np.mean(mv_views)), dt)
+            results["multiview"] = _result(mv_p, mv_y, mv_i, float(np.mean(mv_views)), dt)
         if skipped:
             log.warning("full/multi-view: skipped %d unreadable images", skipped)
     log.info("evaluation compiled %d programs: %s", len(scorer.compiled_shapes),

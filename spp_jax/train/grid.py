@@ -62,6 +62,9 @@ class RunResult:
     seconds: float | None   # data + training + testing wall time of the invocation that
                             # finished it (run_summary.json; None when not recorded)
     reused: bool            # read back from a finished workdir, not run now
+    # Per protocol, per image index: (top-1 hit, top-5 hit), when the testing recorded them
+    # (protocols on different numbers of images are then compared on the same images).
+    hits: dict[str, dict[int, tuple[bool, bool]]] = dataclasses.field(default_factory=dict)
 
 
 def plan(preset: str, overrides: Sequence[str], root: str, *, models: Sequence[str],
@@ -101,6 +104,16 @@ def _errors(report: dict) -> dict[str, tuple[float, float]]:
     return {p: (float(r["top1_err"]), float(r["top5_err"])) for p, r in report["results"].items()}
 
 
+def _hits(report: dict) -> dict[str, dict[int, tuple[bool, bool]]]:
+    return {p: {int(i): (bool(a), bool(b)) for i, a, b in zip(r["indices"], r["top1_hits"],
+                                                            r["top5_hits"])}
+            for p, r in report["results"].items() if r.get("indices")}
+
+
+def _result(run: Run, report: dict, seconds: float | None, reused: bool) -> RunResult:
+    return RunResult(run, _errors(report), seconds, reused, _hits(report))
+
+
 # The keys a resumed run may change (workdir.RESUMABLE_KEYS) minus those that change its
 # test errors (the epochs, which views are tested and on how many images, the validation
 # cadence that the plateau schedule reads, the device layout): what is left only changes
@@ -126,7 +139,7 @@ def finished(run: Run) -> RunResult | None:
             != {k: v for k, v in want.items() if k not in NOT_RESULTS}):
         log.info("%s: eval.json is from another config; running it again", run.workdir)
         return None
-    return RunResult(run, _errors(report), _recorded_seconds(run.workdir), reused=True)
+    return _result(run, report, _recorded_seconds(run.workdir), reused=True)
 
 
 def _recorded_seconds(workdir: str) -> float | None:
@@ -161,7 +174,7 @@ def run_grid(runs: Sequence[Run], train_fn: Callable[[TrainConfig, str], dict] |
         log.info("[%d/%d] %s: training", i + 1, len(runs), run.workdir)
         t = time.perf_counter()
         report = train_fn(run.config, run.workdir)
-        out.append(RunResult(run, _errors(report), time.perf_counter() - t, reused=False))
+        out.append(_result(run, report, time.perf_counter() - t, reused=False))
     return out
 
 
