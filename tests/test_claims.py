@@ -158,6 +158,24 @@ def test_multiview_compared_with_ten_view_on_the_same_images(tmp_path):
     assert ("zf5", "nospp", claims.MATCHED) not in claims.aggregate(results)  # no multi-view there
 
 
+def test_validation_curve_and_when_a_run_left_chance(tmp_path):
+    trainer = FakeTrainer()
+    trainer.runs = plan(tmp_path, seeds=(0,), models=("zf5",))
+    grid.run_grid(trainer.runs, trainer)
+    run = trainer.runs[0]
+    recs = [{"kind": "train", "epoch": 0, "loss": 2.3},
+            *({"kind": "epoch", "epoch": e, "val_top1_error": v / 100}
+              for e, v in enumerate([89, 88, 85, 79, 60])),
+            {"kind": "epoch", "epoch": 3, "val_top1_error": 0.81}]  # a resumed run's redo wins
+    with open(os.path.join(run.workdir, "metrics.jsonl"), "w") as f:
+        f.write("\n".join(json.dumps(r) for r in recs) + "\n")
+    got = grid.finished(run)
+    assert got.val_curve == pytest.approx((89, 88, 85, 81, 60))
+    assert claims.left_chance(got.val_curve) == 5 and claims.left_chance([90, 88]) is None
+    assert "below 80 % from epoch 5" in claims.curve_text(got.val_curve)
+    assert grid.finished(trainer.runs[1]).val_curve == ()  # no metrics.jsonl: no curve
+
+
 def test_report_of_a_grid_in_progress(tmp_path):
     """train=false: nothing trains; cells over fewer seeds say so, unfinished runs are listed."""
     trainer = FakeTrainer()

@@ -165,6 +165,23 @@ def plot(cells: dict[tuple[str, str, str], Cell], path: str,
     return path
 
 
+CHANCE_EXIT = 80.0  # % top-1: clearly below chance (90 % for the 10 embedded classes)
+
+
+def left_chance(curve: Sequence[float], below: float = CHANCE_EXIT) -> int | None:
+    """The first epoch (1-based) whose validation top-1 error is below ``below`` percent."""
+    return next((e + 1 for e, v in enumerate(curve) if v < below), None)
+
+
+def curve_text(curve: Sequence[float]) -> str:
+    """``"; validation top-1 by epoch 88 86 ... 39 (below 80 % from epoch 5)"`` or ``""``."""
+    if not curve:
+        return ""
+    k = left_chance(curve)
+    return (f"; validation top-1 by epoch {' '.join(f'{v:.0f}' for v in curve)} ("
+            + (f"below {CHANCE_EXIT:.0f} % from epoch {k})" if k else f"never below {CHANCE_EXIT:.0f} %)"))
+
+
 def write_claims(root: str, results: Sequence[RunResult], title: str,
                  variants: Sequence[Variant] = VARIANTS, make_plot: bool = True,
                  missing: Sequence[Run] = ()) -> str:
@@ -177,7 +194,8 @@ def write_claims(root: str, results: Sequence[RunResult], title: str,
     found = verdicts(results, variants)
     runs = [f"- `{os.path.relpath(r.run.workdir, root)}`: "
             + ("reused (finished earlier)" if r.reused else "run now")
-            + (f", {r.seconds / 60:.1f} min" if r.seconds else "") for r in results]
+            + (f", {r.seconds / 60:.1f} min" if r.seconds else "") + curve_text(r.val_curve)
+            for r in results]
     runs += [f"- `{os.path.relpath(r.workdir, root)}`: **not finished** (left out)" for r in missing]
     if missing:
         title += f" (in progress: {len(results)} of {len(results) + len(missing)} runs finished)"
@@ -191,7 +209,8 @@ def write_claims(root: str, results: Sequence[RunResult], title: str,
             "verdicts": [v.as_dict() for v in found],
             "runs": [{"workdir": os.path.relpath(r.run.workdir, root), "model": r.run.model,
                       "variant": r.run.variant.key, "seed": r.run.seed, "errors": r.errors,
-                      "seconds": r.seconds, "reused": r.reused} for r in results],
+                      "seconds": r.seconds, "reused": r.reused, "val_curve": list(r.val_curve),
+                      "left_chance_epoch": left_chance(r.val_curve)} for r in results],
             "missing": [os.path.relpath(r.workdir, root) for r in missing]}
     write_report(root, "claims", md, data)
     if make_plot:

@@ -65,6 +65,9 @@ class RunResult:
     # Per protocol, per image index: (top-1 hit, top-5 hit), when the testing recorded them
     # (protocols on different numbers of images are then compared on the same images).
     hits: dict[str, dict[int, tuple[bool, bool]]] = dataclasses.field(default_factory=dict)
+    # Validation top-1 error (%) after each epoch, from the run's metrics.jsonl: when the
+    # network left chance, and whether it was still improving when training stopped.
+    val_curve: tuple[float, ...] = ()
 
 
 def plan(preset: str, overrides: Sequence[str], root: str, *, models: Sequence[str],
@@ -110,8 +113,23 @@ def _hits(report: dict) -> dict[str, dict[int, tuple[bool, bool]]]:
             for p, r in report["results"].items() if r.get("indices")}
 
 
+def _val_curve(workdir: str) -> tuple[float, ...]:
+    """Per-epoch validation top-1 error (%) recorded in ``metrics.jsonl`` (a resumed run's
+    later record of an epoch wins); () when there is none."""
+    by_epoch = {}
+    try:
+        with open(os.path.join(workdir, "metrics.jsonl")) as f:
+            for line in f:
+                rec = json.loads(line)
+                if rec.get("kind") == "epoch" and rec.get("val_top1_error") is not None:
+                    by_epoch[int(rec["epoch"])] = 100.0 * float(rec["val_top1_error"])
+    except (OSError, ValueError):
+        return ()
+    return tuple(by_epoch[e] for e in sorted(by_epoch))
+
+
 def _result(run: Run, report: dict, seconds: float | None, reused: bool) -> RunResult:
-    return RunResult(run, _errors(report), seconds, reused, _hits(report))
+    return RunResult(run, _errors(report), seconds, reused, _hits(report), _val_curve(run.workdir))
 
 
 # The keys a resumed run may change (workdir.RESUMABLE_KEYS) minus those that change its
