@@ -55,6 +55,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -303,14 +304,15 @@ class ResizedCache:
     no-op (``augment.resize_shorter`` returns an already-sized image itself).
 
     Shared by the per-epoch iterators of a run (``PipelineData``) and by grain's reader
-    threads (dict reads and writes are atomic in CPython; a race only computes an image
-    twice).  Worker processes each start with an empty copy.
+    threads (reads take no lock: a race only resizes an image twice; ``put`` keeps the byte
+    count under a lock).  Worker processes each start with an empty copy.
     """
 
     def __init__(self, max_bytes: int):
         self.max_bytes = int(max_bytes)
         self.nbytes = 0
         self._items: dict[int, tuple[np.ndarray, int]] = {}
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._items)
@@ -319,12 +321,16 @@ class ResizedCache:
         return self._items.get(index)
 
     def put(self, index: int, img: np.ndarray, label: int) -> None:
-        if self.nbytes + img.nbytes <= self.max_bytes and index not in self._items:
-            self._items[index] = (img, label)
-            self.nbytes += img.nbytes
+        with self._lock:
+            if self.nbytes + img.nbytes <= self.max_bytes and index not in self._items:
+                self._items[index] = (img, label)
+                self.nbytes += img.nbytes
 
     def __getstate__(self):  # a worker process gets the budget, not the parent's images
-        return {"max_bytes": self.max_bytes, "nbytes": 0, "_items": {}}
+        return {"max_bytes": self.max_bytes}
+
+    def __setstate__(self, state):
+        self.__init__(state["max_bytes"])
 
 
 class _TrainSample:
