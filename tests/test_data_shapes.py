@@ -239,6 +239,13 @@ def test_build_waits_for_another_process_building_the_same_config(tmp_path):
         t.join(1.5)
         assert t.is_alive() and "src" not in got  # blocked while the lock is held
         assert not (tmp_path / "spp_shapes").exists()  # and built nothing meanwhile
+        # The holder builds the data meanwhile (as a run started side by side does) ...
+        cfg = shapes_tfds.make_config("classification", **sizes)
+        shapes_tfds.make_builder(cfg, tmp_path).download_and_prepare(file_format="array_record")
+        built = {p: p.stat().st_mtime_ns for p in (tmp_path / "spp_shapes").rglob("*") if p.is_file()}
         fcntl.flock(held, fcntl.LOCK_UN)
     t.join(60)
+    # ... and the waiter reads those files: it neither fails on splits it did not see being
+    # made nor builds them again.
     assert len(got["src"]) == 2
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "spp_shapes").rglob("*") if p.is_file()} == built

@@ -246,8 +246,10 @@ def load_shapes(
       calls reuse the files.
     """
     cfg = make_config(variant, seed=seed, **split_sizes)
-    builder = make_builder(cfg, data_dir)
     with _build_lock(data_dir, cfg.name), _in_memory_shuffler(), _uncompressed_records():
+        # The builder reads what is on disk when it is made: made before the lock, it would
+        # miss the splits another process built while this one waited.
+        builder = make_builder(cfg, data_dir)
         builder.download_and_prepare(file_format="array_record")
     sizes = dict(cfg.split_sizes)
     if split not in sizes:
