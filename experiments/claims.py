@@ -6,7 +6,10 @@ Trains every (model, variant, seed) of the grid in WORKDIR/<model>/<variant>/see
 a `make train` run (resumable; a run whose eval.json holds its exact config is reused), on
 the same embedded images (data_seed) with different initialisations (seed), tests each with
 the protocols, and writes WORKDIR/claims.md, claims.json and claims.png: Table 2 and the
-views tables with mean ± std over seeds, and a verdict per claim.
+views tables with mean ± std over seeds, and a verdict per claim.  Every finished SPP run
+is then also tested whole at several test scales (`scale_sides`; claims_scale.png): how
+far multi-size training makes the network robust to objects bigger or smaller than in
+training.
 
 Keys: the grid's own (listed below) and any training key (`python -m experiments.train
 --help`), which then applies to every run, e.g. `val_examples=2000`.
@@ -48,6 +51,9 @@ class ClaimsConfig:
                             lt=2 ** 31)
     train_preset: str = option("embedded", "training preset every run starts from",
                                choices=tuple(TRAIN_PRESETS))
+    scale_sides: tuple[int, ...] = option(
+        (160, 192, 224, 256, 320, 384), "the test-scale probe: every SPP run's 1-full view at "
+        "these test shorter sides (pixels; empty: no probe)", ge=96, le=1024)
     train: bool = option(True, "false: train nothing; tables from the runs finished so far, "
                                "the others listed as missing")
 
@@ -100,6 +106,7 @@ def main(argv=None):
         if not results:
             raise ConfigError(f"train=false and no run of the grid has finished in {args.workdir}")
         missing = grid.unfinished(runs, results)
+        results = grid.probe_scales(results, cfg.scale_sides)
         md = claims.write_claims(args.workdir, results, "SPP-net classification claims, "
                                  f"{runs[0].config.dataset} data, {len(cfg.seeds)} seeds", variants,
                                  missing=missing)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from spp_jax import seedstats
-from spp_jax.errors import ConfigError
+from spp_jax.errors import ConfigError, NoCheckpoint
 from spp_jax.train import claims, grid
 
 TINY = ["width=0.0625", "fc_dim=32", "train_examples=64", "val_examples=16", "epochs=1",
@@ -197,6 +197,51 @@ def test_report_of_a_grid_in_progress(tmp_path):
     assert data["missing"] == ["zf5/nospp/seed1", "zf5/multi/seed1"]
 
 
+def test_scale_probe_of_the_spp_runs(tmp_path):
+    trainer = FakeTrainer()
+    trainer.runs = plan(tmp_path, models=("zf5",))
+    results = grid.run_grid(trainer.runs, trainer)
+    calls = []
+
+    def probe(cfg, workdir, sides):
+        """Single-size loses 4 points per 64 px away from side 256, multi-size 1 point."""
+        run = next(r for r in trainer.runs if r.workdir == workdir)
+        calls.append(workdir)
+        if (run.variant.key, run.seed) == ("single", 2):
+            raise NoCheckpoint("no checkpoints")  # e.g. a copy of committed results
+        slope = {"single": 4.0, "multi": 1.0}[run.variant.key]
+        jitter = [0.0, 0.5, -0.5][run.seed]
+        res = {str(s): {"top1_err": 20 + slope * abs(s - 256) / 64 + jitter, "top5_err": 1.0} for s in sides}
+        with open(os.path.join(workdir, "scale_probe.json"), "w") as f:
+            json.dump({"sides": list(sides), "results": res}, f)
+
+    sides = (128, 256, 384)
+    probed = grid.probe_scales(results, sides, probe)
+    spp_runs = [r.workdir for r in trainer.runs if r.config.spp]
+    assert sorted(calls) == sorted(spp_runs)  # no-SPP nets have no full view at other scales
+    by = {(r.run.variant.key, r.run.seed): r for r in probed}
+    assert by[("nospp", 0)].scale_errors == {} and by[("single", 2)].scale_errors == {}
+    assert by[("multi", 1)].scale_errors == {128: (22.5, 1.0), 256: (20.5, 1.0), 384: (22.5, 1.0)}
+    cells = claims.scale_cells(probed)
+    assert cells[("zf5", "single", 128)].values == (28.0, 28.5)  # seeds 0 and 1 only
+    assert cells[("zf5", "multi", 384)].mean == pytest.approx(22.0)
+    assert cells[("zf5", "multi", 384)].std == pytest.approx(np.std([22, 22.5, 21.5], ddof=1))
+    found = {v.claim: v for v in claims.scale_verdicts(probed)}
+    far = found["zf5, 1 full at shorter side 128: multi-size training beats single-size"]
+    assert far.diff == pytest.approx(28.25 - 22.0) and far.outcome == seedstats.HOLDS
+    assert found["zf5, 1 full at shorter side 256: multi-size training beats single-size"].outcome == seedstats.NOISE
+    # Probed runs are not probed again (only the one without a checkpoint is retried).
+    calls.clear()
+    again = grid.probe_scales(probed, sides, probe)
+    assert calls == [by[("single", 2)].run.workdir]
+    assert [r.scale_errors for r in again] == [r.scale_errors for r in probed]
+    md = claims.write_claims(str(tmp_path), again, "test grid")
+    assert "| 256 (training) | 20.2 ± 0.4 (n=2) | 20.0 ± 0.5 |" in md
+    assert (tmp_path / "claims_scale.png").stat().st_size > 0
+    data = json.loads((tmp_path / "claims.json").read_text())
+    assert len(data["scale_probe"]) == 6 and len(data["scale_verdicts"]) == 3
+
+
 def test_tiny_real_grid_resumes(tmp_path):
     """Two real tiny runs (one variant, two seeds): tables from their eval.json, then reused."""
     # One compile cache for both runs: the second compiles nothing.
@@ -209,6 +254,12 @@ def test_tiny_real_grid_resumes(tmp_path):
             report = json.load(f)
         assert r.errors["1full"] == (report["results"]["1full"]["top1_err"],
                                      report["results"]["1full"]["top5_err"])
+    # The test-scale probe from each run's checkpoint: at the protocols' side it gives
+    # exactly the 1-full errors that training's own testing recorded.
+    probed = grid.probe_scales(results, (192, 256))
+    for r in probed:
+        assert set(r.scale_errors) == {192, 256} and r.scale_errors[256] == r.errors["1full"]
+        assert os.path.exists(os.path.join(r.run.workdir, "scale_probe.md"))
     calls = []
     again = grid.run_grid(runs, lambda cfg, w: calls.append(w))
     assert calls == [] and [r.errors for r in again] == [r.errors for r in results]

@@ -5,7 +5,8 @@ import pytest
 
 import spp_jax
 from spp_jax.data.pipeline import AugmentConfig, InMemorySource
-from spp_jax.evaluate import Scorer, evaluate, nine_windows, topk_errors
+from spp_jax.data import augment
+from spp_jax.evaluate import Scorer, evaluate, full_view_by_side, nine_windows, topk_errors
 from spp_jax.serve import Server, bucket_shape
 from spp_jax.models import init_params
 
@@ -75,6 +76,41 @@ def test_protocols_smoke(tiny):
                        batch_size=2, progress=False, protocols=("1crop", "multiview"), multiview_limit=2)
     assert limited["multiview"].indices == (0, 1) and limited["1crop"].indices == (0, 1, 2)
     assert limited["multiview"].as_dict()["top1_hits"] == [int(h) for h in res["multiview"].top1_hits[:2]]
+
+
+def test_full_view_by_side_against_the_unpadded_network(tiny):
+    # Reference: the whole network (model.apply) on each image resized to shorter side s and
+    # minus the mean, with no padding; the probe pads every image into a bucket and masks.
+    m, v = tiny
+    rng = np.random.default_rng(3)
+    items = [{"image": rng.integers(0, 255, (h, w, 3), dtype=np.uint8), "label": i % 4}
+             for i, (h, w) in enumerate([(240, 320), (300, 200), (210, 400), (333, 250)])]
+    mean = np.array([120.0, 110.0, 100.0], np.float32)
+    cfg = AugmentConfig(mean=mean)
+    scorer = Scorer(Server(m, v, mean))
+    sides = (160, 256)
+    got = full_view_by_side(m, v, InMemorySource(items), sides, cfg=cfg, progress=False)
+    assert list(got) == list(sides)
+    padded = 0
+    for s in sides:
+        want_hits = []
+        for it in items:
+            x = augment.resize_shorter(it["image"], s).astype(np.float32) - mean
+            logits = np.asarray(m.apply(v, x[None]))[0]
+            want = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+            bucket = bucket_shape(*x.shape[:2], s)
+            padded += bucket != x.shape[:2]
+            np.testing.assert_allclose(scorer.score_full(x, bucket), want, rtol=1e-4, atol=1e-6)
+            want_hits.append(int(np.argmax(want)) == it["label"])
+        assert got[s].top1_hits == tuple(want_hits) and got[s].indices == tuple(range(len(items)))
+        assert got[s].top1_err == pytest.approx(100 * (1 - np.mean(want_hits)))
+    assert padded >= 3  # most views are padded into their bucket: the mask matters
+    # At the protocols' own side it is the 1-full protocol, image by image.
+    full = evaluate(m, v, InMemorySource(items), protocols=("1full",), cfg=cfg, progress=False)
+    assert full["1full"].top1_hits == got[cfg.resize_side].top1_hits
+    with pytest.raises(ValueError, match="SPP"):
+        full_view_by_side(spp_jax.get_model("zf5", spp=False, width=0.05, fc_dim=8, num_classes=3),
+                          v, InMemorySource(items), (224,), progress=False)
 
 
 def test_no_spp_model_skips_map_protocols():

@@ -123,6 +123,48 @@ def _map_views(scorer: Scorer, img: np.ndarray, cfg: AugmentConfig, scales: Sequ
     return full[0], mv.mean(axis=0), len(mv)
 
 
+def full_view_by_side(model, variables, source, sides: Sequence[int], *,
+                      cfg: AugmentConfig | None = None, limit: int | None = None,
+                      progress: bool = True) -> dict[int, ProtocolResult]:
+    """The "1 full" view at several test scales: error as the objects' size in pixels moves
+    away from the one the network was trained at.
+
+    Every image is resized so that its shorter side is ``s`` (for each ``s`` in ``sides``)
+    and scored whole, without its flip, as the 1-full protocol scores it at ``s =
+    cfg.resize_side`` (so that side gives exactly 1-full's errors).  A network trained on
+    224 crops of images at shorter side 256 sees its objects at 224/256 of their training
+    size at ``s = 224`` and at 2x at ``s = 512``: a probe of how much multi-size training
+    buys in scale robustness that needs no retraining.
+
+    Args:
+      model, variables: an SPP ``SPPNet`` (``spp=True``) and its variables.
+      source: random-access ``{"image": uint8 (H, W, 3), "label": int}``.
+      sides: test shorter sides in pixels, each at least the network's minimum input.
+      cfg: preprocessing (the mean); limit: the first ``limit`` images only.
+    Returns:
+      {side: ProtocolResult} in the order of ``sides``.
+    """
+    if not model.spp:
+        raise ValueError("the full view at any scale needs an SPP model (spp=True)")
+    cfg = cfg or AugmentConfig()
+    scorer = Scorer(Server(model, variables, cfg.mean))
+    n = min(len(source), limit or len(source))
+    probs = {s: [] for s in sides}
+    labels, indices, seconds = [], [], {s: 0.0 for s in sides}
+    for i in tqdm(range(n), desc="eval full view by side", disable=not progress, leave=False):
+        img, label = _load(source, i, cfg)
+        if img is None:
+            continue
+        for s in sides:
+            t = time.perf_counter()
+            x = scorer.server.prepare(img, s)
+            probs[s].append(scorer.score_full(x, scorer.server.bucket(*x.shape[:2], s)))
+            seconds[s] += time.perf_counter() - t
+        labels.append(label)
+        indices.append(i)
+    return {s: _result(probs[s], labels, indices, 1.0, seconds[s]) for s in sides}
+
+
 def evaluate(model, variables, source, *, protocols: Sequence[str] = PROTOCOLS,
              cfg: AugmentConfig | None = None, scales: Sequence[int] = MULTIVIEW_SCALES,
              limit: int | None = None, multiview_limit: int | None = None, batch_size: int = 32,

@@ -37,6 +37,18 @@ class Scorer:
         s = self.server
         return softmax(s.head(s.pooled(s.conv(s.batch(np.asarray(x, np.float32)))))["logits"])
 
+    def score_full(self, image: np.ndarray, padded_shape: tuple[int, int]) -> np.ndarray:
+        """The whole image as one view (the "1 full" view, without its flip).
+
+        (h, w, 3) mean-subtracted float image, static (H, W) bucket >= (h, w) ->
+        (classes,) probabilities: the pyramid of the valid conv map (masked, exact: the
+        same as the unpadded image), then the fc layers.
+        """
+        if self.server.model.spp is False:
+            raise ValueError("the full view of an arbitrary-size image needs an SPP model (spp=True)")
+        s = self.server
+        return softmax(s.head(s.pooled(s.conv(s.batch([image], padded_shape))))["logits"])[0]
+
     def score_windows(self, image: np.ndarray, boxes: np.ndarray, padded_shape: tuple[int, int],
                       num_slots: int, include_full: bool = False) -> np.ndarray:
         """Windows on the conv maps of an image and of its horizontal flip.

@@ -21,6 +21,7 @@ import os
 from typing import Sequence
 
 from spp_jax import seedstats
+from spp_jax.data.pipeline import AugmentConfig
 from spp_jax.report import markdown_table, write_report
 from spp_jax.train.grid import VARIANTS, Run, RunResult, Variant
 
@@ -165,6 +166,87 @@ def plot(cells: dict[tuple[str, str, str], Cell], path: str,
     return path
 
 
+# ---- the test-scale probe ------------------------------------------------------------------
+# Each SPP run's 1-full view at several test shorter sides (grid.probe_scales): does
+# multi-size training make the network robust to objects bigger or smaller than in training?
+
+
+def scale_cells(results: Sequence[RunResult]) -> dict[tuple[str, str, int], seedstats.SeedStats]:
+    """``{(model, variant key, side): top-1 error over seeds}`` of the probed runs."""
+    per: dict[tuple[str, str, int], dict] = {}
+    for r in results:
+        for side, (top1, _) in r.scale_errors.items():
+            per.setdefault((r.run.model, r.run.variant.key, side), {})[r.run.seed] = top1
+    return {k: seedstats.seed_stats([v[s] for s in sorted(v, key=lambda s: s or 0)])
+            for k, v in sorted(per.items(), key=str)}
+
+
+def scale_verdicts(results: Sequence[RunResult]) -> list[seedstats.Verdict]:
+    """Per model and test side: "multi-size training beats single-size" on the 1-full view."""
+    out = []
+    cells = scale_cells(results)
+    for model, side in sorted({(m, s) for m, _, s in cells}):
+        single, multi = cells.get((model, "single", side)), cells.get((model, "multi", side))
+        if single and multi:
+            out.append(seedstats.compare(
+                f"{model}, 1 full at shorter side {side}: multi-size training beats single-size",
+                ("SPP single-size", single.values), ("SPP multi-size", multi.values), paired=False))
+    return out
+
+
+def scale_markdown(results: Sequence[RunResult], train_side: int,
+                   variants: Sequence[Variant] = VARIANTS) -> str:
+    """Per model: rows the test sides, columns the SPP variants, top-1 mean ± std."""
+    cells = scale_cells(results)
+    if not cells:
+        return ""
+    most = max(c.n for c in cells.values())
+    out = [f"## Test-scale probe: 1-full top-1 error (%) by test shorter side, mean ± std over seeds",
+           "", f"Trained at shorter side {train_side} (224 crops; multi-size also at 180/224 of that "
+           "scale): a side s shows the objects at s/" f"{train_side} of their training size."]
+    for m in sorted({m for m, _, _ in cells}):
+        cols = [v.title for v in variants if any(k[:2] == (m, v.key) for k in cells)]
+        key = {v.title: v.key for v in variants}
+        sides = sorted({s for mm, _, s in cells if mm == m})
+        rows = [f"{s}" + (" (training)" if s == train_side else "") for s in sides]
+        tv = {(row, c): cells[(m, key[c], s)].cell() + (f" (n={cells[(m, key[c], s)].n})"
+                                                        if cells[(m, key[c], s)].n < most else "")
+              for row, s in zip(rows, sides) for c in cols if (m, key[c], s) in cells}
+        out += ["", f"### {m}", "", markdown_table(rows, cols, tv, corner="test side")]
+    return "\n".join(out)
+
+
+def scale_plot(results: Sequence[RunResult], path: str, train_side: int,
+               variants: Sequence[Variant] = VARIANTS) -> str | None:
+    """1-full top-1 error against test side, a line (± std) per SPP variant, a panel per model."""
+    cells = scale_cells(results)
+    if not cells:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = sorted({m for m, _, _ in cells})
+    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 3.6), squeeze=False)
+    for ax, m in zip(axes[0], models):
+        for v in variants:
+            sides = sorted(s for mm, k, s in cells if (mm, k) == (m, v.key))
+            if sides:
+                got = [cells[(m, v.key, s)] for s in sides]
+                ax.errorbar(sides, [c.mean for c in got], yerr=[c.std for c in got], marker="o",
+                            capsize=3, label=v.title)
+        ax.axvline(train_side, color="grey", ls=":", lw=1)
+        ax.set_title(f"{m}: 1 full by test scale")
+        ax.set_xlabel("test shorter side (px)")
+        ax.set_ylabel("top-1 error (%)")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 CHANCE_EXIT = 80.0  # % top-1: clearly below chance (90 % for the 10 embedded classes)
 
 
@@ -192,6 +274,8 @@ def write_claims(root: str, results: Sequence[RunResult], title: str,
     """
     cells = aggregate(results)
     found = verdicts(results, variants)
+    train_side = AugmentConfig().resize_side  # where the protocols test 1 full
+    scale_md, scale_found = scale_markdown(results, train_side, variants), scale_verdicts(results)
     runs = [f"- `{os.path.relpath(r.run.workdir, root)}`: "
             + ("reused (finished earlier)" if r.reused else "run now")
             + (f", {r.seconds / 60:.1f} min" if r.seconds else "") + curve_text(r.val_curve)
@@ -201,7 +285,10 @@ def write_claims(root: str, results: Sequence[RunResult], title: str,
         title += f" (in progress: {len(results)} of {len(results) + len(missing)} runs finished)"
     md = "\n".join([f"# {title}", "", tables_markdown(cells, variants), "",
                     "## Verdicts (top-1 error; two-sided t-test at 5 %)", "",
-                    *[f"- {v.sentence()}" for v in found], "", "## Runs", "", *runs])
+                    *[f"- {v.sentence()}" for v in found], "",
+                    *([scale_md, "", "Verdicts (top-1 error; two-sided t-test at 5 %):", "",
+                       *[f"- {v.sentence()}" for v in scale_found], ""] if scale_md else []),
+                    "## Runs", "", *runs])
     data = {"title": title,
             "cells": [{"model": m, "variant": v, "view": w, "seeds": list(c.seeds),
                        "top1": c.top1.as_dict(), "top5": c.top5.as_dict()}
@@ -210,9 +297,14 @@ def write_claims(root: str, results: Sequence[RunResult], title: str,
             "runs": [{"workdir": os.path.relpath(r.run.workdir, root), "model": r.run.model,
                       "variant": r.run.variant.key, "seed": r.run.seed, "errors": r.errors,
                       "seconds": r.seconds, "reused": r.reused, "val_curve": list(r.val_curve),
-                      "left_chance_epoch": left_chance(r.val_curve)} for r in results],
+                      "left_chance_epoch": left_chance(r.val_curve),
+                      "scale_errors": {str(k): v for k, v in r.scale_errors.items()}} for r in results],
+            "scale_probe": [{"model": m, "variant": v, "side": s, "top1": c.as_dict()}
+                            for (m, v, s), c in scale_cells(results).items()],
+            "scale_verdicts": [v.as_dict() for v in scale_found],
             "missing": [os.path.relpath(r.workdir, root) for r in missing]}
     write_report(root, "claims", md, data)
     if make_plot:
         plot(cells, os.path.join(root, "claims.png"), variants)
+        scale_plot(results, os.path.join(root, "claims_scale.png"), train_side, variants)
     return md

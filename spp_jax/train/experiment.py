@@ -17,7 +17,7 @@ from spp_jax.config_grammar import config_dict
 from spp_jax.data import augment
 from spp_jax.data.datasets import PipelineData, classification_dataset, mean_image
 from spp_jax.data.pipeline import AugmentConfig
-from spp_jax.evaluate import PROTOCOL_TITLES, evaluate
+from spp_jax.evaluate import PROTOCOL_TITLES, evaluate, full_view_by_side
 from spp_jax.report import error_pair, markdown_table, write_report
 from spp_jax.pretrained import read_workdir
 from spp_jax.train.config import TrainConfig, build_model, trained_num_classes
@@ -64,6 +64,28 @@ def restore_params(cfg: TrainConfig, workdir: str, num_classes: int):
     model = build_model(cfg, num_classes)
     variables, meta = read_workdir(workdir, cfg, model)
     return model, variables, meta
+
+
+def scale_probe_workdir(cfg: TrainConfig, workdir: str, sides) -> dict:
+    """The 1-full view of a trained SPP workdir at each test side in ``sides`` (its newest
+    checkpoint, the validation split, ``eval_limit`` images), written to
+    ``WORKDIR/scale_probe.{md,json}`` (json: ``{"sides": [...], "epoch": the checkpoint's,
+    "results": {side: ProtocolResult dict}}``).  Reads the workdir only otherwise.
+    """
+    cfg = cfg.validate()
+    model, variables, meta = restore_params(cfg, workdir, trained_num_classes(cfg))
+    ds, aug = prepare_data(cfg, workdir)
+    res = full_view_by_side(model, variables, ds.validation, tuple(sides), cfg=aug,
+                            limit=cfg.eval_limit or None, progress=cfg.progress)
+    data = {"sides": [int(s) for s in sides], "epoch": meta.get("epoch"),
+            "results": {str(s): r.as_dict() for s, r in res.items()}}
+    rows = [str(s) for s in sides]
+    md = (f"1-full top-1 / top-5 error (%) by test shorter side, {ds.name} validation, {cfg.model} "
+          f"({variant_title(cfg)}, trained at shorter side {aug.resize_side})\n\n"
+          + markdown_table(rows, ["1 full"], {(str(s), "1 full"): error_pair(r.top1_err, r.top5_err)
+                                             for s, r in res.items()}, corner="test side"))
+    write_report(workdir, "scale_probe", md, data)
+    return data
 
 
 def run_protocols(cfg: TrainConfig, workdir: str, model, variables, ds, aug: AugmentConfig,

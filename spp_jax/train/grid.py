@@ -20,6 +20,7 @@ import time
 from typing import Callable, Sequence
 
 from spp_jax.config_grammar import config_dict
+from spp_jax.errors import NoCheckpoint
 from spp_jax.train.config import TrainConfig, get_config
 from spp_jax.train.workdir import RESUMABLE_KEYS
 
@@ -68,6 +69,9 @@ class RunResult:
     # Validation top-1 error (%) after each epoch, from the run's metrics.jsonl: when the
     # network left chance, and whether it was still improving when training stopped.
     val_curve: tuple[float, ...] = ()
+    # The test-scale probe (scale_probe.json, SPP runs): 1-full (top-1, top-5) error in
+    # percent per test shorter side; {} when not probed.
+    scale_errors: dict[int, tuple[float, float]] = dataclasses.field(default_factory=dict)
 
 
 def plan(preset: str, overrides: Sequence[str], root: str, *, models: Sequence[str],
@@ -128,8 +132,21 @@ def _val_curve(workdir: str) -> tuple[float, ...]:
     return tuple(by_epoch[e] for e in sorted(by_epoch))
 
 
+def _scale_errors(workdir: str, sides: Sequence[int] | None = None) -> dict[int, tuple[float, float]]:
+    """The run's ``scale_probe.json`` as {side: (top-1, top-5)}; {} when there is none or
+    (with ``sides``) when it probed other sides."""
+    try:
+        with open(os.path.join(workdir, "scale_probe.json")) as f:
+            data = json.load(f)
+        got = {int(k): (float(r["top1_err"]), float(r["top5_err"])) for k, r in data["results"].items()}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    return got if sides is None or set(sides) <= set(got) else {}
+
+
 def _result(run: Run, report: dict, seconds: float | None, reused: bool) -> RunResult:
-    return RunResult(run, _errors(report), seconds, reused, _hits(report), _val_curve(run.workdir))
+    return RunResult(run, _errors(report), seconds, reused, _hits(report), _val_curve(run.workdir),
+                     _scale_errors(run.workdir))
 
 
 # The keys a resumed run may change (workdir.RESUMABLE_KEYS) minus those that change its
@@ -193,6 +210,30 @@ def run_grid(runs: Sequence[Run], train_fn: Callable[[TrainConfig, str], dict] |
         t = time.perf_counter()
         report = train_fn(run.config, run.workdir)
         out.append(_result(run, report, time.perf_counter() - t, reused=False))
+    return out
+
+
+def probe_scales(results: Sequence[RunResult], sides: Sequence[int],
+                 probe_fn: Callable[[TrainConfig, str, Sequence[int]], dict] | None = None
+                 ) -> list[RunResult]:
+    """The test-scale probe on every finished SPP run that has not probed ``sides`` yet
+    (``probe_fn(cfg, workdir, sides)``, default
+    :func:`spp_jax.train.experiment.scale_probe_workdir`, writes ``scale_probe.json``).
+
+    A run with no checkpoint (e.g. a copy of committed results) keeps what it has, with a
+    log line: the probe needs the trained network.  Returns the results, probes included.
+    """
+    if probe_fn is None:
+        from spp_jax.train.experiment import scale_probe_workdir as probe_fn
+    out = []
+    for r in results:
+        if sides and r.run.config.spp and not _scale_errors(r.run.workdir, sides):
+            try:
+                probe_fn(r.run.config, r.run.workdir, tuple(sides))
+            except NoCheckpoint:
+                log.info("%s: no checkpoint, so no test-scale probe", r.run.workdir)
+            r = dataclasses.replace(r, scale_errors=_scale_errors(r.run.workdir, sides))
+        out.append(r)
     return out
 
 
