@@ -71,6 +71,7 @@ import types
 import typing
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+from spp_jax import atomic
 from spp_jax.errors import ConfigError, UserError
 
 __all__ = ["Spec", "option", "spec_of", "parse_value", "coerce_value", "check_value", "parse_overrides",
@@ -385,13 +386,8 @@ def config_dict(cfg) -> dict[str, Any]:
 
 def write_config(cfg, directory: str | os.PathLike, name: str = "config.json") -> str:
     """Write ``cfg`` as JSON to ``directory/name`` atomically (temp file, rename); returns the path."""
-    os.makedirs(directory, exist_ok=True)
     path = os.path.join(os.fspath(directory), name)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(config_dict(cfg), f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)  # a reader never sees half a file
+    atomic.write_text(path, json.dumps(config_dict(cfg), indent=1) + "\n")  # never half a file
     return path
 
 

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from spp_jax import atomic
 from spp_jax.errors import CheckpointMismatch, NoCheckpoint, UserError
 from spp_jax.models import SPPNet, get_model, random_variables
 
@@ -193,9 +194,7 @@ def save_pretrained(path: str, model: SPPNet, variables: Any, mean=None) -> None
                "mean": None if mean is None else np.asarray(mean, float).ravel().tolist()}
     for target, blob in ((path, flax.serialization.to_bytes(variables)),
                          (path + ".json", json.dumps(sidecar, indent=1).encode())):
-        with open(target + ".tmp", "wb") as f:
-            f.write(blob)
-        os.replace(target + ".tmp", target)  # never a half-written network
+        atomic.write_bytes(target, blob)  # never a half-written network
 
 
 def _read_sidecar(path: str) -> dict:

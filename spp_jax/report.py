@@ -6,6 +6,8 @@ import math
 import os
 from typing import Mapping, Sequence
 
+from spp_jax import atomic
+
 
 def _cell(v) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
@@ -33,13 +35,7 @@ def error_pair(top1: float | None, top5: float | None) -> str:
 
 def write_report(workdir: str, name: str, markdown: str, data: object) -> tuple[str, str]:
     """Write ``name.md`` and ``name.json`` into workdir (atomically); return their paths."""
-    os.makedirs(workdir, exist_ok=True)
     paths = []
     for ext, text in (("md", markdown + "\n"), ("json", json.dumps(data, indent=2, sort_keys=True) + "\n")):
-        path = os.path.join(workdir, f"{name}.{ext}")
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)  # never leave a half-written table behind
-        paths.append(path)
+        paths.append(atomic.write_text(os.path.join(workdir, f"{name}.{ext}"), text))
     return paths[0], paths[1]

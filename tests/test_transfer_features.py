@@ -77,7 +77,9 @@ def test_feature_shapes_per_layer(spp_net, nospp_net):
     assert "spp_pool5" not in fn.layers
     g = fn.features([img], Setting.parse("nospp_crop224"), layers=("pool5", "fc6", "fc7"))
     refn = _reference(mn, vn, img)
-    np.testing.assert_allclose(g["pool5"], refn["pooled"], rtol=1e-5, atol=1e-6)
+    # float32 convs of one image in two programs: XLA may pick other kernels (seen on an
+    # AVX2-only CPU: 1.5e-6 apart on a value of 0.023), so the fc tolerance, not bit-equality.
+    np.testing.assert_allclose(g["pool5"], refn["pooled"], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(g["fc7"], refn["fc7"], rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="no-SPP"):
         fn.features([img], Setting.parse("spp_crop224"))

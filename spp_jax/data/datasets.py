@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from spp_jax import atomic
 from spp_jax.data import pipeline, shapes
 
 DATASETS: tuple[str, ...] = ("shapes", "imagenet2012")
@@ -146,8 +147,6 @@ def mean_image(source, path: str | os.PathLike | None, size: int = 256, num_samp
         return np.load(path)
     mean = augment.compute_mean_image(source, size=size, num_samples=num_samples, seed=seed)
     if path is not None:
-        os.makedirs(os.path.dirname(os.fspath(path)) or ".", exist_ok=True)
-        tmp = os.fspath(path) + ".tmp.npy"
-        np.save(tmp, mean)
-        os.replace(tmp, path)
+        with atomic.path(path) as tmp:
+            np.save(tmp, mean)
     return mean

@@ -20,6 +20,7 @@ import os
 
 import numpy as np
 
+from spp_jax import atomic
 from spp_jax.detection.boxes import clip_boxes, flip_boxes_lr
 
 log = logging.getLogger(__name__)
@@ -89,11 +90,10 @@ class FeatureCache:
 
     def save(self, image_id: str, entry: CachedImage, flip: bool = False) -> None:
         path = self.path(image_id, flip)
-        tmp = path + ".tmp.npz"
         data = dataclasses.asdict(entry)
         data["pool5"] = np.asarray(entry.pool5).astype(self.dtype)
-        np.savez(tmp, **data)
-        os.replace(tmp, path)  # atomic: a present file is always complete
+        with atomic.path(path) as tmp:  # a present file is always complete
+            np.savez(tmp, **data)
 
     def load(self, image_id: str, flip: bool = False) -> CachedImage:
         path = self.path(image_id, flip)

@@ -32,6 +32,7 @@ from typing import Iterable, Mapping
 import cv2
 import numpy as np
 
+from spp_jax import atomic
 from spp_jax.detection.boxes import clip_boxes
 from spp_jax.errors import InputError
 
@@ -144,10 +145,8 @@ def cache_path(cache_dir: str, dataset: str, split: str, settings: ProposalSetti
 
 def save_proposal_file(path: str, proposals: Mapping[str, np.ndarray]) -> None:
     """Write image_id -> (R, 4) boxes atomically (temp file, then rename)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, **{k: np.asarray(v, np.float32).reshape(-1, 4) for k, v in proposals.items()})
-    os.replace(tmp, path)
+    with atomic.path(path) as tmp:
+        np.savez(tmp, **{k: np.asarray(v, np.float32).reshape(-1, 4) for k, v in proposals.items()})
 
 
 def file_sha1(path: str) -> str:

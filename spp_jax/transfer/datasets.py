@@ -30,6 +30,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from spp_jax import atomic
 from spp_jax.data import augment, shapes
 
 VOC_DATASETS: tuple[str, ...] = ("shapes", "voc/2007")
@@ -140,10 +141,8 @@ def _labels(source, fn, cache: str | None, desc: str, progress: bool) -> np.ndar
     out = np.stack([fn(source[i]) for i in tqdm(range(len(source)), desc=desc, disable=not progress,
                                                  leave=False)])
     if cache is not None:
-        os.makedirs(os.path.dirname(cache) or ".", exist_ok=True)
-        tmp = cache + ".tmp.npy"
-        np.save(tmp, out)
-        os.replace(tmp, cache)
+        with atomic.path(cache) as tmp:
+            np.save(tmp, out)
     return out
 
 

@@ -55,6 +55,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from spp_jax import atomic
 from spp_jax.data import augment
 from spp_jax.models import SPPNet, map_size
 from spp_jax.serve import Server
@@ -114,10 +115,8 @@ def layers_for(model: SPPNet) -> tuple[str, ...]:
 
 
 def _atomic_savez(path: str, arrays: dict[str, np.ndarray]) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
+    with atomic.path(path) as tmp, open(tmp, "wb") as f:  # a file object: no suffix appended
         np.savez(f, **arrays)
-    os.replace(tmp, path)
 
 
 class FeatureExtractor:
@@ -245,10 +244,9 @@ class FeatureExtractor:
             os.makedirs(path, exist_ok=True)
             meta = os.path.join(path, "meta.json")
             if not os.path.exists(meta):
-                with open(meta + ".tmp", "w") as f:
-                    json.dump({"setting": setting.key, "layers": list(layers), "data": data_id, "n": n,
-                               "chunk_size": chunk_size, "fingerprint": self.fingerprint}, f, indent=1)
-                os.replace(meta + ".tmp", meta)
+                atomic.write_text(meta, json.dumps(
+                    {"setting": setting.key, "layers": list(layers), "data": data_id, "n": n,
+                     "chunk_size": chunk_size, "fingerprint": self.fingerprint}, indent=1))
         starts = list(range(0, n, chunk_size))
         chunk_file = lambda s: os.path.join(path, f"chunk_{s:07d}_{min(n, s + chunk_size):07d}.npz")
         todo = [s for s in starts if path is None or not os.path.exists(chunk_file(s))]

@@ -22,6 +22,7 @@ from typing import Sequence
 
 import numpy as np
 
+from spp_jax import atomic
 from spp_jax import config_grammar as grammar
 from spp_jax.errors import ConfigError, UserError
 from spp_jax.pretrained import Pretrained, load_pretrained
@@ -149,10 +150,9 @@ def _plot(path: str, title: str, ylabel: str, layers: Sequence[str], series: dic
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=100)
+    with atomic.path(path) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def _net_line(nets, fx, mean: str) -> str:
