@@ -1,4 +1,5 @@
 """The claims grid: planning, resuming run by run, mean ± std over seeds, verdicts, tables."""
+import dataclasses
 import json
 import os
 
@@ -6,6 +7,7 @@ import numpy as np
 import pytest
 
 from spp_jax import seedstats
+from spp_jax.config_grammar import config_dict
 from spp_jax.errors import ConfigError, NoCheckpoint
 from spp_jax.train import claims, grid
 
@@ -213,7 +215,7 @@ def test_scale_probe_of_the_spp_runs(tmp_path):
         jitter = [0.0, 0.5, -0.5][run.seed]
         res = {str(s): {"top1_err": 20 + slope * abs(s - 256) / 64 + jitter, "top5_err": 1.0} for s in sides}
         with open(os.path.join(workdir, "scale_probe.json"), "w") as f:
-            json.dump({"sides": list(sides), "results": res}, f)
+            json.dump({"sides": list(sides), "results": res, "config": config_dict(cfg)}, f)
 
     sides = (128, 256, 384)
     probed = grid.probe_scales(results, sides, probe)
@@ -226,7 +228,7 @@ def test_scale_probe_of_the_spp_runs(tmp_path):
     assert cells[("zf5", "single", 128)].values == (28.0, 28.5)  # seeds 0 and 1 only
     assert cells[("zf5", "multi", 384)].mean == pytest.approx(22.0)
     assert cells[("zf5", "multi", 384)].std == pytest.approx(np.std([22, 22.5, 21.5], ddof=1))
-    found = {v.claim: v for v in claims.scale_verdicts(probed)}
+    found = {v.claim: v for v in claims.scale_verdicts(cells)}
     far = found["zf5, 1 full at shorter side 128: multi-size training beats single-size"]
     assert far.diff == pytest.approx(28.25 - 22.0) and far.outcome == seedstats.HOLDS
     assert found["zf5, 1 full at shorter side 256: multi-size training beats single-size"].outcome == seedstats.NOISE
@@ -235,6 +237,18 @@ def test_scale_probe_of_the_spp_runs(tmp_path):
     again = grid.probe_scales(probed, sides, probe)
     assert calls == [by[("single", 2)].run.workdir]
     assert [r.scale_errors for r in again] == [r.scale_errors for r in probed]
+    # A run trained further in its workdir (more epochs: eval.json rewritten) must not keep
+    # the probe of its earlier checkpoint: it is probed again.
+    run = by[("multi", 1)].run
+    longer = dataclasses.replace(run, config=dataclasses.replace(run.config, epochs=run.config.epochs + 1))
+    calls.clear()
+    (reprobed,) = grid.probe_scales([dataclasses.replace(by[("multi", 1)], run=longer)], sides, probe)
+    assert calls == [run.workdir] and reprobed.scale_errors == by[("multi", 1)].scale_errors
+    with open(os.path.join(run.workdir, "scale_probe.json")) as f:
+        assert json.load(f)["config"]["epochs"] == run.config.epochs + 1
+    calls.clear()
+    assert grid.probe_scales([by[("multi", 1)]], sides, probe)[0].scale_errors  # back: again
+    assert calls == [run.workdir]
     md = claims.write_claims(str(tmp_path), again, "test grid")
     assert "| 256 (training) | 20.2 ± 0.4 (n=2) | 20.0 ± 0.5 |" in md
     assert (tmp_path / "claims_scale.png").stat().st_size > 0

@@ -171,7 +171,10 @@ def plot(cells: dict[tuple[str, str, str], Cell], path: str,
 # multi-size training make the network robust to objects bigger or smaller than in training?
 
 
-def scale_cells(results: Sequence[RunResult]) -> dict[tuple[str, str, int], seedstats.SeedStats]:
+ScaleCells = dict[tuple[str, str, int], seedstats.SeedStats]  # {(model, variant key, side): top-1}
+
+
+def scale_cells(results: Sequence[RunResult]) -> ScaleCells:
     """``{(model, variant key, side): top-1 error over seeds}`` of the probed runs."""
     per: dict[tuple[str, str, int], dict] = {}
     for r in results:
@@ -181,10 +184,10 @@ def scale_cells(results: Sequence[RunResult]) -> dict[tuple[str, str, int], seed
             for k, v in sorted(per.items(), key=str)}
 
 
-def scale_verdicts(results: Sequence[RunResult]) -> list[seedstats.Verdict]:
-    """Per model and test side: "multi-size training beats single-size" on the 1-full view."""
+def scale_verdicts(cells: ScaleCells) -> list[seedstats.Verdict]:
+    """Per model and test side (``cells`` from :func:`scale_cells`): "multi-size training
+    beats single-size" on the 1-full view."""
     out = []
-    cells = scale_cells(results)
     for model, side in sorted({(m, s) for m, _, s in cells}):
         single, multi = cells.get((model, "single", side)), cells.get((model, "multi", side))
         if single and multi:
@@ -194,10 +197,8 @@ def scale_verdicts(results: Sequence[RunResult]) -> list[seedstats.Verdict]:
     return out
 
 
-def scale_markdown(results: Sequence[RunResult], train_side: int,
-                   variants: Sequence[Variant] = VARIANTS) -> str:
+def scale_markdown(cells: ScaleCells, train_side: int, variants: Sequence[Variant] = VARIANTS) -> str:
     """Per model: rows the test sides, columns the SPP variants, top-1 mean ± std."""
-    cells = scale_cells(results)
     if not cells:
         return ""
     most = max(c.n for c in cells.values())
@@ -216,10 +217,9 @@ def scale_markdown(results: Sequence[RunResult], train_side: int,
     return "\n".join(out)
 
 
-def scale_plot(results: Sequence[RunResult], path: str, train_side: int,
+def scale_plot(cells: ScaleCells, path: str, train_side: int,
                variants: Sequence[Variant] = VARIANTS) -> str | None:
     """1-full top-1 error against test side, a line (± std) per SPP variant, a panel per model."""
-    cells = scale_cells(results)
     if not cells:
         return None
     import matplotlib
@@ -275,7 +275,8 @@ def write_claims(root: str, results: Sequence[RunResult], title: str,
     cells = aggregate(results)
     found = verdicts(results, variants)
     train_side = AugmentConfig().resize_side  # where the protocols test 1 full
-    scale_md, scale_found = scale_markdown(results, train_side, variants), scale_verdicts(results)
+    by_side = scale_cells(results)
+    scale_md, scale_found = scale_markdown(by_side, train_side, variants), scale_verdicts(by_side)
     runs = [f"- `{os.path.relpath(r.run.workdir, root)}`: "
             + ("reused (finished earlier)" if r.reused else "run now")
             + (f", {r.seconds / 60:.1f} min" if r.seconds else "") + curve_text(r.val_curve)
@@ -300,11 +301,11 @@ def write_claims(root: str, results: Sequence[RunResult], title: str,
                       "left_chance_epoch": left_chance(r.val_curve),
                       "scale_errors": {str(k): v for k, v in r.scale_errors.items()}} for r in results],
             "scale_probe": [{"model": m, "variant": v, "side": s, "top1": c.as_dict()}
-                            for (m, v, s), c in scale_cells(results).items()],
+                            for (m, v, s), c in by_side.items()],
             "scale_verdicts": [v.as_dict() for v in scale_found],
             "missing": [os.path.relpath(r.workdir, root) for r in missing]}
     write_report(root, "claims", md, data)
     if make_plot:
         plot(cells, os.path.join(root, "claims.png"), variants)
-        scale_plot(results, os.path.join(root, "claims_scale.png"), train_side, variants)
+        scale_plot(by_side, os.path.join(root, "claims_scale.png"), train_side, variants)
     return md

@@ -70,7 +70,8 @@ def scale_probe_workdir(cfg: TrainConfig, workdir: str, sides) -> dict:
     """The 1-full view of a trained SPP workdir at each test side in ``sides`` (its newest
     checkpoint, the validation split, ``eval_limit`` images), written to
     ``WORKDIR/scale_probe.{md,json}`` (json: ``{"sides": [...], "epoch": the checkpoint's,
-    "results": {side: ProtocolResult dict}}``).  Reads the workdir only otherwise.
+    "results": {side: ProtocolResult dict}, "config": cfg's}``; the grid reuses a probe only
+    for the config it records).  Reads the workdir only otherwise.
     """
     cfg = cfg.validate()
     model, variables, meta = restore_params(cfg, workdir, trained_num_classes(cfg))
@@ -78,7 +79,7 @@ def scale_probe_workdir(cfg: TrainConfig, workdir: str, sides) -> dict:
     res = full_view_by_side(model, variables, ds.validation, tuple(sides), cfg=aug,
                             limit=cfg.eval_limit or None, progress=cfg.progress)
     data = {"sides": [int(s) for s in sides], "epoch": meta.get("epoch"),
-            "results": {str(s): r.as_dict() for s, r in res.items()}}
+            "results": {str(s): r.as_dict() for s, r in res.items()}, "config": config_dict(cfg)}
     rows = [str(s) for s in sides]
     md = (f"1-full top-1 / top-5 error (%) by test shorter side, {ds.name} validation, {cfg.model} "
           f"({variant_title(cfg)}, trained at shorter side {aug.resize_side})\n\n"

@@ -132,21 +132,27 @@ def _val_curve(workdir: str) -> tuple[float, ...]:
     return tuple(by_epoch[e] for e in sorted(by_epoch))
 
 
-def _scale_errors(workdir: str, sides: Sequence[int] | None = None) -> dict[int, tuple[float, float]]:
-    """The run's ``scale_probe.json`` as {side: (top-1, top-5)}; {} when there is none or
-    (with ``sides``) when it probed other sides."""
+def _scale_errors(workdir: str, config: TrainConfig, sides: Sequence[int] | None = None
+                  ) -> dict[int, tuple[float, float]]:
+    """The run's ``scale_probe.json`` as {side: (top-1, top-5)}; {} when there is none, when
+    it was probed from another config (e.g. before the run was trained further: the same
+    rule as :func:`finished`), or (with ``sides``) when it probed other sides."""
     try:
         with open(os.path.join(workdir, "scale_probe.json")) as f:
             data = json.load(f)
         got = {int(k): (float(r["top1_err"]), float(r["top5_err"])) for k, r in data["results"].items()}
+        recorded = data["config"]
     except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    if not same_results_config(recorded, config):
+        log.info("%s: scale_probe.json is from another config; not used", workdir)
         return {}
     return got if sides is None or set(sides) <= set(got) else {}
 
 
 def _result(run: Run, report: dict, seconds: float | None, reused: bool) -> RunResult:
     return RunResult(run, _errors(report), seconds, reused, _hits(report), _val_curve(run.workdir),
-                     _scale_errors(run.workdir))
+                     _scale_errors(run.workdir, run.config))
 
 
 # The keys a resumed run may change (workdir.RESUMABLE_KEYS) minus those that change its
@@ -159,19 +165,24 @@ NOT_RESULTS = RESUMABLE_KEYS - {"epochs", "protocols", "eval_limit", "multiview_
                                 "eval_every", "distributed"}
 
 
+def same_results_config(recorded: dict, cfg: TrainConfig) -> bool:
+    """Whether a config recorded with results (eval.json, scale_probe.json) equals ``cfg`` in
+    every key outside :data:`NOT_RESULTS`: the results are then this config's."""
+    want = json.loads(json.dumps(config_dict(cfg)))  # tuples -> lists, as on disk
+    return ({k: v for k, v in recorded.items() if k not in NOT_RESULTS}
+            == {k: v for k, v in want.items() if k not in NOT_RESULTS})
+
+
 def finished(run: Run) -> RunResult | None:
-    """The run's result if its workdir already holds the testing of this config (equal in
-    every key outside :data:`NOT_RESULTS`)."""
+    """The run's result if its workdir already holds the testing of this config
+    (:func:`same_results_config`)."""
     path = os.path.join(run.workdir, "eval.json")
     try:
         with open(path) as f:
             report = json.load(f)
     except (OSError, ValueError):
         return None
-    want = json.loads(json.dumps(config_dict(run.config)))  # tuples -> lists, as on disk
-    got = report.get("config", {})
-    if ({k: v for k, v in got.items() if k not in NOT_RESULTS}
-            != {k: v for k, v in want.items() if k not in NOT_RESULTS}):
+    if not same_results_config(report.get("config", {}), run.config):
         log.info("%s: eval.json is from another config; running it again", run.workdir)
         return None
     return _result(run, report, _recorded_seconds(run.workdir), reused=True)
@@ -227,12 +238,12 @@ def probe_scales(results: Sequence[RunResult], sides: Sequence[int],
         from spp_jax.train.experiment import scale_probe_workdir as probe_fn
     out = []
     for r in results:
-        if sides and r.run.config.spp and not _scale_errors(r.run.workdir, sides):
+        if sides and r.run.config.spp and not _scale_errors(r.run.workdir, r.run.config, sides):
             try:
                 probe_fn(r.run.config, r.run.workdir, tuple(sides))
             except NoCheckpoint:
                 log.info("%s: no checkpoint, so no test-scale probe", r.run.workdir)
-            r = dataclasses.replace(r, scale_errors=_scale_errors(r.run.workdir, sides))
+            r = dataclasses.replace(r, scale_errors=_scale_errors(r.run.workdir, r.run.config, sides))
         out.append(r)
     return out
 
