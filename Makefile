@@ -37,8 +37,11 @@ $(STAMP): requirements.txt $(REQUIREMENTS)
 	echo $(ACCEL) > $(VENV)/.accel
 	touch $(STAMP)
 
+# The suite in TEST_WORKERS processes (pytest-xdist), one test file per process at a time: most
+# tests compile small programs on one core, so 2 processes use a 2-core machine's second core.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 # make train MODEL=<zf5|convnet5|overfeat5|overfeat7> [SPP=0] [SIZES=224|180,224] [DATASET=shapes|imagenet2012]
 #            [DATA_DIR=...] [WORKDIR=...] [ARGS="key=value ..."]
