@@ -43,7 +43,7 @@ TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
-# make train MODEL=<zf5|convnet5|overfeat5|overfeat7> [SPP=0] [SIZES=224|180,224] [DATASET=shapes|imagenet2012]
+# make train MODEL=<zf5|convnet5|overfeat5|overfeat7> [SPP=0] [SIZES=224|180,224] [DATASET=shapes|shapes_wide|imagenet2012]
 #            [DATA_DIR=...] [WORKDIR=...] [ARGS="key=value ..."]
 train: $(STAMP)
 	$(PY) -m experiments.train --workdir $(WORKDIR) $(OVERRIDES)

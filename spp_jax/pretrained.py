@@ -55,7 +55,7 @@ class Pretrained:
       mean: the mean it was trained with, 0..255 units: a (Hm, Wm, 3) mean image, a (3,)
         colour, a scalar, or None when unknown.
       description: one line for logs and tables (where it came from, what it is).
-      trained_on: the training dataset's name when known ("shapes", "imagenet2012"), else "".
+      trained_on: the training dataset's name when known ("shapes", "shapes_wide", "imagenet2012"), else "".
     """
 
     model: SPPNet

@@ -92,6 +92,51 @@ def test_dominant_object_is_large_in_classification():
     assert np.median(fracs) > 0.1
 
 
+def _main_box_side(ex) -> float:
+    """The dominant object's longer box side over the image's shorter side."""
+    x1, y1, x2, y2 = ex["objects"]["bbox"][0]
+    return max(x2 - x1 + 1, y2 - y1 + 1) / min(ex["image"].shape[:2])
+
+
+def test_wide_variant_is_classification_with_objects_over_more_scales():
+    # The radius quantile map, by hand: the draw's ends and midpoint (u = 0.36 of 0.22..0.5)
+    # go to 0.1, 0.5 and 0.1 * sqrt(5) (the geometric midpoint of 0.1..0.5).
+    for u, want in ((0.22, 0.1), (0.36, 0.1 * 5 ** 0.5), (0.5, 0.5)):
+        assert shapes._main_radius(u, "classification_wide") == pytest.approx(want)
+        assert shapes._main_radius(u, "classification") == u
+    n = 150
+    cls = [shapes.generate("classification", "validation", i) for i in range(n)]
+    wide = [shapes.generate("classification_wide", "validation", i) for i in range(n)]
+    # Image i is classification's image i (same random stream) but for the object size.
+    assert [e["label"] for e in wide] == [e["label"] for e in cls]
+    assert [e["image"].shape for e in wide] == [e["image"].shape for e in cls]
+    a = np.array([_main_box_side(e) for e in cls])
+    b = np.array([_main_box_side(e) for e in wide])
+    # 0.1 * 5**t <= 0.22 + 0.28 t on [0, 1]: never a larger main object (box rounding slack).
+    assert np.all(b <= a + 0.02)
+    spread = lambda x: np.percentile(x, 95) / np.percentile(x, 5)  # noqa: E731
+    assert spread(a) < 2.6 and spread(b) > 1.5 * spread(a), (spread(a), spread(b))
+
+
+def test_shapes_wide_dataset_through_the_training_config(tmp_path):
+    from spp_jax.data.datasets import classification_dataset
+    from spp_jax.train.config import get_config, trained_num_classes
+
+    cfg = get_config("embedded", ["dataset=shapes_wide"])
+    assert trained_num_classes(cfg) == 10
+    ds = classification_dataset("shapes_wide", tmp_path, train_size=4, val_size=2, seed=1)
+    for split, src in (("train", ds.train), ("validation", ds.validation)):
+        for i in range(len(src)):
+            want = shapes.generate("classification_wide", split, i, seed=1)
+            np.testing.assert_array_equal(src[i]["image"], want["image"])
+            assert int(src[i]["label"]) == want["label"]
+    # Beside the default data in one directory, not instead of it.
+    plain = classification_dataset("shapes", tmp_path, train_size=4, val_size=2, seed=1)
+    assert not np.array_equal(plain.validation[0]["image"], ds.validation[0]["image"])
+    np.testing.assert_array_equal(plain.validation[0]["image"],
+                                  shapes.generate("classification", "validation", 0, seed=1)["image"])
+
+
 def test_class_frequencies_roughly_uniform():
     labels = np.array([shapes.generate("classification", "train", i)["label"] for i in range(200)])
     counts = np.bincount(labels, minlength=10)
@@ -127,6 +172,7 @@ def test_shapes_source():
         ("detection", {"trainval": 5, "test": 3}),
         ("multilabel", {"trainval": 4, "test": 0}),
         ("fine", {"train": 4, "test": 2}),
+        ("classification_wide", {"train": 3, "validation": 2, "test": 0}),
     ],
 )
 def test_tfds_round_trip(tmp_path, variant, sizes):

@@ -70,7 +70,7 @@ def test_missing_imagenet_names_the_files(tmp_path):
 
 
 @pytest.mark.parametrize("arg, msg", [("model=alexnet", "model=alexnet: must be one of: zf5, convnet5, overfeat5, overfeat7"),
-                                      ("dataset=cifar", "dataset=cifar: must be one of: shapes, imagenet2012"),
+                                      ("dataset=cifar", "dataset=cifar: must be one of: shapes, shapes_wide, imagenet2012"),
                                       ("bogus=1", "unknown config key 'bogus'")])
 def test_bad_names_give_one_line_errors(arg, msg):
     with pytest.raises(SystemExit, match=msg):

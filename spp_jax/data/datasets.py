@@ -5,6 +5,8 @@
 
 * ``shapes`` (default, embedded): the synthetic 10-class data, generated on first
   use into ``data_dir`` (no download, no TensorFlow);
+* ``shapes_wide`` (embedded): the same classes and images with the main object's
+  size over a 5x range instead of 2.3x (generator variant ``classification_wide``);
 * ``imagenet2012``: TFDS's ImageNet, prepared once by the user in ArrayRecord
   format (see README); read with ``tfds.data_source``, no TensorFlow needed.
 
@@ -23,7 +25,9 @@ import numpy as np
 from spp_jax import atomic
 from spp_jax.data import pipeline, shapes
 
-DATASETS: tuple[str, ...] = ("shapes", "imagenet2012")
+# The embedded datasets: name -> the variant of the shapes generator that draws them.
+EMBEDDED: dict[str, str] = {"shapes": "classification", "shapes_wide": "classification_wide"}
+DATASETS: tuple[str, ...] = (*EMBEDDED, "imagenet2012")
 
 IMAGENET_MANUAL_HELP = (
     "TFDS expects ImageNet prepared in {data_dir}/imagenet2012/ (ArrayRecord files). To prepare it "
@@ -56,14 +60,15 @@ def classification_dataset(name: str = "shapes", data_dir: str | os.PathLike | N
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; valid datasets: {', '.join(DATASETS)}")
-    if name == "shapes":
+    if name in EMBEDDED:
         if data_dir is None:
-            raise ValueError("the shapes dataset needs a data_dir to be generated into")
+            raise ValueError(f"the {name} dataset needs a data_dir to be generated into")
         sizes = dict(train=train_size, validation=val_size, test=val_size)
-        train = shapes_source("train", data_dir, seed, sizes)
-        val = shapes_source("validation", data_dir, seed, sizes)
-        return ClassificationData(name, train, val, shapes.num_classes("classification"),
-                                  shapes.class_names("classification"))
+        variant = EMBEDDED[name]
+        train = shapes_source("train", data_dir, seed, sizes, variant)
+        val = shapes_source("validation", data_dir, seed, sizes, variant)
+        return ClassificationData(name, train, val, shapes.num_classes(variant),
+                                  shapes.class_names(variant))
     import tensorflow_datasets as tfds
 
     kwargs = {} if data_dir is None else {"data_dir": os.fspath(data_dir)}
@@ -81,11 +86,11 @@ def classification_dataset(name: str = "shapes", data_dir: str | os.PathLike | N
                               tuple(info.features["label"].names))
 
 
-def shapes_source(split: str, data_dir, seed: int, sizes: dict):
-    """The embedded classification split through its TF-free TFDS builder."""
+def shapes_source(split: str, data_dir, seed: int, sizes: dict, variant: str = "classification"):
+    """An embedded classification split through its TF-free TFDS builder."""
     from spp_jax.data.shapes_tfds import load_shapes
 
-    return load_shapes("classification", split, data_dir, seed=seed, **sizes)
+    return load_shapes(variant, split, data_dir, seed=seed, **sizes)
 
 
 class PipelineData:

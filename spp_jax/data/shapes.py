@@ -46,6 +46,14 @@ Variants (``VARIANTS``)
     label is unambiguous); the first (dominant) object has a radius of
     0.22-0.5 x the shorter image side and at least half of it lies inside the
     image (smaller companions may hide at most 30 % of it).
+``"classification_wide"`` (the same 10 classes, objects over a wider range of scales)
+    ``"classification"`` with the dominant object's radius drawn log-uniformly in
+    0.1-0.5 x the shorter side (a 5x range of object sizes instead of 2.3x): made
+    to test whether multi-size training gains where object scale varies more
+    (README, "The paper's claims over seeds"). Image ``i`` uses the random stream
+    of ``"classification"``'s image ``i`` (same size, class, colours, textures; the
+    radius is the same draw mapped to the wider range), so the two variants differ
+    in object scale (and what placement that changes) only.
 ``"detection"`` (VOC-detection-like, 10 classes)
     1-5 objects of independent, uniformly drawn classes and log-uniform sizes
     (radius 0.035-0.4 x shorter side; some are small), boxes + difficult flags.
@@ -131,7 +139,7 @@ FINE_CLASS_NAMES: tuple[str, ...] = tuple(
     f"{shape}/{style}" for shape in CLASS_NAMES for style in FINE_FILL_STYLES
 )
 
-VARIANTS: tuple[str, ...] = ("classification", "detection", "multilabel", "fine")
+VARIANTS: tuple[str, ...] = ("classification", "detection", "multilabel", "fine", "classification_wide")
 SPLITS: tuple[str, ...] = ("train", "validation", "test", "trainval")
 
 MIN_SIDE = 120  # px, smallest shorter image side
@@ -145,6 +153,12 @@ DIFFICULT_MIN_VISIBLE = 0.45  # objects with less visible area fraction are "dif
 _MIN_VISIBLE_PIXELS = 24
 
 _VARIANT_ID = {v: i for i, v in enumerate(VARIANTS)}
+# classification_wide draws from classification's stream (see the module docstring).
+_VARIANT_ID["classification_wide"] = _VARIANT_ID["classification"]
+# Main-object radius / shorter side: classification draws it uniformly in this range;
+# classification_wide maps that same draw log-uniformly onto WIDE_RADIUS.
+CLASSIFICATION_RADIUS = (0.22, 0.5)
+WIDE_RADIUS = (0.1, 0.5)
 _SPLIT_ID = {s: i for i, s in enumerate(SPLITS)}
 
 
@@ -475,6 +489,16 @@ def _rng_for(variant: str, split: str, index: int, seed: int) -> np.random.Gener
     return np.random.default_rng([int(seed), _VARIANT_ID[variant], _SPLIT_ID[split], int(index)])
 
 
+def _main_radius(u: float, variant: str) -> float:
+    """The dominant object's radius / shorter side from classification's uniform draw ``u``:
+    ``u`` itself, or for classification_wide the same quantile of the log-uniform range."""
+    if variant != "classification_wide":
+        return u
+    lo, hi = CLASSIFICATION_RADIUS
+    wlo, whi = WIDE_RADIUS
+    return wlo * (whi / wlo) ** ((u - lo) / (hi - lo))
+
+
 def _image_size(rng: np.random.Generator) -> tuple[int, int]:
     short = math.exp(rng.uniform(math.log(MIN_SIDE), math.log(MAX_SIDE)))
     aspect = math.exp(rng.uniform(-math.log(MAX_ASPECT), math.log(MAX_ASPECT)))  # W / H
@@ -510,7 +534,8 @@ def generate(
         0-based inclusive pixel corners clipped to the image; ``"label"`` int64
         (N,) class ids in the variant's label space; ``"difficult"`` bool (N,).
         N >= 1. Objects are in drawing order (later ones on top).
-      * ``"label"``: int class id (``"classification"`` and ``"fine"`` only).
+      * ``"label"``: int class id (``"classification"``, ``"classification_wide"`` and
+        ``"fine"`` only).
       * ``"labels"``: bool (10,) multi-hot (``"multilabel"`` only).
       * ``"mask"`` (if ``return_mask``): int16 (H, W), value k on the visible
         pixels of object k (row k of ``objects``), -1 elsewhere.
@@ -523,7 +548,7 @@ def generate(
     placed: list[_Placed] = []
     visible: list[int] = []
 
-    if variant in ("classification", "fine"):
+    if variant in ("classification", "classification_wide", "fine"):
         shape = int(rng.integers(len(CLASS_NAMES)))
         if variant == "fine":
             fine_style = int(rng.integers(len(FINE_FILL_STYLES)))
@@ -534,7 +559,7 @@ def generate(
         else:
             style_ids = list(range(len(FILL_STYLES)))
             n_obj = int(rng.choice([1, 2, 3], p=[0.6, 0.3, 0.1]))
-            radius = short * rng.uniform(0.22, 0.5)
+            radius = short * _main_radius(rng.uniform(*CLASSIFICATION_RADIUS), variant)
             p_border, spread = 0.3, 1.0
         for k in range(n_obj):
             r = radius if k == 0 else radius * rng.uniform(0.3, 0.7)
@@ -626,7 +651,7 @@ def generate(
             "difficult": np.asarray(difficult, bool),
         },
     }
-    if variant in ("classification", "fine"):
+    if variant in ("classification", "classification_wide", "fine"):
         out["label"] = int(label)
     if variant == "multilabel":
         multi = np.zeros(len(CLASS_NAMES), bool)

@@ -74,6 +74,7 @@ __all__ = [
 #: Default split sizes per variant (small: CPU-friendly experiments).
 DEFAULT_SPLIT_SIZES: dict[str, dict[str, int]] = {
     "classification": {"train": 5000, "validation": 500, "test": 500},
+    "classification_wide": {"train": 5000, "validation": 500, "test": 500},
     "fine": {"train": 900, "test": 900},  # 30 classes: ~30 train images / class
     "detection": {"trainval": 500, "test": 300},
     "multilabel": {"trainval": 500, "test": 300},
@@ -172,7 +173,7 @@ class SppShapes(tfds.core.GeneratorBasedBuilder):
                 }
             ),
         }
-        if cfg.variant in ("classification", "fine"):
+        if cfg.variant in ("classification", "classification_wide", "fine"):
             feats["label"] = tfds.features.ClassLabel(names=names)
         if cfg.variant == "multilabel":
             feats["labels"] = tfds.features.Tensor(shape=(len(names),), dtype=np.bool_)

@@ -53,6 +53,12 @@ def _datasets():
     return DATASETS
 
 
+def embedded(dataset: str) -> bool:
+    """Whether ``dataset`` is generated locally (``shapes``, ``shapes_wide``), not read."""
+    from spp_jax.data.datasets import EMBEDDED
+    return dataset in EMBEDDED
+
+
 def _protocols():
     from spp_jax.evaluate.protocols import PROTOCOLS
     return PROTOCOLS
@@ -83,7 +89,8 @@ class TrainConfig:
 
     # --- data (used by experiments.train; the loop itself takes a data object) ---
     dataset: str = option("imagenet2012", "shapes: the embedded data, generated on first use; "
-                                          "imagenet2012: TFDS, prepared once (README)",
+                                          "shapes_wide: the same with objects over a 5x range of "
+                                          "sizes; imagenet2012: TFDS, prepared once (README)",
                           group="data", choices=_datasets)
     data_dir: str = option("", "dataset directory; '': <workdir>/data for shapes, TFDS's "
                                "default otherwise")
@@ -198,7 +205,7 @@ class TrainConfig:
         """Rules between fields (called by :meth:`validate` after each field's own checks)."""
         if self.lr_schedule == "plateau" and self.eval_every == 0:
             raise ConfigError("lr_schedule='plateau' needs validation: set eval_every >= 1")
-        if self.dataset == "shapes" and self.train_examples < self.batch_size:
+        if embedded(self.dataset) and self.train_examples < self.batch_size:
             raise ConfigError(f"train_examples={self.train_examples} is less than one batch "
                               f"(batch_size={self.batch_size})")
         _check_input_sizes(self)
@@ -278,9 +285,9 @@ def build_model(cfg: TrainConfig, num_classes: int):
 
 def trained_num_classes(cfg: TrainConfig) -> int:
     """Number of classes of the net a config trains (10 on the embedded data, 1000 on ImageNet)."""
-    if cfg.dataset == "shapes":
-        from spp_jax.data import shapes
-        return shapes.num_classes("classification")
+    if embedded(cfg.dataset):
+        from spp_jax.data import datasets, shapes
+        return shapes.num_classes(datasets.EMBEDDED[cfg.dataset])
     if cfg.dataset == "imagenet2012":
         return 1000
     raise ValueError(f"cannot tell the number of classes of a net trained on {cfg.dataset!r}")

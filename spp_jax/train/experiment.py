@@ -20,7 +20,7 @@ from spp_jax.data.pipeline import AugmentConfig
 from spp_jax.evaluate import PROTOCOL_TITLES, evaluate, full_view_by_side
 from spp_jax.report import error_pair, markdown_table, write_report
 from spp_jax.pretrained import read_workdir
-from spp_jax.train.config import TrainConfig, build_model, trained_num_classes
+from spp_jax.train.config import TrainConfig, build_model, embedded, trained_num_classes
 from spp_jax.train.loop import train
 from spp_jax.train.memory import available_ram_bytes
 from spp_jax.train.sharding import maybe_initialize_distributed
@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 def data_dir_for(cfg: TrainConfig, workdir: str) -> str | None:
     if cfg.data_dir:
         return cfg.data_dir
-    return os.path.join(workdir, "data") if cfg.dataset == "shapes" else None
+    return os.path.join(workdir, "data") if embedded(cfg.dataset) else None
 
 
 def cache_budget(cfg: TrainConfig) -> int:

@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 
 from spp_jax.config_grammar import config_dict
 from spp_jax.errors import NoCheckpoint
-from spp_jax.train.config import TrainConfig, get_config
+from spp_jax.train.config import TrainConfig, embedded, get_config
 from spp_jax.train.workdir import RESUMABLE_KEYS
 
 log = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ def plan(preset: str, overrides: Sequence[str], root: str, *, models: Sequence[s
                 if data_seed is not None:
                     extra.append(f"data_seed={data_seed}")
                 cfg = get_config(preset, [*overrides, *extra])
-                if cfg.dataset == "shapes" and shared:
+                if embedded(cfg.dataset) and shared:
                     cfg = get_config(preset, [*overrides, *extra, *shared])
                 sub = os.path.join(root, model if by_model else "", v.key,
                                    "" if seed is None else f"seed{seed}")
