@@ -91,7 +91,7 @@ def main(argv=None):
     args = ap.parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax/grain chatter
-    from spp_jax.train import claims, grid
+    from spp_jax.train import claims, grid, object_size
     with user_errors(FileNotFoundError):
         grid_items, train_items = split_overrides(args.overrides)
         cfg = grammar.from_preset(ClaimsConfig, PRESETS, args.preset, grid_items)
@@ -107,9 +107,11 @@ def main(argv=None):
             raise ConfigError(f"train=false and no run of the grid has finished in {args.workdir}")
         missing = grid.unfinished(runs, results)
         results = grid.probe_scales(results, cfg.scale_sides)
+        first = runs[0].config
         md = claims.write_claims(args.workdir, results, "SPP-net classification claims, "
-                                 f"{runs[0].config.dataset} data, {len(cfg.seeds)} seeds", variants,
-                                 missing=missing)
+                                 f"{first.dataset} data, {len(cfg.seeds)} seeds", variants,
+                                 missing=missing,
+                                 size_bins=object_size.size_bins_for(first, first.val_examples))
     print(md)
 
 

@@ -92,12 +92,6 @@ def test_dominant_object_is_large_in_classification():
     assert np.median(fracs) > 0.1
 
 
-def _main_box_side(ex) -> float:
-    """The dominant object's longer box side over the image's shorter side."""
-    x1, y1, x2, y2 = ex["objects"]["bbox"][0]
-    return max(x2 - x1 + 1, y2 - y1 + 1) / min(ex["image"].shape[:2])
-
-
 def test_wide_variant_is_classification_with_objects_over_more_scales():
     # The radius quantile map, by hand: the draw's ends and midpoint (u = 0.36 of 0.22..0.5)
     # go to 0.1, 0.5 and 0.1 * sqrt(5) (the geometric midpoint of 0.1..0.5).
@@ -110,8 +104,8 @@ def test_wide_variant_is_classification_with_objects_over_more_scales():
     # Image i is classification's image i (same random stream) but for the object size.
     assert [e["label"] for e in wide] == [e["label"] for e in cls]
     assert [e["image"].shape for e in wide] == [e["image"].shape for e in cls]
-    a = np.array([_main_box_side(e) for e in cls])
-    b = np.array([_main_box_side(e) for e in wide])
+    a = shapes.main_object_scales("classification", "validation", n)
+    b = shapes.main_object_scales("classification_wide", "validation", n)
     # 0.1 * 5**t <= 0.22 + 0.28 t on [0, 1]: never a larger main object (box rounding slack).
     assert np.all(b <= a + 0.02)
     spread = lambda x: np.percentile(x, 95) / np.percentile(x, 5)  # noqa: E731

@@ -12,7 +12,9 @@ variants x seeds, :mod:`spp_jax.train.grid`).  Output, each cell mean ± std ove
   trainings), each at 1 crop and 10-view; 1 full beats 1 crop and multi-view beats
   10-view (paired: the same networks tested two ways; multi-view against 10-view on the
   same images when multi-view was tested on fewer), for each SPP variant;
-* one figure: top-1 error per view and variant with ± std error bars, a panel per model.
+* one figure: top-1 error per view and variant with ± std error bars, a panel per model;
+* the test-scale probe (:func:`scale_cells`) and the error by object size
+  (:mod:`spp_jax.train.object_size`), each with multi- against single-size verdicts.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from typing import Sequence
 from spp_jax import seedstats
 from spp_jax.data.pipeline import AugmentConfig
 from spp_jax.report import markdown_table, write_report
+from spp_jax.train import object_size
 from spp_jax.train.grid import VARIANTS, Run, RunResult, Variant
 
 # Multi-view is tested on the first `multiview_limit` images only (it is the expensive view),
@@ -266,17 +269,21 @@ def curve_text(curve: Sequence[float]) -> str:
 
 def write_claims(root: str, results: Sequence[RunResult], title: str,
                  variants: Sequence[Variant] = VARIANTS, make_plot: bool = True,
-                 missing: Sequence[Run] = ()) -> str:
+                 missing: Sequence[Run] = (), size_bins: object_size.SizeBins | None = None) -> str:
     """``claims.md`` / ``claims.json`` (and ``claims.png``) in ``root``; returns the markdown.
 
     ``missing``: planned runs that have not finished (a report of a grid in progress); they
-    are listed, and every cell says over which seeds it is.
+    are listed, and every cell says over which seeds it is.  ``size_bins``: the validation
+    images' object-size bins (:func:`object_size.size_bins_for`), for the error by size.
     """
     cells = aggregate(results)
     found = verdicts(results, variants)
     train_side = AugmentConfig().resize_side  # where the protocols test 1 full
     by_side = scale_cells(results)
     scale_md, scale_found = scale_markdown(by_side, train_side, variants), scale_verdicts(by_side)
+    by_size = object_size.size_cells(results, size_bins) if size_bins else {}
+    size_md = object_size.size_markdown(by_size, size_bins, train_side, variants) if by_size else ""
+    size_found = object_size.size_verdicts(by_size)
     runs = [f"- `{os.path.relpath(r.run.workdir, root)}`: "
             + ("reused (finished earlier)" if r.reused else "run now")
             + (f", {r.seconds / 60:.1f} min" if r.seconds else "") + curve_text(r.val_curve)
@@ -289,6 +296,8 @@ def write_claims(root: str, results: Sequence[RunResult], title: str,
                     *[f"- {v.sentence()}" for v in found], "",
                     *([scale_md, "", "Verdicts (top-1 error; two-sided t-test at 5 %):", "",
                        *[f"- {v.sentence()}" for v in scale_found], ""] if scale_md else []),
+                    *([size_md, "", "Verdicts (top-1 error; two-sided t-test at 5 %):", "",
+                       *[f"- {v.sentence()}" for v in size_found], ""] if size_md else []),
                     "## Runs", "", *runs])
     data = {"title": title,
             "cells": [{"model": m, "variant": v, "view": w, "seeds": list(c.seeds),
@@ -303,6 +312,10 @@ def write_claims(root: str, results: Sequence[RunResult], title: str,
             "scale_probe": [{"model": m, "variant": v, "side": s, "top1": c.as_dict()}
                             for (m, v, s), c in by_side.items()],
             "scale_verdicts": [v.as_dict() for v in scale_found],
+            "object_size": {"edges": list(size_bins.edges) if size_bins else [],
+                             "cells": [{"model": m, "variant": v, "view": w, "bin": object_size.BINS[k],
+                                        "top1": c.as_dict()} for (m, v, w, k), c in by_size.items()],
+                             "verdicts": [v.as_dict() for v in size_found]},
             "missing": [os.path.relpath(r.workdir, root) for r in missing]}
     write_report(root, "claims", md, data)
     if make_plot:
