@@ -41,8 +41,8 @@ from spp_jax.train.config import TrainConfig, build_model
 from spp_jax.train.memory import check_memory
 from spp_jax.train.schedule import PlateauController, lr_at, size_schedule
 from spp_jax.train.state import create_state, optimizer_from_config, set_lr_scale
-from spp_jax.train.steps import (CompiledSteps, abstract_with_sharding, enable_compilation_cache,
-                                 init_key, make_eval_step, make_train_step, pad_eval_batch)
+from spp_jax.train.steps import (CompiledSteps, enable_compilation_cache, init_key, make_eval_step,
+                                 make_train_step, pad_eval_batch)
 from spp_jax.train.workdir import training_workdir
 
 log = logging.getLogger("spp_jax.train")
@@ -190,28 +190,66 @@ def train(config: TrainConfig, workdir: str | os.PathLike, data) -> TrainResult:
             handler.close()
 
 
-def _train(cfg: TrainConfig, workdir: str, data, is_main: bool, ckpt: Checkpointer) -> TrainResult:
+@dataclasses.dataclass
+class _Run:
+    """What every epoch of one invocation needs (fixed once the steps are built)."""
+
+    cfg: TrainConfig
+    data: Any
+    is_main: bool
+    ckpt: Checkpointer
+    steps: CompiledSteps
+    sizes: tuple[int, ...]          # input side of every epoch (the size schedule)
+    spe: int                        # steps per epoch
+    local_bs: int
+    local_eval_bs: int
+    batch_sharding: Any
+    plateau: PlateauController
+    mpath: str                      # metrics.jsonl
+
+    @property
+    def epochs(self) -> int:
+        return len(self.sizes)
+
+
+@dataclasses.dataclass
+class _Position:
+    """Where the run is: its state, the step count (a host copy, so the loop never waits
+    on the device for it), and where a resume would start (epoch, batch, data state)."""
+
+    state: Any
+    step: int
+    epoch: int
+    pos: int
+    it: Any = None                  # this epoch's data iterator (its state is the resume point)
+    data_state: Any = None          # a restored iterator state (first epoch of a resume)
+    window: list = dataclasses.field(default_factory=list)  # step metrics not yet logged
+
+
+def _enable_cache(cfg: TrainConfig, workdir: str) -> None:
     cache = cfg.compile_cache_dir
     if cache.lower() != "none":
         cache = enable_compilation_cache(cache or os.path.join(workdir, "jax_cache"))
         log.info("persistent compilation cache: %s", cache)
 
+
+def _build(cfg: TrainConfig, data, is_main: bool, ckpt: Checkpointer, workdir: str
+           ) -> tuple[_Run, Any, Any, Any]:
+    """The mesh, model, optimizer and compiled-step holder; returns (run, init_fn, key,
+    replicated sharding)."""
     mesh = shd.make_mesh()
     rep, bsh = shd.replicated(mesh), shd.batch_sharding(mesh)
     local_bs = shd.check_batch_size(cfg.batch_size, mesh)
     local_eval_bs = shd.check_batch_size(cfg.eval_batch_size, mesh, "eval_batch_size")
-    n_dev, pidx, pcount = mesh.devices.size, jax.process_index(), jax.process_count()
+    n_dev = mesh.devices.size
     log.info("mesh: %d devices on axis '%s' (%d per process, %d processes); global batch %d",
-             n_dev, shd.DATA_AXIS, jax.local_device_count(), pcount, cfg.batch_size)
-
+             n_dev, shd.DATA_AXIS, jax.local_device_count(), jax.process_count(), cfg.batch_size)
     spe = data.steps_per_epoch(cfg.batch_size)
     if spe < 1:
         raise ValueError(f"the data has fewer samples than one batch of {cfg.batch_size}")
-    epochs = cfg.num_epochs
-    sizes = size_schedule(cfg)
+    sizes = tuple(size_schedule(cfg))
     model = build_model(cfg, data.num_classes)
     tx = optimizer_from_config(cfg, spe)
-
     if jax.default_backend() == "cpu":
         check_memory(cfg.memory_check, model=cfg.model, width=cfg.width, fc_dim=cfg.fc_dim,
                      levels=cfg.levels, num_classes=data.num_classes, sizes=sizes,
@@ -223,140 +261,177 @@ def _train(cfg: TrainConfig, workdir: str, data, is_main: bool, ckpt: Checkpoint
         return create_state(model.init(key, dummy)["params"], tx)
 
     key = init_key(cfg.seed)
-    abstract_state = jax.eval_shape(init_fn, key)
     steps = CompiledSteps(make_train_step(model, tx, cfg.seed), make_eval_step(model),
-                          abstract_state, cfg.batch_size, rep, bsh)
+                          jax.eval_shape(init_fn, key), cfg.batch_size, rep, bsh)
+    run = _Run(cfg, data, is_main, ckpt, steps, sizes, spe, local_bs, local_eval_bs, bsh,
+               PlateauController.from_config(cfg), _metrics_path(workdir))
+    return run, init_fn, key, rep
 
-    plateau = PlateauController.from_config(cfg)
-    restored = ckpt.restore(abstract_with_sharding(abstract_state, rep))
-    if restored is not None:
-        state, meta, resumed_from = restored
-        start_epoch, start_pos = int(meta["epoch"]), int(meta["position"])
-        data_state = meta.get("data_state")
-        if meta.get("plateau"):
-            plateau.set_state(meta["plateau"])
-        if meta.get("seed") != cfg.seed:
-            log.warning("checkpoint was written with seed %s, config has %s", meta.get("seed"),
-                        cfg.seed)
-        log.info("resumed from checkpoint %d: epoch %d, batch %d of %d", resumed_from,
-                 start_epoch, start_pos, spe)
-    else:
+
+def _restore_or_init(run: _Run, init_fn, key, rep) -> tuple[_Position, int | None]:
+    """The newest usable checkpoint's position (plateau state included), else a fresh
+    initialisation; returns (position, the restored checkpoint's step or None)."""
+    cfg = run.cfg
+    restored = run.ckpt.restore(run.steps.abstract_state)  # replicated, as the steps take it
+    if restored is None:
         state = run_once(init_fn, key, out_shardings=rep)
-        start_epoch, start_pos, data_state, resumed_from = 0, 0, None, None
         log.info("initialised %s (%d parameters)", cfg.model,
                  sum(x.size for x in jax.tree.leaves(state.params)))
-    if is_main:
-        _truncate_metrics(_metrics_path(workdir), int(state.step))
+        return _Position(state, int(state.step), 0, 0), None
+    state, meta, resumed_from = restored
+    if meta.get("plateau"):
+        run.plateau.set_state(meta["plateau"])
+    if meta.get("seed") != cfg.seed:
+        log.warning("checkpoint was written with seed %s, config has %s", meta.get("seed"), cfg.seed)
+    prog = _Position(state, int(state.step), int(meta["epoch"]), int(meta["position"]),
+                     data_state=meta.get("data_state"))
+    log.info("resumed from checkpoint %d: epoch %d, batch %d of %d", resumed_from, prog.epoch,
+             prog.pos, run.spe)
+    return prog, resumed_from
 
-    todo = sizes[start_epoch:]
-    if cfg.size_schedule == "random":
+
+def _compile(run: _Run, start_epoch: int) -> None:
+    """Compile the train step of every input size still to come, ahead of time (a random
+    schedule compiles each distinct size on first use instead)."""
+    todo = run.sizes[start_epoch:]
+    if run.cfg.size_schedule == "random":
         log.info("random-size schedule: %d distinct sizes over %d epochs (%s); one train step "
-                 "is compiled per distinct size, on first use", len(set(sizes)), epochs,
-                 sorted(set(sizes)))
-    else:
-        for s in sorted(set(todo), key=todo.index):
-            steps.build(s)
-        log.info("compile times: %s", ", ".join(f"{s}: {t:.2f} s"
-                                                 for s, t in steps.compile_seconds.items()))
+                 "is compiled per distinct size, on first use", len(set(run.sizes)), run.epochs,
+                 sorted(set(run.sizes)))
+        return
+    for s in sorted(set(todo), key=todo.index):
+        run.steps.build(s)
+    log.info("compile times: %s", ", ".join(f"{s}: {t:.2f} s" for s, t in run.steps.compile_seconds.items()))
 
-    def meta_for(epoch, position, dstate):
-        return {"epoch": epoch, "position": position, "data_state": dstate, "seed": cfg.seed,
-                "step": int(state.step), "steps_per_epoch": spe, "plateau": plateau.get_state(),
-                "size": sizes[epoch] if epoch < epochs else None}
 
-    def save(epoch, position, dstate):
-        ckpt.save(int(state.step), state, meta_for(epoch, position, dstate))
+def _save(run: _Run, prog: _Position, epoch: int, position: int, dstate) -> None:
+    """Checkpoint the state with where a resume starts (epoch, batch, data state)."""
+    meta = {"epoch": epoch, "position": position, "data_state": dstate, "seed": run.cfg.seed,
+            "step": int(prog.state.step), "steps_per_epoch": run.spe,
+            "plateau": run.plateau.get_state(), "size": run.sizes[epoch] if epoch < run.epochs else None}
+    run.ckpt.save(int(prog.state.step), prog.state, meta)
 
-    mpath = _metrics_path(workdir)
+
+class _EpochMeter:
+    """Loss / accuracy of an epoch's logged steps, and the time since the last log line."""
+
+    def __init__(self):
+        self.sum, self.n = np.zeros(2), 0
+        self.t_start = self.t_last = time.perf_counter()
+
+
+def _log_window(run: _Run, prog: _Position, size: int, meter: _EpochMeter, bar) -> None:
+    """Check the logged steps' NaN guard, then write one train record (and the bar's text)."""
+    cfg, vals = run.cfg, jax.device_get(prog.window)
+    _check_finite([v["ok"] for v in vals], prog.step - len(vals) + 1, cfg)
+    now = time.perf_counter()
+    ips = len(vals) * cfg.batch_size / max(now - meter.t_last, 1e-9)
+    loss = float(np.mean([v["loss"] for v in vals]))
+    acc = float(np.mean([v["accuracy"] for v in vals]))
+    meter.sum += np.array([loss, acc]) * len(vals)
+    meter.n += len(vals)
+    lr = lr_at(cfg, run.spe, prog.step - 1, run.plateau.scale)
+    rec = {"kind": "train", "epoch": prog.epoch, "step": prog.step, "size": size, "lr": lr,
+           "loss": loss, "accuracy": acc, "images_per_sec": ips,
+           "grad_norm": float(np.mean([v["grad_norm"] for v in vals]))}
+    if run.is_main:
+        _append(run.mpath, rec)
+    if bar is not None:
+        bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.3f}", img_s=f"{ips:.0f}", lr=f"{lr:.2g}")
+    prog.window, meter.t_last = [], now
+
+
+def _train_epoch(run: _Run, prog: _Position, intr: _Interrupt) -> _EpochMeter:
+    """The steps of epoch ``prog.epoch`` from batch ``prog.pos``: log lines, mid-epoch
+    checkpoints, and a KeyboardInterrupt between steps when an interrupt was requested."""
+    cfg, size = run.cfg, run.sizes[prog.epoch]
+    it = run.data.train_iter(prog.epoch, size, run.local_bs, jax.process_index(), jax.process_count(),
+                             state=prog.data_state if prog.pos else None)
+    prog.it = it
+    bar = None
+    if cfg.progress and run.is_main:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=run.spe, initial=prog.pos, desc=f"epoch {prog.epoch + 1}/{run.epochs} @{size}",
+                   unit="step", leave=True, dynamic_ncols=True)
+    prog.window, meter = [], _EpochMeter()
+    while prog.pos < run.spe:
+        try:
+            local = next(it)
+        except StopIteration:
+            raise RuntimeError(f"the training data ran out after {prog.pos} of {run.spe} "
+                               f"batches in epoch {prog.epoch}") from None
+        prog.state, m = run.steps(size, prog.state, shd.global_batch(local, run.batch_sharding,
+                                                                     cfg.batch_size))
+        prog.pos, prog.step = prog.pos + 1, prog.step + 1
+        prog.window.append(m)
+        if bar is not None:
+            bar.update(1)
+        if len(prog.window) == cfg.log_every or prog.pos == run.spe:
+            _log_window(run, prog, size, meter, bar)
+        if intr.requested:
+            raise KeyboardInterrupt
+        if cfg.checkpoint_every and prog.step % cfg.checkpoint_every == 0 and prog.pos < run.spe:
+            _check_finite([w["ok"] for w in prog.window], prog.step - len(prog.window) + 1, cfg)
+            _save(run, prog, prog.epoch, prog.pos, it.get_state())
+    if bar is not None:
+        bar.close()
+    return meter
+
+
+def _end_epoch(run: _Run, prog: _Position, meter: _EpochMeter) -> dict:
+    """Validation, the plateau controller, the epoch record, and the epoch-end checkpoint."""
+    cfg, epoch = run.cfg, prog.epoch
+    dt = max(time.perf_counter() - meter.t_start, 1e-9)
+    rec = {"kind": "epoch", "epoch": epoch, "step": prog.step, "size": run.sizes[epoch],
+           "lr": lr_at(cfg, run.spe, prog.step - 1, run.plateau.scale),
+           "loss": float(meter.sum[0] / meter.n) if meter.n else None,
+           "accuracy": float(meter.sum[1] / meter.n) if meter.n else None,
+           "images_per_sec": meter.n * cfg.batch_size / dt}
+    if cfg.eval_every and (epoch + 1) % cfg.eval_every == 0:
+        rec.update(evaluate(run.steps, prog.state.params, run.data, cfg, run.batch_sharding,
+                            run.local_eval_bs))
+        if cfg.lr_schedule == "plateau" and "val_top1_error" in rec:
+            if run.plateau.update(rec["val_top1_error"]):
+                prog.state = set_lr_scale(prog.state, run.plateau.scale)
+    log.info("epoch %d: %s", epoch, {k: v for k, v in rec.items() if k != "kind"})
+    if run.is_main:
+        _append(run.mpath, rec)
+    _save(run, prog, epoch + 1, 0, None)
+    prog.epoch, prog.pos, prog.it, prog.data_state = epoch + 1, 0, None, None
+    return rec
+
+
+def _save_interrupted(run: _Run, prog: _Position) -> None:
+    """On Ctrl-C: checkpoint where the run stands, unless a step was cut off mid-donation."""
+    state = prog.state
+    if any(x.is_deleted() for x in jax.tree.leaves(state) if hasattr(x, "is_deleted")):
+        log.error("interrupted inside a step; the state was donated, no checkpoint saved")
+        return
+    _check_finite([w["ok"] for w in prog.window], prog.step - len(prog.window) + 1, run.cfg)
+    dstate = prog.it.get_state() if prog.it is not None else (prog.data_state if prog.pos else None)
+    log.warning("interrupted: saving checkpoint at step %d (epoch %d, batch %d)", int(state.step),
+                prog.epoch, prog.pos)
+    _save(run, prog, prog.epoch, prog.pos, dstate)
+
+
+def _train(cfg: TrainConfig, workdir: str, data, is_main: bool, ckpt: Checkpointer) -> TrainResult:
+    _enable_cache(cfg, workdir)
+    run, init_fn, key, rep = _build(cfg, data, is_main, ckpt, workdir)
+    prog, resumed_from = _restore_or_init(run, init_fn, key, rep)
+    if is_main:
+        _truncate_metrics(run.mpath, prog.step)
+    _compile(run, prog.epoch)
     epoch_records = []
-    step = int(state.step)  # host-side copy, so the loop never waits on the device for it
-    window = []  # metrics of the steps since the last log line (their `ok` flags not yet checked)
-    cur = {"epoch": start_epoch, "pos": start_pos, "it": None}  # where a resume would start
     try:
         with _Interrupt() as intr:
-            for epoch in range(start_epoch, epochs):
-                size = sizes[epoch]
-                pos = start_pos if epoch == start_epoch else 0
-                it = data.train_iter(epoch, size, local_bs, pidx, pcount,
-                                     state=data_state if (epoch == start_epoch and pos) else None)
-                cur.update(epoch=epoch, pos=pos, it=it)
-                bar = None
-                if cfg.progress and is_main:
-                    from tqdm.auto import tqdm
-                    bar = tqdm(total=spe, initial=pos, desc=f"epoch {epoch + 1}/{epochs} @{size}",
-                               unit="step", leave=True, dynamic_ncols=True)
-                window, t_last, t_epoch = [], time.perf_counter(), time.perf_counter()
-                ep_sum, ep_n = np.zeros(2), 0
-                while pos < spe:
-                    try:
-                        local = next(it)
-                    except StopIteration:
-                        raise RuntimeError(f"the training data ran out after {pos} of {spe} "
-                                           f"batches in epoch {epoch}") from None
-                    batch = shd.global_batch(local, bsh, cfg.batch_size)
-                    state, m = steps(size, state, batch)
-                    pos, step = pos + 1, step + 1
-                    cur["pos"] = pos
-                    window.append(m)
-                    if bar is not None:
-                        bar.update(1)
-                    if len(window) == cfg.log_every or pos == spe:
-                        vals = jax.device_get(window)
-                        _check_finite([v["ok"] for v in vals], step - len(vals) + 1, cfg)
-                        now = time.perf_counter()
-                        ips = len(window) * cfg.batch_size / max(now - t_last, 1e-9)
-                        loss = float(np.mean([v["loss"] for v in vals]))
-                        acc = float(np.mean([v["accuracy"] for v in vals]))
-                        ep_sum += np.array([loss, acc]) * len(vals)
-                        ep_n += len(vals)
-                        lr = lr_at(cfg, spe, step - 1, plateau.scale)
-                        rec = {"kind": "train", "epoch": epoch, "step": step, "size": size,
-                               "lr": lr, "loss": loss, "accuracy": acc, "images_per_sec": ips,
-                               "grad_norm": float(np.mean([v["grad_norm"] for v in vals]))}
-                        if is_main:
-                            _append(mpath, rec)
-                        if bar is not None:
-                            bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.3f}",
-                                            img_s=f"{ips:.0f}", lr=f"{lr:.2g}")
-                        window, t_last = [], now
-                    if intr.requested:
-                        raise KeyboardInterrupt
-                    if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and pos < spe:
-                        _check_finite([w["ok"] for w in window], step - len(window) + 1, cfg)
-                        save(epoch, pos, it.get_state())
-                if bar is not None:
-                    bar.close()
-                # ---- epoch end: validation, plateau controller, record, checkpoint ----
-                dt = max(time.perf_counter() - t_epoch, 1e-9)
-                rec = {"kind": "epoch", "epoch": epoch, "step": step, "size": size,
-                       "lr": lr_at(cfg, spe, step - 1, plateau.scale),
-                       "loss": float(ep_sum[0] / ep_n) if ep_n else None,
-                       "accuracy": float(ep_sum[1] / ep_n) if ep_n else None,
-                       "images_per_sec": ep_n * cfg.batch_size / dt}
-                if cfg.eval_every and (epoch + 1) % cfg.eval_every == 0:
-                    rec.update(evaluate(steps, state.params, data, cfg, bsh, local_eval_bs))
-                    if cfg.lr_schedule == "plateau" and "val_top1_error" in rec:
-                        if plateau.update(rec["val_top1_error"]):
-                            state = set_lr_scale(state, plateau.scale)
-                log.info("epoch %d: %s", epoch, {k: v for k, v in rec.items() if k != "kind"})
-                if is_main:
-                    _append(mpath, rec)
-                epoch_records.append(rec)
-                save(epoch + 1, 0, None)
-                cur.update(epoch=epoch + 1, pos=0, it=None)
+            while prog.epoch < run.epochs:
+                meter = _train_epoch(run, prog, intr)
+                epoch_records.append(_end_epoch(run, prog, meter))
                 if intr.requested:
                     raise KeyboardInterrupt
     except KeyboardInterrupt:
-        if any(x.is_deleted() for x in jax.tree.leaves(state) if hasattr(x, "is_deleted")):
-            log.error("interrupted inside a step; the state was donated, no checkpoint saved")
-        else:
-            _check_finite([w["ok"] for w in window], step - len(window) + 1, cfg)
-            dstate = (cur["it"].get_state() if cur["it"] is not None
-                      else (data_state if cur["pos"] else None))
-            log.warning("interrupted: saving checkpoint at step %d (epoch %d, batch %d)",
-                        int(state.step), cur["epoch"], cur["pos"])
-            save(cur["epoch"], cur["pos"], dstate)
+        _save_interrupted(run, prog)
         raise
-    if is_main and cfg.plot and os.path.exists(mpath):
-        plot_curves(mpath, os.path.join(workdir, "curves.png"))
-    return TrainResult(state, epoch_records, dict(steps.compile_seconds), resumed_from)
+    if is_main and cfg.plot and os.path.exists(run.mpath):
+        plot_curves(run.mpath, os.path.join(workdir, "curves.png"))
+    return TrainResult(prog.state, epoch_records, dict(run.steps.compile_seconds), resumed_from)
