@@ -607,159 +607,169 @@ def mine_hard_negatives(
     (warm-started, so classes without new negatives cost ~nothing) and easy
     negatives are evicted again.
     """
-    solver_kwargs = dict(solver_kwargs or {})
     if passes > 1 and not callable(images):
         raise ValueError("passes > 1 needs a callable returning the images")
-    store = _FeatureStore(fetch)
-    state: dict[str, Any] = {"K": None}
-    history: list[dict] = []
-
-    def init(k, d):
-        state.update(
-            K=k, D=d,
-            W=np.zeros((k, d), np.float32), b=np.zeros(k, np.float32),
-            pos=[np.empty(0, np.int64) for _ in range(k)],
-            neg=[np.empty(0, np.int64) for _ in range(k)],
-            pos_a=[np.empty(0, np.float32) for _ in range(k)],
-            neg_a=[np.empty(0, np.float32) for _ in range(k)],
-            added=np.zeros(k, np.int64),
-        )
-
+    miner = _Miner(_MiningSettings(C, pos_weight, neg_weight, bias_value, hard_thresh, evict_thresh,
+                                   retrain_every, dict(solver_kwargs or {}), keep_models, log),
+                   _FeatureStore(fetch))
     if positives is not None:
-        Xp = np.asarray(positives[0], np.float32)
-        Yp = np.asarray(positives[1])
-        init(Yp.shape[0], Xp.shape[1])
-        store.chunks[-1] = (np.arange(Xp.shape[0], dtype=np.int64), Xp)
-        for j in range(state["K"]):
-            state["pos"][j] = encode_keys(-1, np.flatnonzero(Yp[j] > 0))
-            state["pos_a"][j] = np.zeros(len(state["pos"][j]), np.float32)
-
-    def merge(keys, alphas, new_keys):
-        """Insert new keys (alpha 0) into a sorted cache, keeping it sorted."""
-        new_keys = new_keys[~np.isin(new_keys, keys)]
-        all_k = np.concatenate([keys, new_keys])
-        all_a = np.concatenate([alphas, np.zeros(len(new_keys), np.float32)])
-        order = np.argsort(all_k, kind="stable")
-        return all_k[order], all_a[order], len(new_keys)
-
-    def solve_group(classes, rec):
-        """One batched solve for ``classes`` over the union of their caches;
-        updates models, dual variables and evicts easy negatives."""
-        keys = np.unique(np.concatenate(
-            [state["pos"][j] for j in classes]
-            + [state["neg"][j] for j in classes]))
-        X = store.get(keys)
-        # Pad the class count to a power of two so few shapes get compiled.
-        kp = 1 << (len(classes) - 1).bit_length()
-        Y = np.zeros((kp, len(keys)), np.int8)
-        A = np.zeros((kp, len(keys)), np.float32)
-        idx = {}
-        for r, j in enumerate(classes):
-            ip = np.searchsorted(keys, state["pos"][j])
-            ineg = np.searchsorted(keys, state["neg"][j])
-            Y[r, ip], Y[r, ineg] = 1, -1
-            A[r, ip], A[r, ineg] = state["pos_a"][j], state["neg_a"][j]
-            idx[j] = (ip, ineg)
-        res = train_linear_svms(
-            X, Y, C=C, pos_weight=pos_weight, neg_weight=neg_weight,
-            bias_value=bias_value, alpha0=A, **solver_kwargs)
-        rec["epochs"].append(res.epochs)
-        for r, j in enumerate(classes):
-            ip, ineg = idx[j]
-            state["W"][j], state["b"][j] = res.weights[r], res.biases[r]
-            state["pos_a"][j] = res.alpha[r, ip]
-            keep = res.scores[r, ineg] >= evict_thresh
-            rec["n_pos"][j] = len(ip)
-            rec["n_neg"][j] = len(ineg)
-            rec["evicted"][j] = int((~keep).sum())
-            rec["rel_gap"][j] = res.rel_gap[r]
-            rec["objective"][j] = res.objective[r]
-            state["neg"][j] = state["neg"][j][keep]
-            state["neg_a"][j] = res.alpha[r, ineg][keep]
-            state["added"][j] = 0
-
-    def retrain(classes, pass_i, image_i):
-        t0 = time.perf_counter()
-        classes = [j for j in classes if len(state["neg"][j]) > 0]
-        if not classes:
-            return
-        # Classes share one solve (X is the union of their caches) only when
-        # their caches overlap enough: the batched solve costs
-        # ~ |union| * (padded class count), separate solves ~ sum of sizes.
-        sizes = [len(state["pos"][j]) + len(state["neg"][j]) for j in classes]
-        union = len(np.unique(np.concatenate(
-            [state["pos"][j] for j in classes]
-            + [state["neg"][j] for j in classes])))
-        kp = 1 << (len(classes) - 1).bit_length()
-        groups = ([classes] if union * kp <= 2 * sum(sizes)
-                  else [[j] for j in classes])
-        rec = dict(pass_=pass_i, image=image_i, classes=list(classes),
-                   n_added={j: int(state["added"][j]) for j in classes},
-                   n_pos={}, n_neg={}, evicted={}, rel_gap={}, objective={},
-                   epochs=[])
-        for g in groups:
-            solve_group(g, rec)
-        # Per-class fields as lists in the order of rec["classes"].
-        for f in ("n_added", "n_pos", "n_neg", "evicted", "rel_gap",
-                  "objective"):
-            rec[f] = [rec[f][j] for j in classes]
-        rec["rel_gap"] = np.asarray(rec["rel_gap"])
-        rec["objective"] = np.asarray(rec["objective"])
-        if keep_models:
-            rec["weights"] = state["W"].copy()
-            rec["biases"] = state["b"].copy()
-        live = np.unique(np.concatenate(state["pos"] + state["neg"]))
-        store.retain(live)
-        rec["seconds"] = time.perf_counter() - t0
-        history.append(rec)
-        if log is not None:
-            log(f"pass {pass_i} image {image_i}: retrained {len(classes)} "
-                f"classes in {len(groups)} solve(s), cache neg "
-                f"{sum(rec['n_neg'])}, evicted {sum(rec['evicted'])}, epochs "
-                f"{max(rec['epochs'])}, max rel gap "
-                f"{rec['rel_gap'].max():.2e}, {rec['seconds']:.1f} s")
-
+        miner.add_positives(np.asarray(positives[0], np.float32), np.asarray(positives[1]))
     first = True
     for pass_i in range(passes):
         it = images() if callable(images) else images
         for image_i, (feats, labels) in enumerate(it):
-            feats = np.asarray(feats, np.float32)
-            labels = np.asarray(labels)
-            if state["K"] is None:
-                init(labels.shape[0], feats.shape[1])
+            feats, labels = np.asarray(feats, np.float32), np.asarray(labels)
+            if miner.caches is None:
+                miner.caches = _Caches(labels.shape[0], feats.shape[1])
             if feats.shape[0] == 0:
                 continue
-            scores = feats @ state["W"].T + state["b"][None, :]  # (n_i, K)
-            new_rows = []
-            for j in range(state["K"]):
-                cand = np.flatnonzero((labels[j] < 0) & (scores[:, j] > hard_thresh))
-                if cand.size:
-                    state["neg"][j], state["neg_a"][j], n_new = merge(
-                        state["neg"][j], state["neg_a"][j],
-                        encode_keys(image_i, cand))
-                    state["added"][j] += n_new
-                    new_rows.append(cand)
-                if positives is None:
-                    pos = np.flatnonzero(labels[j] > 0)
-                    if pos.size:
-                        state["pos"][j], state["pos_a"][j], _ = merge(
-                            state["pos"][j], state["pos_a"][j],
-                            encode_keys(image_i, pos))
-                        new_rows.append(pos)
-            if new_rows:
-                store.add(image_i, np.concatenate(new_rows), feats)
-            due = [j for j in range(state["K"])
-                   if (first and retrain_after_first)
-                   or state["added"][j] > retrain_every]
+            miner.visit(image_i, feats, labels, collect_positives=positives is None)
+            c = miner.caches
+            due = [j for j in range(c.K) if (first and retrain_after_first) or c.added[j] > retrain_every]
             first = False
             if due:
-                retrain(due, pass_i, image_i)
-    if state["K"] is None:
+                miner.retrain(due, pass_i, image_i)
+    if miner.caches is None:
         raise ValueError("no images")
-    retrain(list(range(state["K"])), passes - 1, -1)
-    return MiningResult(
-        weights=state["W"], biases=state["b"],
-        pos_keys=[k.copy() for k in state["pos"]],
-        neg_keys=[k.copy() for k in state["neg"]],
-        history=history,
-    )
+    c = miner.caches
+    miner.retrain(list(range(c.K)), passes - 1, -1)
+    return MiningResult(weights=c.W, biases=c.b, pos_keys=[k.copy() for k in c.pos],
+                        neg_keys=[k.copy() for k in c.neg], history=miner.history)
+
+
+@dataclasses.dataclass(frozen=True)
+class _MiningSettings:
+    """The SVM and mining settings of :func:`mine_hard_negatives` (see its arguments)."""
+
+    C: float
+    pos_weight: float
+    neg_weight: float
+    bias_value: float
+    hard_thresh: float
+    evict_thresh: float
+    retrain_every: int
+    solver_kwargs: dict
+    keep_models: bool
+    log: Callable[[str], None] | None
+
+
+class _Caches:
+    """The K classes' models and caches: per class, sorted row keys of its positives and
+    cached negatives with their dual variables, and how many negatives joined since its
+    last retrain."""
+
+    def __init__(self, k: int, d: int):
+        self.K, self.D = k, d
+        self.W, self.b = np.zeros((k, d), np.float32), np.zeros(k, np.float32)
+        self.pos = [np.empty(0, np.int64) for _ in range(k)]
+        self.neg = [np.empty(0, np.int64) for _ in range(k)]
+        self.pos_a = [np.empty(0, np.float32) for _ in range(k)]
+        self.neg_a = [np.empty(0, np.float32) for _ in range(k)]
+        self.added = np.zeros(k, np.int64)
+
+    def keys_of(self, classes) -> np.ndarray:
+        """The sorted union of the classes' positive and negative keys."""
+        return np.unique(np.concatenate([self.pos[j] for j in classes] + [self.neg[j] for j in classes]))
+
+
+def _merge(keys, alphas, new_keys):
+    """Insert new keys (alpha 0) into a sorted cache, keeping it sorted; also the count added."""
+    new_keys = new_keys[~np.isin(new_keys, keys)]
+    all_k = np.concatenate([keys, new_keys])
+    all_a = np.concatenate([alphas, np.zeros(len(new_keys), np.float32)])
+    order = np.argsort(all_k, kind="stable")
+    return all_k[order], all_a[order], len(new_keys)
+
+
+class _Miner:
+    """One mining run: the caches, the feature store, and the history of retrains."""
+
+    def __init__(self, settings: _MiningSettings, store: _FeatureStore):
+        self.s, self.store = settings, store
+        self.caches: _Caches | None = None
+        self.history: list[dict] = []
+
+    def add_positives(self, Xp: np.ndarray, Yp: np.ndarray) -> None:
+        """Positives collected before mining (R-CNN: all ground-truth boxes first)."""
+        self.caches = c = _Caches(Yp.shape[0], Xp.shape[1])
+        self.store.chunks[-1] = (np.arange(Xp.shape[0], dtype=np.int64), Xp)
+        for j in range(c.K):
+            c.pos[j] = encode_keys(-1, np.flatnonzero(Yp[j] > 0))
+            c.pos_a[j] = np.zeros(len(c.pos[j]), np.float32)
+
+    def visit(self, image_i: int, feats: np.ndarray, labels: np.ndarray, collect_positives: bool) -> None:
+        """Cache the image's hard negatives (and its positives unless given up front)."""
+        c, new_rows = self.caches, []
+        scores = feats @ c.W.T + c.b[None, :]  # (n_i, K)
+        for j in range(c.K):
+            cand = np.flatnonzero((labels[j] < 0) & (scores[:, j] > self.s.hard_thresh))
+            if cand.size:
+                c.neg[j], c.neg_a[j], n_new = _merge(c.neg[j], c.neg_a[j], encode_keys(image_i, cand))
+                c.added[j] += n_new
+                new_rows.append(cand)
+            pos = np.flatnonzero(labels[j] > 0) if collect_positives else np.empty(0, np.int64)
+            if pos.size:
+                c.pos[j], c.pos_a[j], _ = _merge(c.pos[j], c.pos_a[j], encode_keys(image_i, pos))
+                new_rows.append(pos)
+        if new_rows:
+            self.store.add(image_i, np.concatenate(new_rows), feats)
+
+    def retrain(self, classes, pass_i: int, image_i: int) -> None:
+        """Retrain ``classes`` (those with cached negatives), evict easy negatives, log."""
+        t0, c = time.perf_counter(), self.caches
+        classes = [j for j in classes if len(c.neg[j]) > 0]
+        if not classes:
+            return
+        # Classes share one solve (X is the union of their caches) only when their caches
+        # overlap enough: the batched solve costs ~ |union| * (padded class count),
+        # separate solves ~ the sum of the cache sizes.
+        sizes = [len(c.pos[j]) + len(c.neg[j]) for j in classes]
+        kp = 1 << (len(classes) - 1).bit_length()
+        groups = [classes] if len(c.keys_of(classes)) * kp <= 2 * sum(sizes) else [[j] for j in classes]
+        rec = dict(pass_=pass_i, image=image_i, classes=list(classes),
+                   n_added={j: int(c.added[j]) for j in classes},
+                   n_pos={}, n_neg={}, evicted={}, rel_gap={}, objective={}, epochs=[])
+        for g in groups:
+            self._solve_group(g, rec)
+        for f in ("n_added", "n_pos", "n_neg", "evicted", "rel_gap", "objective"):
+            rec[f] = [rec[f][j] for j in classes]  # per-class lists in the order of rec["classes"]
+        rec["rel_gap"], rec["objective"] = np.asarray(rec["rel_gap"]), np.asarray(rec["objective"])
+        if self.s.keep_models:
+            rec["weights"], rec["biases"] = c.W.copy(), c.b.copy()
+        self.store.retain(np.unique(np.concatenate(c.pos + c.neg)))
+        rec["seconds"] = time.perf_counter() - t0
+        self.history.append(rec)
+        if self.s.log is not None:
+            self.s.log(f"pass {pass_i} image {image_i}: retrained {len(classes)} classes in "
+                       f"{len(groups)} solve(s), cache neg {sum(rec['n_neg'])}, evicted "
+                       f"{sum(rec['evicted'])}, epochs {max(rec['epochs'])}, max rel gap "
+                       f"{rec['rel_gap'].max():.2e}, {rec['seconds']:.1f} s")
+
+    def _solve_group(self, classes, rec: dict) -> None:
+        """One batched solve for ``classes`` over the union of their caches; updates the
+        models and dual variables and evicts easy negatives."""
+        c, s = self.caches, self.s
+        keys = c.keys_of(classes)
+        X = self.store.get(keys)
+        kp = 1 << (len(classes) - 1).bit_length()  # padded to a power of two: few compiled shapes
+        Y = np.zeros((kp, len(keys)), np.int8)
+        A = np.zeros((kp, len(keys)), np.float32)
+        idx = {}
+        for r, j in enumerate(classes):
+            ip, ineg = np.searchsorted(keys, c.pos[j]), np.searchsorted(keys, c.neg[j])
+            Y[r, ip], Y[r, ineg] = 1, -1
+            A[r, ip], A[r, ineg] = c.pos_a[j], c.neg_a[j]
+            idx[j] = (ip, ineg)
+        res = train_linear_svms(X, Y, C=s.C, pos_weight=s.pos_weight, neg_weight=s.neg_weight,
+                                bias_value=s.bias_value, alpha0=A, **s.solver_kwargs)
+        rec["epochs"].append(res.epochs)
+        for r, j in enumerate(classes):
+            ip, ineg = idx[j]
+            c.W[j], c.b[j] = res.weights[r], res.biases[r]
+            c.pos_a[j] = res.alpha[r, ip]
+            keep = res.scores[r, ineg] >= s.evict_thresh
+            rec["n_pos"][j], rec["n_neg"][j] = len(ip), len(ineg)
+            rec["evicted"][j] = int((~keep).sum())
+            rec["rel_gap"][j], rec["objective"][j] = res.rel_gap[r], res.objective[r]
+            c.neg[j], c.neg_a[j] = c.neg[j][keep], res.alpha[r, ineg][keep]
+            c.added[j] = 0
