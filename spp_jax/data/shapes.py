@@ -546,56 +546,87 @@ def generate(
     h, w = _image_size(rng)
     short = min(h, w)
     owner = np.full((h, w), -1, np.int16)
-    placed: list[_Placed] = []
-    visible: list[int] = []
-
     if variant in ("classification", "classification_wide", "fine"):
-        shape = int(rng.integers(len(CLASS_NAMES)))
-        if variant == "fine":
-            fine_style = int(rng.integers(len(FINE_FILL_STYLES)))
-            style_ids = [FILL_STYLES.index(FINE_FILL_STYLES[fine_style])]
-            n_obj = 1 if rng.random() < 0.85 else 2
-            radius = short * rng.uniform(0.28, 0.46)
-            p_border, spread = 0.1, 0.4  # Caltech-like: large and mostly centred
-        else:
-            style_ids = list(range(len(FILL_STYLES)))
-            n_obj = int(rng.choice([1, 2, 3], p=[0.6, 0.3, 0.1]))
-            radius = short * _main_radius(rng.uniform(*CLASSIFICATION_RADIUS), variant)
-            p_border, spread = 0.3, 1.0
-        for k in range(n_obj):
-            r = radius if k == 0 else radius * rng.uniform(0.3, 0.7)
-            obj = _try_place(
-                rng, owner, placed, visible, shape, int(rng.choice(style_ids)), r,
-                p_border=p_border if k == 0 else 0.3,
-                min_visible=0.5 if k == 0 else 0.2,
-                max_hide=0.3, spread=spread if k == 0 else 1.0, tries=12 if k == 0 else 6,
-            )
-            if obj is None and k == 0:
-                # Fallback that always succeeds: centred, fully inside the image.
-                obj = _try_place(rng, owner, placed, visible, shape, style_ids[0], short * 0.3,
-                                 p_border=0.0, min_visible=0.5, max_hide=1.0, spread=0.0, tries=50)
-            if obj is not None:
-                placed.append(obj)
-        label = shape * len(FINE_FILL_STYLES) + fine_style if variant == "fine" else shape
+        placed, label = _place_single_label(rng, owner, variant, short)
     else:  # detection / multilabel share the generator
-        n_obj = int(rng.choice([1, 2, 3, 4, 5], p=[0.3, 0.25, 0.2, 0.15, 0.1]))
-        for k in range(n_obj):
-            cls = int(rng.integers(len(CLASS_NAMES)))
-            r = short * math.exp(rng.uniform(math.log(0.035), math.log(0.4)))
-            obj = _try_place(
-                rng, owner, placed, visible, cls, int(rng.integers(len(FILL_STYLES))), r,
-                p_border=0.3, min_visible=0.2, max_hide=0.4, tries=8,
-            )
-            if obj is None and not placed:
-                obj = _try_place(rng, owner, placed, visible, cls, 0, short * 0.2,
-                                 p_border=0.0, min_visible=0.5, max_hide=1.0, spread=0.0, tries=50)
-            if obj is not None:
-                placed.append(obj)
-
+        placed, label = _place_detection(rng, owner, short), None
     if not placed:  # pragma: no cover - the centred fallback cannot fail
         raise RuntimeError(f"no object could be placed for {variant}/{split}/{index}")
+    img = _paint(rng, owner, placed, h, w)
+    objects, keep = _annotate(owner, placed, variant, h, w)
+    out: dict[str, Any] = {"image": img, "index": int(index), "objects": objects}
+    if label is not None:
+        out["label"] = int(label)
+    if variant == "multilabel":
+        multi = np.zeros(len(CLASS_NAMES), bool)
+        multi[objects["label"]] = True
+        out["labels"] = multi
+    if return_mask:
+        # Renumber owners so mask value k matches row k of the kept objects.
+        remap = np.full(len(placed) + 1, -1, np.int16)
+        remap[np.asarray(keep) + 1] = np.arange(len(keep), dtype=np.int16)
+        out["mask"] = remap[owner + 1]
+    return out
 
-    # --- paint: background, then objects in order (later objects on top) ---
+
+def _place_single_label(rng: np.random.Generator, owner: np.ndarray, variant: str, short: int
+                        ) -> tuple[list[_Placed], int]:
+    """The classification / fine objects (1-3, one class; the first dominant) drawn into
+    ``owner`` (the instance map, updated in place); returns them and the image's label."""
+    placed: list[_Placed] = []
+    visible: list[int] = []
+    shape = int(rng.integers(len(CLASS_NAMES)))
+    if variant == "fine":
+        fine_style = int(rng.integers(len(FINE_FILL_STYLES)))
+        style_ids = [FILL_STYLES.index(FINE_FILL_STYLES[fine_style])]
+        n_obj = 1 if rng.random() < 0.85 else 2
+        radius = short * rng.uniform(0.28, 0.46)
+        p_border, spread = 0.1, 0.4  # Caltech-like: large and mostly centred
+    else:
+        style_ids = list(range(len(FILL_STYLES)))
+        n_obj = int(rng.choice([1, 2, 3], p=[0.6, 0.3, 0.1]))
+        radius = short * _main_radius(rng.uniform(*CLASSIFICATION_RADIUS), variant)
+        p_border, spread = 0.3, 1.0
+    for k in range(n_obj):
+        r = radius if k == 0 else radius * rng.uniform(0.3, 0.7)
+        obj = _try_place(
+            rng, owner, placed, visible, shape, int(rng.choice(style_ids)), r,
+            p_border=p_border if k == 0 else 0.3,
+            min_visible=0.5 if k == 0 else 0.2,
+            max_hide=0.3, spread=spread if k == 0 else 1.0, tries=12 if k == 0 else 6,
+        )
+        if obj is None and k == 0:
+            # Fallback that always succeeds: centred, fully inside the image.
+            obj = _try_place(rng, owner, placed, visible, shape, style_ids[0], short * 0.3,
+                             p_border=0.0, min_visible=0.5, max_hide=1.0, spread=0.0, tries=50)
+        if obj is not None:
+            placed.append(obj)
+    return placed, shape * len(FINE_FILL_STYLES) + fine_style if variant == "fine" else shape
+
+
+def _place_detection(rng: np.random.Generator, owner: np.ndarray, short: int) -> list[_Placed]:
+    """The detection / multilabel objects (1-5, independent classes, log-uniform sizes)."""
+    placed: list[_Placed] = []
+    visible: list[int] = []
+    n_obj = int(rng.choice([1, 2, 3, 4, 5], p=[0.3, 0.25, 0.2, 0.15, 0.1]))
+    for _ in range(n_obj):
+        cls = int(rng.integers(len(CLASS_NAMES)))
+        r = short * math.exp(rng.uniform(math.log(0.035), math.log(0.4)))
+        obj = _try_place(
+            rng, owner, placed, visible, cls, int(rng.integers(len(FILL_STYLES))), r,
+            p_border=0.3, min_visible=0.2, max_hide=0.4, tries=8,
+        )
+        if obj is None and not placed:
+            obj = _try_place(rng, owner, placed, visible, cls, 0, short * 0.2,
+                             p_border=0.0, min_visible=0.5, max_hide=1.0, spread=0.0, tries=50)
+        if obj is not None:
+            placed.append(obj)
+    return placed
+
+
+def _paint(rng: np.random.Generator, owner: np.ndarray, placed: list[_Placed], h: int, w: int
+           ) -> np.ndarray:
+    """uint8 (h, w, 3): the background, each object's visible pixels, then blur and noise."""
     # No stroke clutter: with it, from-scratch training of the embedded classifiers
     # stalled at chance for thousands of steps (README, "The embedded default"), and
     # detectors built on those classifiers should see the same kind of images.
@@ -610,16 +641,19 @@ def generate(
         tex = _texture(rng, FILL_STYLES[obj.style], iy1 - iy0, ix1 - ix0, ix0, iy0, c1, c2)
         np.clip(tex, 0, 255, out=tex)
         np.copyto(img[iy0:iy1, ix0:ix1], tex.astype(np.uint8), where=sel[..., None])
-
     # Global sensor-like degradations, applied to objects and background alike.
     if rng.random() < 0.3:
         img = cv2.GaussianBlur(img, (3, 3), 0)
     amp = int(rng.integers(2, 14))
     # Uniform noise in [-amp, amp] via two saturating uint8 ops (faster than int16 math).
     noise = rng.integers(0, 2 * amp + 1, img.shape, dtype=np.uint8)
-    img = cv2.subtract(cv2.add(img, noise), (amp, amp, amp, 0))
+    return cv2.subtract(cv2.add(img, noise), (amp, amp, amp, 0))
 
-    # --- annotations: tight boxes of the visible pixels ---
+
+def _annotate(owner: np.ndarray, placed: list[_Placed], variant: str, h: int, w: int
+              ) -> tuple[dict[str, np.ndarray], list[int]]:
+    """Tight boxes of the visible pixels, labels and difficult flags of the objects that
+    stay visible (hidden ones are removed from ``owner``); also the kept objects' indices."""
     boxes, labels, difficult, keep = [], [], [], []
     for k, obj in enumerate(placed):
         ix0, iy0, ix1, iy1, _ = _clip_window(obj.x0, obj.y0, obj.mask, h, w)
@@ -642,28 +676,9 @@ def generate(
         labels.append(lab)
         difficult.append(diff)
         keep.append(k)
-
-    out: dict[str, Any] = {
-        "image": img,
-        "index": int(index),
-        "objects": {
-            "bbox": np.asarray(boxes, np.int32).reshape(-1, 4),
-            "label": np.asarray(labels, np.int64),
-            "difficult": np.asarray(difficult, bool),
-        },
-    }
-    if variant in ("classification", "classification_wide", "fine"):
-        out["label"] = int(label)
-    if variant == "multilabel":
-        multi = np.zeros(len(CLASS_NAMES), bool)
-        multi[out["objects"]["label"]] = True
-        out["labels"] = multi
-    if return_mask:
-        # Renumber owners so mask value k matches row k of the kept objects.
-        remap = np.full(len(placed) + 1, -1, np.int16)
-        remap[np.asarray(keep) + 1] = np.arange(len(keep), dtype=np.int16)
-        out["mask"] = remap[owner + 1]
-    return out
+    objects = {"bbox": np.asarray(boxes, np.int32).reshape(-1, 4),
+               "label": np.asarray(labels, np.int64), "difficult": np.asarray(difficult, bool)}
+    return objects, keep
 
 
 class ShapesSource:
