@@ -7,12 +7,14 @@ difference of the means is larger than what the seed-to-seed variation explains.
 
 The test is a two-sided Student t-test at the 5 % level:
 
-* **paired** when both numbers of each seed come from the same trained network (a
-  protocol against another, e.g. 1 full against 1 crop): the per-seed differences
-  ``d_i`` give ``SE = std(d) / sqrt(n)`` with ``n - 1`` degrees of freedom;
-* **unpaired** when they come from different trainings (a variant against another):
-  Welch's ``SE = sqrt(s_a^2 / n_a + s_b^2 / n_b)`` with the Welch-Satterthwaite degrees
-  of freedom (rounded down, at least 1).
+* **paired** when the two numbers of a seed share what the seed decides: the same
+  trained network tested two ways (1 full against 1 crop), or two variants trained from
+  the same seed, i.e. the same initial weights and the same images, order and
+  augmentation (the grid's variants: :mod:`spp_jax.train.claims`).  The per-seed
+  differences ``d_i`` give ``SE = std(d) / sqrt(n)`` with ``n - 1`` degrees of freedom;
+  the seeds' common luck cancels;
+* **unpaired** otherwise: Welch's ``SE = sqrt(s_a^2 / n_a + s_b^2 / n_b)`` with the
+  Welch-Satterthwaite degrees of freedom (rounded down, at least 1).
 
 With 3 seeds the bar is high on purpose (t = 4.30 at 2 degrees of freedom): a
 difference the seeds cannot separate is reported as such, not as a confirmation.
@@ -47,6 +49,7 @@ class SeedStats:
     """One table cell over seeds: sample mean and std (ddof 1; 0 for one seed)."""
 
     values: tuple[float, ...]
+    seeds: tuple = ()  # the seed of each value, when known (for pairing two cells)
 
     @property
     def n(self) -> int:
@@ -70,12 +73,29 @@ class SeedStats:
         return {"mean": self.mean, "std": self.std, "n": self.n, "values": list(self.values)}
 
 
-def seed_stats(values: Sequence[float]) -> SeedStats:
-    """SeedStats of one or more finite values."""
+def seed_stats(values: Sequence[float], seeds: Sequence = ()) -> SeedStats:
+    """SeedStats of one or more finite values (and their seeds, if given: one per value)."""
     vals = tuple(float(v) for v in values)
     if not vals or not all(math.isfinite(v) for v in vals):
         raise ValueError(f"need one or more finite values, got {values!r}")
-    return SeedStats(vals)
+    if seeds and len(seeds) != len(vals):
+        raise ValueError(f"{len(seeds)} seeds for {len(vals)} values")
+    return SeedStats(vals, tuple(seeds))
+
+
+def by_seed(per_seed: dict) -> SeedStats:
+    """SeedStats of ``{seed: value}``, in seed order (None first)."""
+    seeds = sorted(per_seed, key=lambda s: -1 if s is None else s)
+    return seed_stats([per_seed[s] for s in seeds], seeds)
+
+
+def on_shared_seeds(a: SeedStats, b: SeedStats) -> tuple[list[float], list[float]]:
+    """The values of two cells on the seeds both have, in the same order (for pairing)."""
+    if not a.seeds or not b.seeds:
+        raise ValueError("pairing needs the seed of every value")
+    bb = dict(zip(b.seeds, b.values))
+    shared = [(v, bb[s]) for s, v in zip(a.seeds, a.values) if s in bb]
+    return [x for x, _ in shared], [y for _, y in shared]
 
 
 @dataclasses.dataclass(frozen=True)

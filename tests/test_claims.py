@@ -104,15 +104,35 @@ def test_aggregate_and_verdicts_against_numpy(tmp_path):
     assert c.seeds == (0, 1, 2)
     assert ("zf5", "nospp", "1full") not in cells  # no-SPP nets have no full-image views
     found = {v.claim: v for v in claims.verdicts(results)}
-    # The jitter is the same per seed in every cell: unpaired, a 4-point SPP gain against a
-    # std of 1.26 holds; multi vs single (1 point) does not; paired view gains are exact.
+    # The jitter is the same per seed in every cell, as the luck of an initialisation is
+    # shared by the variants of one seed: paired over seeds, every difference is exact.
     spp = found["zf5, 10-view: SPP beats no SPP"]
-    assert spp.diff == pytest.approx(4.0) and spp.outcome == seedstats.HOLDS and not spp.paired
+    assert spp.diff == pytest.approx(4.0) and spp.outcome == seedstats.HOLDS and spp.paired
     ms = found["zf5, 1 crop: multi-size training beats single-size"]
-    assert ms.diff == pytest.approx(1.0) and ms.outcome == seedstats.NOISE
+    assert ms.diff == pytest.approx(1.0) and ms.outcome == seedstats.HOLDS and ms.se == 0.0
     full = found["overfeat7, SPP multi-size: 1 full beats 1 crop"]
     assert full.paired and full.diff == pytest.approx(2.0) and full.outcome == seedstats.HOLDS
     assert len(found) == 2 * (2 * 2 + 2 * 2)
+
+
+def test_variants_are_paired_by_seed(tmp_path):
+    """ZF-5's first three seeds (1-crop top-1 %): seed 2 is bad for both variants. Unpaired,
+    multi-size's loss is lost in that spread; paired by seed it is 4.8 +- 1.7 points, beyond
+    the 5 % bar (t = 4.30 at 2 degrees of freedom)."""
+    runs = {(r.variant.key, r.seed): r for r in plan(tmp_path, models=("zf5",))}
+    single, multi = [39.4, 29.4, 57.4], [43.4, 33.0, 64.2]
+    results = [grid.RunResult(runs[(v, s)], {"1crop": (e, 0.0)}, 1.0, True)
+               for v, errs in (("single", single), ("multi", multi)) for s, e in enumerate(errs)]
+    (v,) = [x for x in claims.verdicts(results) if "multi-size" in x.claim]
+    d = np.subtract(single, multi)
+    assert v.paired and v.n == 3 and v.diff == pytest.approx(d.mean())
+    assert v.se == pytest.approx(np.std(d, ddof=1) / np.sqrt(3))
+    assert v.outcome == seedstats.REVERSED and abs(v.diff) > 4.303 * v.se
+    welch = seedstats.compare("x", ("a", single), ("b", multi), paired=False)
+    assert welch.outcome == seedstats.NOISE  # what an unpaired test would have said
+    # Only the seeds both variants finished are paired.
+    (v2,) = [x for x in claims.verdicts(results[:3] + results[3:5]) if "multi-size" in x.claim]
+    assert v2.n == 2 and v2.diff == pytest.approx(d[:2].mean())
 
 
 def test_write_claims(tmp_path):
@@ -226,11 +246,13 @@ def test_scale_probe_of_the_spp_runs(tmp_path):
     assert by[("multi", 1)].scale_errors == {128: (22.5, 1.0), 256: (20.5, 1.0), 384: (22.5, 1.0)}
     cells = claims.scale_cells(probed)
     assert cells[("zf5", "single", 128)].values == (28.0, 28.5)  # seeds 0 and 1 only
+    assert cells[("zf5", "single", 128)].seeds == (0, 1)
     assert cells[("zf5", "multi", 384)].mean == pytest.approx(22.0)
     assert cells[("zf5", "multi", 384)].std == pytest.approx(np.std([22, 22.5, 21.5], ddof=1))
     found = {v.claim: v for v in claims.scale_verdicts(cells)}
     far = found["zf5, 1 full at shorter side 128: multi-size training beats single-size"]
-    assert far.diff == pytest.approx(28.25 - 22.0) and far.outcome == seedstats.HOLDS
+    # Paired on the seeds both have (0 and 1): single 28, 28.5 against multi 22, 22.5.
+    assert far.diff == pytest.approx(6.0) and far.n == 2 and far.outcome == seedstats.HOLDS
     assert found["zf5, 1 full at shorter side 256: multi-size training beats single-size"].outcome == seedstats.NOISE
     # Probed runs are not probed again (only the one without a checkpoint is retried).
     calls.clear()

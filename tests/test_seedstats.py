@@ -74,3 +74,14 @@ def test_one_seed_is_untested():
     assert "untested" in v.sentence()
     with pytest.raises(ValueError):
         S.compare("c", ("w", [1, 2, 3]), ("b", [1, 2]), paired=True)
+
+
+def test_cells_keep_their_seeds_for_pairing():
+    a = S.by_seed({2: 57.4, 0: 39.4, 1: 29.4})
+    assert a.values == (39.4, 29.4, 57.4) and a.seeds == (0, 1, 2)
+    b = S.by_seed({1: 33.0, 0: 43.4})  # seed 2 not finished
+    assert S.on_shared_seeds(a, b) == ([39.4, 29.4], [43.4, 33.0])
+    with pytest.raises(ValueError, match="seed of every value"):
+        S.on_shared_seeds(a, S.seed_stats([1.0, 2.0]))
+    with pytest.raises(ValueError, match="2 seeds for 3 values"):
+        S.seed_stats([1.0, 2.0, 3.0], seeds=(0, 1))

@@ -8,10 +8,14 @@ variants x seeds, :mod:`spp_jax.train.grid`).  Output, each cell mean ± std ove
 * **Tables 3-5** (views): per model, rows the testing views (1 crop, 1 full, 10-view,
   multi-view 96+2), columns the variants;
 * **verdicts** (:mod:`spp_jax.seedstats`), on top-1 error, per model:
-  SPP single-size beats no SPP and multi-size beats single-size (unpaired: different
-  trainings), each at 1 crop and 10-view; 1 full beats 1 crop and multi-view beats
-  10-view (paired: the same networks tested two ways; multi-view against 10-view on the
-  same images when multi-view was tested on fewer), for each SPP variant;
+  SPP single-size beats no SPP and multi-size beats single-size, each at 1 crop and
+  10-view (paired over seeds: the runs of one seed start from the same initial conv
+  weights — all weights for single- vs multi-size — and see the same images in the same
+  order with the same augmentation, so the per-seed difference cancels the
+  initialisation luck that dominates a single run here); 1 full beats 1 crop and
+  multi-view beats 10-view (paired: the same networks tested two ways; multi-view
+  against 10-view on the same images when multi-view was tested on fewer), for each SPP
+  variant;
 * one figure: top-1 error per view and variant with ± std error bars, a panel per model;
 * the test-scale probe (:func:`scale_cells`) and the error by object size
   (:mod:`spp_jax.train.object_size`), each with multi- against single-size verdicts.
@@ -79,14 +83,9 @@ def aggregate(results: Sequence[RunResult]) -> dict[tuple[str, str, str], Cell]:
     return cells
 
 
-def _top1(results, model, variant, view) -> tuple[str, list[float]] | None:
-    per = _per_seed(results, model, variant, view)
-    return None if not per else (variant, [per[s][0] for s in sorted(per, key=lambda s: s or 0)])
-
-
-def _paired(results, model, variant, view_a, view_b):
-    """Per-seed top-1 errors of two views, on the seeds where both were measured."""
-    a, b = _per_seed(results, model, variant, view_a), _per_seed(results, model, variant, view_b)
+def _paired(results, model, cell_a: tuple[str, str], cell_b: tuple[str, str]):
+    """Per-seed top-1 errors of two (variant, view) cells, on the seeds both measured."""
+    a, b = _per_seed(results, model, *cell_a), _per_seed(results, model, *cell_b)
     seeds = sorted(set(a) & set(b), key=lambda s: s or 0)
     return [a[s][0] for s in seeds], [b[s][0] for s in seeds]
 
@@ -101,16 +100,16 @@ def verdicts(results: Sequence[RunResult], variants: Sequence[Variant] = VARIANT
         for claim, worse, better in (("SPP beats no SPP", "nospp", "single"),
                                      ("multi-size training beats single-size", "single", "multi")):
             for view in ("1crop", "10view"):
-                w, b = _top1(results, model, worse, view), _top1(results, model, better, view)
-                if w and b:
+                w, b = _paired(results, model, (worse, view), (better, view))
+                if w:
                     out.append(seedstats.compare(
-                        f"{model}, {VIEW_TITLES[view]}: {claim}", (titles[worse], w[1]),
-                        (titles[better], b[1]), paired=False))
+                        f"{model}, {VIEW_TITLES[view]}: {claim}", (titles[worse], w),
+                        (titles[better], b), paired=True))
         for variant in ("single", "multi"):
             ten = MATCHED if _per_seed(results, model, variant, MATCHED) else "10view"
             for claim, worse, better in (("1 full beats 1 crop", "1crop", "1full"),
                                          ("multi-view beats 10-view", ten, "multiview")):
-                w, b = _paired(results, model, variant, worse, better)
+                w, b = _paired(results, model, (variant, worse), (variant, better))
                 if w:
                     out.append(seedstats.compare(
                         f"{model}, {titles[variant]}: {claim}", (VIEW_TITLES[worse], w),
@@ -183,20 +182,21 @@ def scale_cells(results: Sequence[RunResult]) -> ScaleCells:
     for r in results:
         for side, (top1, _) in r.scale_errors.items():
             per.setdefault((r.run.model, r.run.variant.key, side), {})[r.run.seed] = top1
-    return {k: seedstats.seed_stats([v[s] for s in sorted(v, key=lambda s: s or 0)])
-            for k, v in sorted(per.items(), key=str)}
+    return {k: seedstats.by_seed(v) for k, v in sorted(per.items(), key=str)}
 
 
 def scale_verdicts(cells: ScaleCells) -> list[seedstats.Verdict]:
     """Per model and test side (``cells`` from :func:`scale_cells`): "multi-size training
-    beats single-size" on the 1-full view."""
+    beats single-size" on the 1-full view (paired over seeds, as :func:`verdicts`)."""
     out = []
     for model, side in sorted({(m, s) for m, _, s in cells}):
         single, multi = cells.get((model, "single", side)), cells.get((model, "multi", side))
         if single and multi:
-            out.append(seedstats.compare(
-                f"{model}, 1 full at shorter side {side}: multi-size training beats single-size",
-                ("SPP single-size", single.values), ("SPP multi-size", multi.values), paired=False))
+            w, b = seedstats.on_shared_seeds(single, multi)
+            if w:
+                out.append(seedstats.compare(
+                    f"{model}, 1 full at shorter side {side}: multi-size training beats single-size",
+                    ("SPP single-size", w), ("SPP multi-size", b), paired=True))
     return out
 
 

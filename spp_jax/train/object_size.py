@@ -71,21 +71,22 @@ def size_cells(results: Sequence[RunResult], bins: SizeBins) -> SizeCells:
                 err = _bin_error(r.hits.get(view, {}), bins, k)
                 if err is not None:
                     per.setdefault((r.run.model, r.run.variant.key, view, k), {})[r.run.seed] = err
-    return {key: seedstats.seed_stats([v[s] for s in sorted(v, key=lambda s: s or 0)])
-            for key, v in sorted(per.items(), key=str)}
+    return {key: seedstats.by_seed(v) for key, v in sorted(per.items(), key=str)}
 
 
 def size_verdicts(cells: SizeCells) -> list[seedstats.Verdict]:
-    """Per model, view (1 crop, 10-view) and size bin: multi-size training beats single-size."""
+    """Per model, view (1 crop, 10-view) and size bin: multi-size training beats
+    single-size (paired over seeds, as :func:`spp_jax.train.claims.verdicts`)."""
     out = []
     for model, view, k in sorted({(m, w, k) for m, _, w, k in cells if w != "1full"},
                                  key=lambda t: (t[0], VIEWS.index(t[1]), t[2])):
         single, multi = cells.get((model, "single", view, k)), cells.get((model, "multi", view, k))
         if single and multi:
-            out.append(seedstats.compare(
-                f"{model}, {VIEW_TITLES[view]}, {BINS[k]} objects: multi-size training beats "
-                "single-size", ("SPP single-size", single.values), ("SPP multi-size", multi.values),
-                paired=False))
+            w, b = seedstats.on_shared_seeds(single, multi)
+            if w:
+                out.append(seedstats.compare(
+                    f"{model}, {VIEW_TITLES[view]}, {BINS[k]} objects: multi-size training beats "
+                    "single-size", ("SPP single-size", w), ("SPP multi-size", b), paired=True))
     return out
 
 
