@@ -123,9 +123,10 @@ class Verdict:
         kind = "paired" if self.paired else "unpaired"
         if self.outcome == UNTESTED:
             return f"{self.claim}: {self.better} vs {self.worse}: {self.diff:+.2f} points, {UNTESTED}."
-        return (f"{self.claim}: {self.outcome}: {self.better} is {self.diff:+.2f} points better than "
-                f"{self.worse} (SE {self.se:.2f}, 5 % bar {self.bar:.2f}, {kind}, {self.n} seeds; "
-                f"seed-to-seed std {self.seed_std:.2f}).")
+        how = f"{abs(self.diff):.2f} points {'better' if self.diff >= 0 else 'worse'}"
+        return (f"{self.claim}: {self.outcome}: {self.better} is {how} than {self.worse} (SE "
+                f"{self.se:.2f}, 5 % bar {self.bar:.2f}, {kind}, {self.n} seeds; seed-to-seed std "
+                f"{self.seed_std:.2f}).")
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)

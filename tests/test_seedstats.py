@@ -85,3 +85,11 @@ def test_cells_keep_their_seeds_for_pairing():
         S.on_shared_seeds(a, S.seed_stats([1.0, 2.0]))
     with pytest.raises(ValueError, match="2 seeds for 3 values"):
         S.seed_stats([1.0, 2.0, 3.0], seeds=(0, 1))
+
+
+def test_sentence_says_better_or_worse():
+    worse = S.compare("multi beats single", ("single", [39.4, 29.4, 57.4]), ("multi", [43.4, 33.0, 64.2]),
+                      paired=True)
+    assert worse.outcome == S.REVERSED and "multi is 4.80 points worse than single" in worse.sentence()
+    better = S.compare("b beats a", ("a", [3.0, 4.0]), ("b", [1.0, 1.5]), paired=True)
+    assert "b is 2.25 points better than a" in better.sentence()
