@@ -9,7 +9,9 @@ the protocols, and writes WORKDIR/claims.md, claims.json and claims.png: Table 2
 views tables with mean ± std over seeds, and a verdict per claim.  Every finished SPP run
 is then also tested whole at several test scales (`scale_sides`; claims_scale.png): how
 far multi-size training makes the network robust to objects bigger or smaller than in
-training.
+training; on the embedded data, each run's errors are also split by the size of the images'
+main object (terciles). Variants are compared paired over seeds (a seed fixes the initial
+weights and the images, order and augmentation of every variant).
 
 Keys: the grid's own (listed below) and any training key (`python -m experiments.train
 --help`), which then applies to every run, e.g. `val_examples=2000`.
