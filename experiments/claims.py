@@ -113,7 +113,7 @@ def main(argv=None):
         md = claims.write_claims(args.workdir, results, "SPP-net classification claims, "
                                  f"{first.dataset} data, {len(cfg.seeds)} seeds", variants,
                                  missing=missing,
-                                 size_bins=object_size.size_bins_for(first, first.val_examples))
+                                 size_bins=object_size.size_bins_for(first))
     print(md)
 
 

@@ -83,19 +83,28 @@ def seed_stats(values: Sequence[float], seeds: Sequence = ()) -> SeedStats:
     return SeedStats(vals, tuple(seeds))
 
 
+def _seed_order(seed) -> int:
+    return -1 if seed is None else seed
+
+
 def by_seed(per_seed: dict) -> SeedStats:
     """SeedStats of ``{seed: value}``, in seed order (None first)."""
-    seeds = sorted(per_seed, key=lambda s: -1 if s is None else s)
+    seeds = sorted(per_seed, key=_seed_order)
     return seed_stats([per_seed[s] for s in seeds], seeds)
 
 
+def shared_seed_values(a: dict, b: dict) -> tuple[list, list]:
+    """The values of two ``{seed: value}`` maps on the seeds both have, in seed order: the
+    two samples of a test paired over seeds."""
+    seeds = sorted(set(a) & set(b), key=_seed_order)
+    return [a[s] for s in seeds], [b[s] for s in seeds]
+
+
 def on_shared_seeds(a: SeedStats, b: SeedStats) -> tuple[list[float], list[float]]:
-    """The values of two cells on the seeds both have, in the same order (for pairing)."""
+    """:func:`shared_seed_values` of two cells (each must know its values' seeds)."""
     if not a.seeds or not b.seeds:
         raise ValueError("pairing needs the seed of every value")
-    bb = dict(zip(b.seeds, b.values))
-    shared = [(v, bb[s]) for s, v in zip(a.seeds, a.values) if s in bb]
-    return [x for x, _ in shared], [y for _, y in shared]
+    return shared_seed_values(dict(zip(a.seeds, a.values)), dict(zip(b.seeds, b.values)))
 
 
 @dataclasses.dataclass(frozen=True)

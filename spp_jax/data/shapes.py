@@ -97,6 +97,7 @@ __all__ = [
     "FINE_FILL_STYLES",
     "FINE_CLASS_NAMES",
     "VARIANTS",
+    "SINGLE_LABEL_VARIANTS",
     "SPLITS",
     "MIN_SIDE",
     "MAX_SIDE",
@@ -141,6 +142,8 @@ FINE_CLASS_NAMES: tuple[str, ...] = tuple(
 )
 
 VARIANTS: tuple[str, ...] = ("classification", "detection", "multilabel", "fine", "classification_wide")
+#: The variants whose images have one class label (``"label"``); the others are multi-object.
+SINGLE_LABEL_VARIANTS: tuple[str, ...] = ("classification", "classification_wide", "fine")
 SPLITS: tuple[str, ...] = ("train", "validation", "test", "trainval")
 
 MIN_SIDE = 120  # px, smallest shorter image side
@@ -546,7 +549,7 @@ def generate(
     h, w = _image_size(rng)
     short = min(h, w)
     owner = np.full((h, w), -1, np.int16)
-    if variant in ("classification", "classification_wide", "fine"):
+    if variant in SINGLE_LABEL_VARIANTS:
         placed, label = _place_single_label(rng, owner, variant, short)
     else:  # detection / multilabel share the generator
         placed, label = _place_detection(rng, owner, short), None

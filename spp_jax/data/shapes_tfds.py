@@ -173,7 +173,7 @@ class SppShapes(tfds.core.GeneratorBasedBuilder):
                 }
             ),
         }
-        if cfg.variant in ("classification", "classification_wide", "fine"):
+        if cfg.variant in shapes.SINGLE_LABEL_VARIANTS:
             feats["label"] = tfds.features.ClassLabel(names=names)
         if cfg.variant == "multilabel":
             feats["labels"] = tfds.features.Tensor(shape=(len(names),), dtype=np.bool_)

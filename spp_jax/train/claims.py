@@ -86,8 +86,7 @@ def aggregate(results: Sequence[RunResult]) -> dict[tuple[str, str, str], Cell]:
 def _paired(results, model, cell_a: tuple[str, str], cell_b: tuple[str, str]):
     """Per-seed top-1 errors of two (variant, view) cells, on the seeds both measured."""
     a, b = _per_seed(results, model, *cell_a), _per_seed(results, model, *cell_b)
-    seeds = sorted(set(a) & set(b), key=lambda s: s or 0)
-    return [a[s][0] for s in seeds], [b[s][0] for s in seeds]
+    return seedstats.shared_seed_values({s: e[0] for s, e in a.items()}, {s: e[0] for s, e in b.items()})
 
 
 def verdicts(results: Sequence[RunResult], variants: Sequence[Variant] = VARIANTS

@@ -45,13 +45,14 @@ class SizeBins:
         return f"{BINS[k]} (box {lo:.0f}-{hi:.0f} px at {side})"
 
 
-def size_bins_for(cfg: TrainConfig, n: int) -> SizeBins | None:
-    """The bins of a grid's validation images 0..n-1 (embedded data only; else None)."""
+def size_bins_for(cfg: TrainConfig) -> SizeBins | None:
+    """The bins of a run's validation images (``val_examples`` of them; embedded data only,
+    else None)."""
     if not embedded(cfg.dataset):
         return None
     from spp_jax.data import datasets, shapes
     return SizeBins.terciles(shapes.main_object_scales(datasets.EMBEDDED[cfg.dataset], "validation",
-                                                       n, cfg.dataset_seed))
+                                                       cfg.val_examples, cfg.dataset_seed))
 
 
 def _bin_error(hits: dict[int, tuple[bool, bool]], bins: SizeBins, k: int) -> float | None:
