@@ -53,6 +53,25 @@ def test_full_view_on_maps_equals_whole_net_crop(tiny):
     np.testing.assert_allclose(p[:, -1], crops, rtol=1e-5, atol=1e-6)
 
 
+def test_full_view_is_the_same_on_both_paths(tiny):
+    # "1 full" comes from the window pass (with the flip) for the multi-view images and from
+    # score_full for the rest: both must give the same probabilities, padded buckets included.
+    m, v = tiny
+    rng = np.random.default_rng(5)
+    s = Scorer(Server(m, v))
+    for h, w in [(256, 300), (256, 256), (333, 256)]:
+        img = rng.normal(0, 60, (h, w, 3)).astype(np.float32)
+        bucket = s.server.bucket(h, w, 256)
+        via_windows = s.score_windows(img, np.zeros((0, 4)), bucket, 10, include_full=True)[0, -1]
+        np.testing.assert_allclose(s.score_full(img, bucket), via_windows, rtol=1e-5, atol=1e-6)
+    items = [{"image": rng.integers(0, 255, (h, w, 3), dtype=np.uint8), "label": i % 4}
+             for i, (h, w) in enumerate([(240, 320), (300, 200), (256, 256)])]
+    both = evaluate(m, v, InMemorySource(items), protocols=("1full", "multiview"), scales=(224, 256),
+                    multiview_limit=2, progress=False)
+    alone = evaluate(m, v, InMemorySource(items), protocols=("1full",), progress=False)
+    assert both["1full"].top1_hits == alone["1full"].top1_hits
+
+
 def test_protocols_smoke(tiny):
     m, v = tiny
     rng = np.random.default_rng(1)

@@ -103,22 +103,24 @@ def _map_views(scorer: Scorer, img: np.ndarray, cfg: AugmentConfig, scales: Sequ
     """Full and multi-view probabilities of one uint8 image.
 
     Returns (full (classes,), multiview (classes,) or None, number of multi-views).
+    Without multi-view only the image itself is scored (:meth:`Scorer.score_full`): the
+    flipped map that multi-view also needs would be computed and thrown away.
     """
+    if not want_multiview:
+        x = scorer.server.prepare(img, cfg.resize_side)
+        return scorer.score_full(x, scorer.server.bucket(*x.shape[:2], cfg.resize_side)), None, 0
     views = []
     full = None
-    todo = sorted(set(scales) | {cfg.resize_side}) if want_multiview else [cfg.resize_side]
-    for s in todo:
+    for s in sorted(set(scales) | {cfg.resize_side}):
         x = scorer.server.prepare(img, s)  # shorter side s, minus the mean (image)
         h, w = x.shape[:2]
         is_full_scale = s == cfg.resize_side
-        boxes = nine_windows(h, w, cfg.crop_size) if (want_multiview and s in scales) else np.zeros((0, 4))
+        boxes = nine_windows(h, w, cfg.crop_size) if s in scales else np.zeros((0, 4))
         p = scorer.score_windows(x, boxes, scorer.server.bucket(h, w, s), _SLOTS, include_full=is_full_scale)
         if is_full_scale:
             full = p[:, -1]  # (2, classes): the full image and its flip
             p = p[:, :-1]
         views.append(p.reshape(-1, p.shape[-1]))
-    if not want_multiview:
-        return full[0], None, 0
     mv = np.concatenate(views + [full])  # 96 windows (for typical images) + 2 full views
     return full[0], mv.mean(axis=0), len(mv)
 
