@@ -16,6 +16,13 @@ The test is a two-sided Student t-test at the 5 % level:
 * **unpaired** otherwise: Welch's ``SE = sqrt(s_a^2 / n_a + s_b^2 / n_b)`` with the
   Welch-Satterthwaite degrees of freedom (rounded down, at least 1).
 
+Each error is measured on a finite test set, in steps of ``100 / images`` points, so
+identical per-seed differences (a sample spread of 0, which a t-test would call infinitely
+significant) say only that the spread is below one step.  Given ``images``, the spread
+used is at least that of rounding each error to the step (variance ``step^2 / 12`` per
+error; a paired difference has two): with 2 seeds and 100 images a difference has to
+exceed 3.7 points however alike the seeds were.
+
 With 3 seeds the bar is high on purpose (t = 4.30 at 2 degrees of freedom): a
 difference the seeds cannot separate is reported as such, not as a confirmation.
 Errors are in percentage points throughout.
@@ -150,10 +157,12 @@ def _outcome(diff: float, bar: float) -> str:
 
 
 def compare(claim: str, worse: tuple[str, Sequence[float]], better: tuple[str, Sequence[float]],
-            *, paired: bool) -> Verdict:
+            *, paired: bool, images: int = 0) -> Verdict:
     """Test "``better`` has lower error than ``worse``"; each is (label, per-seed errors).
 
-    Paired samples must list the same seeds in the same order.
+    Paired samples must list the same seeds in the same order.  ``images``: the number of
+    test images each error was measured on (the fewer of the two sides'); it floors the
+    spread at the measurement's resolution (see the module docstring).  0: no floor.
     """
     (wl, wv), (bl, bv) = worse, better
     a, b = seed_stats(wv), seed_stats(bv)
@@ -163,11 +172,12 @@ def compare(claim: str, worse: tuple[str, Sequence[float]], better: tuple[str, S
         raise ValueError(f"paired comparison needs the same seeds: {a.n} vs {b.n} values")
     if min(a.n, b.n) < 2:
         return Verdict(claim, wl, bl, diff, math.nan, math.nan, pooled, min(a.n, b.n), paired, UNTESTED)
+    rounding = (100.0 / images) ** 2 / 12 if images else 0.0  # variance of one error's rounding
     if paired:
         d = seed_stats(np.subtract(a.values, b.values))
-        se, df = d.std / math.sqrt(d.n), d.n - 1
+        se, df = math.sqrt(max(d.std ** 2, 2 * rounding) / d.n), d.n - 1
     else:
-        va, vb = a.std ** 2 / a.n, b.std ** 2 / b.n
+        va, vb = max(a.std ** 2, rounding) / a.n, max(b.std ** 2, rounding) / b.n
         se = math.sqrt(va + vb)
         # Welch-Satterthwaite; with both variances 0 any df gives the same (zero) bar.
         df = (va + vb) ** 2 / (va ** 2 / (a.n - 1) + vb ** 2 / (b.n - 1)) if se > 0 else a.n + b.n - 2

@@ -51,7 +51,7 @@ def test_per_bin_errors_over_seeds_and_verdicts(tmp_path):
     for r in results:
         per_bin = [cells[("zf5", r.run.variant.key, "1crop", k)].values[r.run.seed] for k in range(3)]
         assert np.mean(per_bin) == pytest.approx(r.errors["1crop"][0])
-    found = {v.claim: v for v in object_size.size_verdicts(cells)}
+    found = {v.claim: v for v in object_size.size_verdicts(cells, bins)}
     small = found["zf5, 1 crop, small objects: multi-size training beats single-size"]
     assert small.diff == pytest.approx(100.0) and small.outcome == seedstats.HOLDS
     large = found["zf5, 1 crop, large objects: multi-size training beats single-size"]

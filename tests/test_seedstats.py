@@ -93,3 +93,20 @@ def test_sentence_says_better_or_worse():
     assert worse.outcome == S.REVERSED and "multi is 4.80 points worse than single" in worse.sentence()
     better = S.compare("b beats a", ("a", [3.0, 4.0]), ("b", [1.0, 1.5]), paired=True)
     assert "b is 2.25 points better than a" in better.sentence()
+
+
+def test_identical_differences_are_floored_at_the_measurement_step():
+    # Two seeds, multi-view on 100 images: both seeds 3.0 points apart. The sample spread is
+    # 0, but errors move in 1-point steps: the floor is two roundings, variance 2 * 1/12 per
+    # difference, SE sqrt(2/12 / 2) = 0.2887, bar 12.706 * 0.2887 = 3.668 (hand computed).
+    v = S.compare("c", ("ten", [9.0, 10.0]), ("mv", [6.0, 7.0]), paired=True, images=100)
+    assert v.se == pytest.approx(0.288675, rel=1e-5) and v.bar == pytest.approx(3.6679, rel=1e-4)
+    assert v.outcome == S.NOISE
+    assert S.compare("c", ("ten", [10.0, 11.0]), ("mv", [6.0, 7.0]), paired=True, images=100).outcome == S.HOLDS
+    assert S.compare("c", ("ten", [9.0, 10.0]), ("mv", [6.0, 7.0]), paired=True).se == 0.0  # no floor
+    # A spread above the floor is left alone.
+    wide = S.compare("c", ("a", [9.0, 14.0]), ("b", [6.0, 7.0]), paired=True, images=100)
+    assert wide.se == pytest.approx(np.std([3.0, 7.0], ddof=1) / np.sqrt(2))
+    # Unpaired: each cell's variance is at least one rounding, step^2 / 12 (step 0.2 here).
+    u = S.compare("c", ("a", [5.0, 5.0, 5.0]), ("b", [4.0, 4.0, 4.0]), paired=False, images=500)
+    assert u.se == pytest.approx(np.sqrt(2 * 0.2 ** 2 / 12 / 3))

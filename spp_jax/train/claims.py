@@ -83,6 +83,19 @@ def aggregate(results: Sequence[RunResult]) -> dict[tuple[str, str, str], Cell]:
     return cells
 
 
+def images_of(r: RunResult, view: str) -> int:
+    """How many test images a run's error on ``view`` counts (0: its hits were not recorded)."""
+    return len(r.hits.get("multiview" if view == MATCHED else view, {}))
+
+
+def _images(results, model, *cells: tuple[str, str]) -> int:
+    """The fewest test images behind any run's error in the (variant, view) ``cells``: the
+    resolution of the comparison (:func:`spp_jax.seedstats.compare`); 0 if unknown."""
+    counts = [images_of(r, view) for r in results for variant, view in cells
+              if r.run.model == model and r.run.variant.key == variant and view in errors_of(r)]
+    return min(counts, default=0)
+
+
 def _paired(results, model, cell_a: tuple[str, str], cell_b: tuple[str, str]):
     """Per-seed top-1 errors of two (variant, view) cells, on the seeds both measured."""
     a, b = _per_seed(results, model, *cell_a), _per_seed(results, model, *cell_b)
@@ -103,7 +116,8 @@ def verdicts(results: Sequence[RunResult], variants: Sequence[Variant] = VARIANT
                 if w:
                     out.append(seedstats.compare(
                         f"{model}, {VIEW_TITLES[view]}: {claim}", (titles[worse], w),
-                        (titles[better], b), paired=True))
+                        (titles[better], b), paired=True,
+                        images=_images(results, model, (worse, view), (better, view))))
         for variant in ("single", "multi"):
             ten = MATCHED if _per_seed(results, model, variant, MATCHED) else "10view"
             for claim, worse, better in (("1 full beats 1 crop", "1crop", "1full"),
@@ -112,7 +126,8 @@ def verdicts(results: Sequence[RunResult], variants: Sequence[Variant] = VARIANT
                 if w:
                     out.append(seedstats.compare(
                         f"{model}, {titles[variant]}: {claim}", (VIEW_TITLES[worse], w),
-                        (VIEW_TITLES[better], b), paired=True))
+                        (VIEW_TITLES[better], b), paired=True,
+                        images=_images(results, model, (variant, worse), (variant, better))))
     return out
 
 
@@ -184,9 +199,10 @@ def scale_cells(results: Sequence[RunResult]) -> ScaleCells:
     return {k: seedstats.by_seed(v) for k, v in sorted(per.items(), key=str)}
 
 
-def scale_verdicts(cells: ScaleCells) -> list[seedstats.Verdict]:
+def scale_verdicts(cells: ScaleCells, images: int = 0) -> list[seedstats.Verdict]:
     """Per model and test side (``cells`` from :func:`scale_cells`): "multi-size training
-    beats single-size" on the 1-full view (paired over seeds, as :func:`verdicts`)."""
+    beats single-size" on the 1-full view (paired over seeds, as :func:`verdicts`).
+    ``images``: how many validation images the probe tested (those of the 1-full view)."""
     out = []
     for model, side in sorted({(m, s) for m, _, s in cells}):
         single, multi = cells.get((model, "single", side)), cells.get((model, "multi", side))
@@ -195,7 +211,7 @@ def scale_verdicts(cells: ScaleCells) -> list[seedstats.Verdict]:
             if w:
                 out.append(seedstats.compare(
                     f"{model}, 1 full at shorter side {side}: multi-size training beats single-size",
-                    ("SPP single-size", w), ("SPP multi-size", b), paired=True))
+                    ("SPP single-size", w), ("SPP multi-size", b), paired=True, images=images))
     return out
 
 
@@ -279,10 +295,11 @@ def write_claims(root: str, results: Sequence[RunResult], title: str,
     found = verdicts(results, variants)
     train_side = AugmentConfig().resize_side  # where the protocols test 1 full
     by_side = scale_cells(results)
-    scale_md, scale_found = scale_markdown(by_side, train_side, variants), scale_verdicts(by_side)
+    scale_md, scale_found = scale_markdown(by_side, train_side, variants), scale_verdicts(
+        by_side, min((images_of(r, "1full") for r in results if r.scale_errors), default=0))
     by_size = object_size.size_cells(results, size_bins) if size_bins else {}
     size_md = object_size.size_markdown(by_size, size_bins, train_side, variants) if by_size else ""
-    size_found = object_size.size_verdicts(by_size)
+    size_found = object_size.size_verdicts(by_size, size_bins) if by_size else []
     runs = [f"- `{os.path.relpath(r.run.workdir, root)}`: "
             + ("reused (finished earlier)" if r.reused else "run now")
             + (f", {r.seconds / 60:.1f} min" if r.seconds else "") + curve_text(r.val_curve)

@@ -75,9 +75,10 @@ def size_cells(results: Sequence[RunResult], bins: SizeBins) -> SizeCells:
     return {key: seedstats.by_seed(v) for key, v in sorted(per.items(), key=str)}
 
 
-def size_verdicts(cells: SizeCells) -> list[seedstats.Verdict]:
+def size_verdicts(cells: SizeCells, bins: SizeBins) -> list[seedstats.Verdict]:
     """Per model, view (1 crop, 10-view) and size bin: multi-size training beats
-    single-size (paired over seeds, as :func:`spp_jax.train.claims.verdicts`)."""
+    single-size (paired over seeds, as :func:`spp_jax.train.claims.verdicts`; each bin's
+    error counts the bin's images, about a third of the split)."""
     out = []
     for model, view, k in sorted({(m, w, k) for m, _, w, k in cells if w != "1full"},
                                  key=lambda t: (t[0], VIEWS.index(t[1]), t[2])):
@@ -87,7 +88,8 @@ def size_verdicts(cells: SizeCells) -> list[seedstats.Verdict]:
             if w:
                 out.append(seedstats.compare(
                     f"{model}, {VIEW_TITLES[view]}, {BINS[k]} objects: multi-size training beats "
-                    "single-size", ("SPP single-size", w), ("SPP multi-size", b), paired=True))
+                    "single-size", ("SPP single-size", w), ("SPP multi-size", b), paired=True,
+                    images=bins.bin_of.count(k)))
     return out
 
 
