@@ -183,3 +183,12 @@ def compare(claim: str, worse: tuple[str, Sequence[float]], better: tuple[str, S
         df = (va + vb) ** 2 / (va ** 2 / (a.n - 1) + vb ** 2 / (b.n - 1)) if se > 0 else a.n + b.n - 2
     bar = t_critical(max(df, 1.0)) * se
     return Verdict(claim, wl, bl, diff, se, bar, pooled, min(a.n, b.n), paired, _outcome(diff, bar))
+
+
+def compare_cells(claim: str, worse: tuple[str, SeedStats], better: tuple[str, SeedStats], *,
+                  images: int = 0) -> Verdict | None:
+    """:func:`compare`, paired, of two cells (label, SeedStats with seeds) on the seeds both
+    have; None when they share no seed."""
+    w, b = on_shared_seeds(worse[1], better[1])
+    return compare(claim, (worse[0], w), (better[0], b), paired=True, images=images) if w else None
+

@@ -98,6 +98,13 @@ def _crop_protocol(scorer: Scorer, source, view: str, cfg: AugmentConfig, batch_
     return probs, labels, np.concatenate(indices)[:limit], v, it.num_skipped
 
 
+def _full_view(scorer: Scorer, img: np.ndarray, side: int) -> np.ndarray:
+    """The 1-full probabilities (classes,) of a uint8 image resized to shorter side ``side``
+    (the image alone, no flip: :meth:`Scorer.score_full`)."""
+    x = scorer.server.prepare(img, side)  # shorter side `side`, minus the mean (image)
+    return scorer.score_full(x, scorer.server.bucket(*x.shape[:2], side))
+
+
 def _map_views(scorer: Scorer, img: np.ndarray, cfg: AugmentConfig, scales: Sequence[int],
                want_multiview: bool):
     """Full and multi-view probabilities of one uint8 image.
@@ -107,8 +114,7 @@ def _map_views(scorer: Scorer, img: np.ndarray, cfg: AugmentConfig, scales: Sequ
     flipped map that multi-view also needs would be computed and thrown away.
     """
     if not want_multiview:
-        x = scorer.server.prepare(img, cfg.resize_side)
-        return scorer.score_full(x, scorer.server.bucket(*x.shape[:2], cfg.resize_side)), None, 0
+        return _full_view(scorer, img, cfg.resize_side), None, 0
     views = []
     full = None
     for s in sorted(set(scales) | {cfg.resize_side}):
@@ -159,8 +165,7 @@ def full_view_by_side(model, variables, source, sides: Sequence[int], *,
             continue
         for s in sides:
             t = time.perf_counter()
-            x = scorer.server.prepare(img, s)
-            probs[s].append(scorer.score_full(x, scorer.server.bucket(*x.shape[:2], s)))
+            probs[s].append(_full_view(scorer, img, s))
             seconds[s] += time.perf_counter() - t
         labels.append(label)
         indices.append(i)

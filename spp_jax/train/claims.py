@@ -207,12 +207,10 @@ def scale_verdicts(cells: ScaleCells, images: int = 0) -> list[seedstats.Verdict
     for model, side in sorted({(m, s) for m, _, s in cells}):
         single, multi = cells.get((model, "single", side)), cells.get((model, "multi", side))
         if single and multi:
-            w, b = seedstats.on_shared_seeds(single, multi)
-            if w:
-                out.append(seedstats.compare(
-                    f"{model}, 1 full at shorter side {side}: multi-size training beats single-size",
-                    ("SPP single-size", w), ("SPP multi-size", b), paired=True, images=images))
-    return out
+            out.append(seedstats.compare_cells(
+                f"{model}, 1 full at shorter side {side}: multi-size training beats single-size",
+                ("SPP single-size", single), ("SPP multi-size", multi), images=images))
+    return [v for v in out if v]
 
 
 def scale_markdown(cells: ScaleCells, train_side: int, variants: Sequence[Variant] = VARIANTS) -> str:

@@ -84,13 +84,11 @@ def size_verdicts(cells: SizeCells, bins: SizeBins) -> list[seedstats.Verdict]:
                                  key=lambda t: (t[0], VIEWS.index(t[1]), t[2])):
         single, multi = cells.get((model, "single", view, k)), cells.get((model, "multi", view, k))
         if single and multi:
-            w, b = seedstats.on_shared_seeds(single, multi)
-            if w:
-                out.append(seedstats.compare(
-                    f"{model}, {VIEW_TITLES[view]}, {BINS[k]} objects: multi-size training beats "
-                    "single-size", ("SPP single-size", w), ("SPP multi-size", b), paired=True,
-                    images=bins.bin_of.count(k)))
-    return out
+            out.append(seedstats.compare_cells(
+                f"{model}, {VIEW_TITLES[view]}, {BINS[k]} objects: multi-size training beats "
+                "single-size", ("SPP single-size", single), ("SPP multi-size", multi),
+                images=bins.bin_of.count(k)))
+    return [v for v in out if v]
 
 
 def size_markdown(cells: SizeCells, bins: SizeBins, side: int,
