@@ -13,6 +13,10 @@ training; on the embedded data, each run's errors are also split by the size of 
 main object (terciles). Variants are compared paired over seeds (a seed fixes the initial
 weights and the images, order and augmentation of every variant).
 
+A controlled probe: `baseline=runs/claims baseline_keys=dataset=shapes` in a grid trained
+with `dataset=shapes_wide` reads the baseline grid's finished runs (never trains them) and
+reports whether each claim's gain grows from the baseline to this grid, paired over seeds.
+
 Keys: the grid's own (listed below) and any training key (`python -m experiments.train
 --help`), which then applies to every run, e.g. `val_examples=2000`.
 """
@@ -58,6 +62,11 @@ class ClaimsConfig:
         "these test shorter sides (pixels; empty: no probe)", ge=96, le=1024)
     train: bool = option(True, "false: train nothing; tables from the runs finished so far, "
                                "the others listed as missing")
+    baseline: str = option("", "a controlled probe: the workdir of the same grid trained with "
+                               "`baseline_keys` instead (its finished runs are read, never "
+                               "trained); the report compares each claim's gain in the two")
+    baseline_keys: tuple[str, ...] = option((), "the training keys (key=value) that the baseline "
+                                                "grid had, e.g. dataset=shapes")
 
 
 PRESETS = {
@@ -87,19 +96,44 @@ def split_overrides(items) -> tuple[list[str], list[str]]:
     return grid_items, train_items
 
 
+def plan_baseline(cfg: ClaimsConfig, train_items: list[str], variants, first: TrainConfig):
+    """(planned runs of the baseline grid, (this grid's, the baseline's) differing keys as
+    ``key=value`` text); ([], None) without a baseline.  Checked before anything trains."""
+    from spp_jax.train import grid
+    if bool(cfg.baseline) != bool(cfg.baseline_keys):
+        raise ConfigError("baseline= and baseline_keys= go together: the baseline grid's workdir "
+                          "and the training keys it differs in")
+    if not cfg.baseline:
+        return [], None
+    if not os.path.isdir(cfg.baseline):
+        raise ConfigError(f"baseline={cfg.baseline}: no such directory")
+    grid_items, base_items = split_overrides(cfg.baseline_keys)
+    if grid_items or not base_items:
+        raise ConfigError(f"baseline_keys={','.join(cfg.baseline_keys)}: must be training keys")
+    runs = grid.plan(cfg.train_preset, [*train_items, *base_items], cfg.baseline,
+                     models=cfg.models, variants=variants, seeds=cfg.seeds, data_seed=cfg.data_seed)
+    keys = [i.split("=", 1)[0].strip() for i in base_items]
+    here = ", ".join(f"{k}={grammar.config_dict(first)[k]}" for k in keys)
+    there = ", ".join(f"{k}={grammar.config_dict(runs[0].config)[k]}" for k in keys)
+    if here == there:
+        raise ConfigError(f"baseline_keys={','.join(cfg.baseline_keys)}: the same as this grid's")
+    return runs, (here, there)
+
+
 def main(argv=None):
     ap = grammar.cli_parser(ClaimsConfig, __doc__, presets=PRESETS, default_preset="embedded")
     ap.add_argument("--workdir", default="runs/claims", help="the grid's root (default: runs/claims)")
     args = ap.parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax/grain chatter
-    from spp_jax.train import claims, grid, object_size
+    from spp_jax.train import claims, controlled, grid, object_size
     with user_errors(FileNotFoundError):
         grid_items, train_items = split_overrides(args.overrides)
         cfg = grammar.from_preset(ClaimsConfig, PRESETS, args.preset, grid_items)
         variants = [v for v in grid.VARIANTS if v.key in cfg.variants]
         runs = grid.plan(cfg.train_preset, train_items, args.workdir, models=cfg.models,
                          variants=variants, seeds=cfg.seeds, data_seed=cfg.data_seed)
+        base_runs, labels = plan_baseline(cfg, train_items, variants, runs[0].config)
         log_devices(runs[0].config.distributed)
         if cfg.train:  # a report-only pass leaves the grid's recorded config alone
             grammar.write_config(cfg, args.workdir, "claims_config.json")
@@ -110,10 +144,17 @@ def main(argv=None):
         missing = grid.unfinished(runs, results)
         results = grid.probe_scales(results, cfg.scale_sides)
         first = runs[0].config
+        baseline = None
+        if base_runs:
+            done = grid.run_grid(base_runs, train=False)
+            if not done:
+                raise ConfigError(f"baseline={cfg.baseline}: no run of that grid has finished "
+                                  f"with {','.join(cfg.baseline_keys)} and this grid's other keys")
+            baseline = controlled.Baseline(*labels, cfg.baseline, tuple(done))
         md = claims.write_claims(args.workdir, results, "SPP-net classification claims, "
                                  f"{first.dataset} data, {len(cfg.seeds)} seeds", variants,
                                  missing=missing,
-                                 size_bins=object_size.size_bins_for(first))
+                                 size_bins=object_size.size_bins_for(first), baseline=baseline)
     print(md)
 
 

@@ -157,12 +157,14 @@ def _outcome(diff: float, bar: float) -> str:
 
 
 def compare(claim: str, worse: tuple[str, Sequence[float]], better: tuple[str, Sequence[float]],
-            *, paired: bool, images: int = 0) -> Verdict:
+            *, paired: bool, images: int = 0, terms: int = 1) -> Verdict:
     """Test "``better`` has lower error than ``worse``"; each is (label, per-seed errors).
 
     Paired samples must list the same seeds in the same order.  ``images``: the number of
     test images each error was measured on (the fewer of the two sides'); it floors the
     spread at the measurement's resolution (see the module docstring).  0: no floor.
+    ``terms``: how many measured errors each value sums or subtracts (1: an error; 2: a
+    difference of two errors, e.g. a variant's gain), each adding its rounding variance.
     """
     (wl, wv), (bl, bv) = worse, better
     a, b = seed_stats(wv), seed_stats(bv)
@@ -172,7 +174,8 @@ def compare(claim: str, worse: tuple[str, Sequence[float]], better: tuple[str, S
         raise ValueError(f"paired comparison needs the same seeds: {a.n} vs {b.n} values")
     if min(a.n, b.n) < 2:
         return Verdict(claim, wl, bl, diff, math.nan, math.nan, pooled, min(a.n, b.n), paired, UNTESTED)
-    rounding = (100.0 / images) ** 2 / 12 if images else 0.0  # variance of one error's rounding
+    # The rounding variance of one value: each of its `terms` errors is rounded to the step.
+    rounding = terms * (100.0 / images) ** 2 / 12 if images else 0.0
     if paired:
         d = seed_stats(np.subtract(a.values, b.values))
         se, df = math.sqrt(max(d.std ** 2, 2 * rounding) / d.n), d.n - 1

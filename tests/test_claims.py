@@ -323,3 +323,61 @@ def test_entry_point_config(tmp_path, capsys):
         entry.main(["--workdir", str(tmp_path / "w"), "train=false"])
     assert "no run of the grid has finished" in str(e.value.code) and not (tmp_path / "w").exists()
     assert entry.split_overrides(["seeds=1", "val_examples=32"]) == (["seeds=1"], ["val_examples=32"])
+
+
+def test_controlled_probe_compares_each_claims_gain_over_seeds(tmp_path):
+    """A baseline grid (dataset=shapes) and a probe (dataset=shapes_wide), ZF-5, 3 seeds:
+    multi-size's gain over single-size per seed is -4, -3, -6 in the baseline and 2, 1, 3
+    in the probe; paired by seed the gain grows by 6, 4, 9 points (hand-checked with numpy)."""
+    from spp_jax.train import controlled
+    base = {(r.variant.key, r.seed): r for r in plan(tmp_path / "a", models=("zf5",))}
+    probe = {(r.variant.key, r.seed): r
+             for r in plan(tmp_path / "b", models=("zf5",), extra=["dataset=shapes_wide"])}
+    errs = {"a": {"single": [40.0, 30.0, 58.0], "multi": [44.0, 33.0, 64.0]},
+            "b": {"single": [38.0, 31.0, 50.0], "multi": [36.0, 30.0, 47.0]}}
+    res = {g: [grid.RunResult(runs[(v, s)], {"1crop": (e, 0.0)}, 1.0, True)
+               for v, per in errs[g].items() for s, e in enumerate(per)]
+           for g, runs in (("a", base), ("b", probe))}
+    b = controlled.Baseline("dataset=shapes_wide", "dataset=shapes", "a", tuple(res["a"]))
+    cells = controlled.gain_cells(res["b"], b)
+    assert list(cells) == [("zf5", "multi-size training beats single-size", "1crop")]
+    (c,) = cells.values()
+    assert c.there.values == (-4.0, -3.0, -6.0) and c.here.values == (2.0, 1.0, 3.0)
+    (v,) = controlled.gain_verdicts(cells, b)
+    d = np.array([6.0, 4.0, 9.0])
+    assert v.paired and v.n == 3 and v.diff == pytest.approx(d.mean())
+    assert v.se == pytest.approx(np.std(d, ddof=1) / np.sqrt(3))
+    assert v.outcome == seedstats.HOLDS and v.diff > 4.303 * v.se
+    # Seed 2 missing from the probe: the pair is over seeds 0 and 1 only.
+    (v2,) = controlled.gain_verdicts(controlled.gain_cells(res["b"][:2] + res["b"][3:5], b), b)
+    assert v2.n == 2 and v2.diff == pytest.approx(5.0)
+    md = claims.write_claims(str(tmp_path / "b"), res["b"], "t", make_plot=False, baseline=b)
+    assert "Controlled probe: dataset=shapes_wide against dataset=shapes" in md
+    data = json.loads((tmp_path / "b" / "claims.json").read_text())
+    assert data["baseline"]["cells"][0]["gain_there"]["values"] == [-4.0, -3.0, -6.0]
+
+
+def test_controlled_probe_entry_point(tmp_path, capsys):
+    from experiments import claims as entry
+    a, b = tmp_path / "a", tmp_path / "b"
+    for root, extra in ((a, []), (b, ["dataset=shapes_wide"])):
+        trainer = FakeTrainer()
+        trainer.runs = plan(root, seeds=(0, 1), models=("zf5",), extra=extra)
+        grid.run_grid(trainer.runs, trainer)
+    args = ["--workdir", str(b), "train=false", "models=zf5", "seeds=0,1", "scale_sides=",
+            "dataset=shapes_wide", *TINY]
+    for bad, words in (([f"baseline={a}"], "go together"),
+                       ([f"baseline={tmp_path / 'c'}", "baseline_keys=dataset=shapes"], "no such directory"),
+                       ([f"baseline={a}", "baseline_keys=seed=1"], "set by the grid"),
+                       ([f"baseline={a}", "baseline_keys=seeds=1"], "must be training keys"),
+                       ([f"baseline={a}", "baseline_keys=dataset=shapes_wide"], "the same as this grid's")):
+        with pytest.raises(SystemExit) as e:
+            entry.main([*args, *bad])
+        assert str(e.value.code).startswith("error: ") and words in str(e.value.code)
+    entry.main([*args, f"baseline={a}", "baseline_keys=dataset=shapes"])
+    out = capsys.readouterr().out
+    # The fake errors ignore the dataset, so every gain is the same in both grids.
+    assert "Controlled probe: dataset=shapes_wide against dataset=shapes" in out
+    data = json.loads((b / "claims.json").read_text())
+    assert data["baseline"]["verdicts"] and all(v["diff"] == pytest.approx(0.0)
+                                                for v in data["baseline"]["verdicts"])

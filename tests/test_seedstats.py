@@ -110,3 +110,7 @@ def test_identical_differences_are_floored_at_the_measurement_step():
     # Unpaired: each cell's variance is at least one rounding, step^2 / 12 (step 0.2 here).
     u = S.compare("c", ("a", [5.0, 5.0, 5.0]), ("b", [4.0, 4.0, 4.0]), paired=False, images=500)
     assert u.se == pytest.approx(np.sqrt(2 * 0.2 ** 2 / 12 / 3))
+    # Values that are differences of two errors (terms=2) carry two roundings each: a paired
+    # difference of them four, SE sqrt(4/12 / 2) = 0.4082 at 100 images (hand computed).
+    g = S.compare("c", ("a", [3.0, 4.0]), ("b", [1.0, 2.0]), paired=True, images=100, terms=2)
+    assert g.se == pytest.approx(np.sqrt(4 / 12 / 2)) and g.bar == pytest.approx(12.706 * 0.408248, rel=1e-5)

@@ -29,7 +29,7 @@ from typing import Sequence
 from spp_jax import seedstats
 from spp_jax.data.pipeline import AugmentConfig
 from spp_jax.report import markdown_table, write_report
-from spp_jax.train import object_size
+from spp_jax.train import controlled, object_size
 from spp_jax.train.grid import VARIANTS, Run, RunResult, Variant
 
 # Multi-view is tested on the first `multiview_limit` images only (it is the expensive view),
@@ -282,12 +282,15 @@ def curve_text(curve: Sequence[float]) -> str:
 
 def write_claims(root: str, results: Sequence[RunResult], title: str,
                  variants: Sequence[Variant] = VARIANTS, make_plot: bool = True,
-                 missing: Sequence[Run] = (), size_bins: object_size.SizeBins | None = None) -> str:
+                 missing: Sequence[Run] = (), size_bins: object_size.SizeBins | None = None,
+                 baseline: controlled.Baseline | None = None) -> str:
     """``claims.md`` / ``claims.json`` (and ``claims.png``) in ``root``; returns the markdown.
 
     ``missing``: planned runs that have not finished (a report of a grid in progress); they
     are listed, and every cell says over which seeds it is.  ``size_bins``: the validation
     images' object-size bins (:func:`object_size.size_bins_for`), for the error by size.
+    ``baseline``: the finished runs of a grid that differs in a few keys (a controlled
+    probe, :mod:`spp_jax.train.controlled`): each claim's gain in the two grids, compared.
     """
     cells = aggregate(results)
     found = verdicts(results, variants)
@@ -298,6 +301,7 @@ def write_claims(root: str, results: Sequence[RunResult], title: str,
     by_size = object_size.size_cells(results, size_bins) if size_bins else {}
     size_md = object_size.size_markdown(by_size, size_bins, train_side, variants) if by_size else ""
     size_found = object_size.size_verdicts(by_size, size_bins) if by_size else []
+    base_md, base_data = controlled.baseline_section(results, baseline) if baseline else ("", {})
     runs = [f"- `{os.path.relpath(r.run.workdir, root)}`: "
             + ("reused (finished earlier)" if r.reused else "run now")
             + (f", {r.seconds / 60:.1f} min" if r.seconds else "") + curve_text(r.val_curve)
@@ -312,6 +316,7 @@ def write_claims(root: str, results: Sequence[RunResult], title: str,
                        *[f"- {v.sentence()}" for v in scale_found], ""] if scale_md else []),
                     *([size_md, "", "Verdicts (top-1 error; two-sided t-test at 5 %):", "",
                        *[f"- {v.sentence()}" for v in size_found], ""] if size_md else []),
+                    *([base_md, ""] if base_md else []),
                     "## Runs", "", *runs])
     data = {"title": title,
             "cells": [{"model": m, "variant": v, "view": w, "seeds": list(c.seeds),
@@ -330,6 +335,7 @@ def write_claims(root: str, results: Sequence[RunResult], title: str,
                              "cells": [{"model": m, "variant": v, "view": w, "bin": object_size.BINS[k],
                                         "top1": c.as_dict()} for (m, v, w, k), c in by_size.items()],
                              "verdicts": [v.as_dict() for v in size_found]},
+            "baseline": base_data,
             "missing": [os.path.relpath(r.workdir, root) for r in missing]}
     write_report(root, "claims", md, data)
     if make_plot:
