@@ -381,3 +381,20 @@ def test_controlled_probe_entry_point(tmp_path, capsys):
     data = json.loads((b / "claims.json").read_text())
     assert data["baseline"]["verdicts"] and all(v["diff"] == pytest.approx(0.0)
                                                 for v in data["baseline"]["verdicts"])
+
+
+def test_image_counts_are_read_back_with_the_results(tmp_path):
+    """The verdicts' measurement step needs each error's image count: eval.json's num_images,
+    else the number of recorded per-image hits, else unknown (0)."""
+    (run,) = plan(tmp_path, seeds=(0,), models=("zf5",))[:1]
+    report = {"config": grid.config_dict(run.config), "results": {
+        "1crop": {"top1_err": 40.0, "top5_err": 5.0, "num_images": 500},
+        "multiview": {"top1_err": 30.0, "top5_err": 4.0, "indices": [0, 1, 2],
+                      "top1_hits": [1, 0, 1], "top5_hits": [1, 1, 1]},
+        "10view": {"top1_err": 35.0, "top5_err": 4.0}}}
+    os.makedirs(run.workdir)
+    with open(os.path.join(run.workdir, "eval.json"), "w") as f:
+        json.dump(report, f)
+    r = grid.finished(run)
+    assert (r.images_on("1crop"), r.images_on("multiview"), r.images_on("10view")) == (500, 3, 0)
+    assert claims.images_of(r, claims.MATCHED) == 3

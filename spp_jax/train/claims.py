@@ -84,8 +84,8 @@ def aggregate(results: Sequence[RunResult]) -> dict[tuple[str, str, str], Cell]:
 
 
 def images_of(r: RunResult, view: str) -> int:
-    """How many test images a run's error on ``view`` counts (0: its hits were not recorded)."""
-    return len(r.hits.get("multiview" if view == MATCHED else view, {}))
+    """How many test images a run's error on ``view`` counts (0: not recorded)."""
+    return r.images_on("multiview" if view == MATCHED else view)
 
 
 def _images(results, model, *cells: tuple[str, str]) -> int:

@@ -61,8 +61,8 @@ def gains(results: Sequence[RunResult], model: str, worse: str, better: str, vie
 
 
 def _images(results: Sequence[RunResult], view: str) -> int:
-    """The fewest test images behind any run's ``view`` (0 if a run did not record hits)."""
-    return min((len(r.hits.get(view, {})) for r in results if view in r.errors), default=0)
+    """The fewest test images behind any run's ``view`` (0 if a run did not record them)."""
+    return min((r.images_on(view) for r in results if view in r.errors), default=0)
 
 
 def gain_cells(results: Sequence[RunResult], base: Baseline

@@ -72,6 +72,13 @@ class RunResult:
     # The test-scale probe (scale_probe.json, SPP runs): 1-full (top-1, top-5) error in
     # percent per test shorter side; {} when not probed.
     scale_errors: dict[int, tuple[float, float]] = dataclasses.field(default_factory=dict)
+    # Per protocol, how many test images its error counts (eval.json's num_images): the
+    # measurement's step, 100 / images points.
+    images: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    def images_on(self, protocol: str) -> int:
+        """How many test images ``protocol``'s error counts (0: not recorded)."""
+        return self.images.get(protocol) or len(self.hits.get(protocol, {}))
 
 
 def plan(preset: str, overrides: Sequence[str], root: str, *, models: Sequence[str],
@@ -117,6 +124,10 @@ def _hits(report: dict) -> dict[str, dict[int, tuple[bool, bool]]]:
             for p, r in report["results"].items() if r.get("indices")}
 
 
+def _image_counts(report: dict) -> dict[str, int]:
+    return {p: int(r["num_images"]) for p, r in report["results"].items() if "num_images" in r}
+
+
 def _val_curve(workdir: str) -> tuple[float, ...]:
     """Per-epoch validation top-1 error (%) recorded in ``metrics.jsonl`` (a resumed run's
     later record of an epoch wins); () when there is none."""
@@ -152,7 +163,7 @@ def _scale_errors(workdir: str, config: TrainConfig, sides: Sequence[int] | None
 
 def _result(run: Run, report: dict, seconds: float | None, reused: bool) -> RunResult:
     return RunResult(run, _errors(report), seconds, reused, _hits(report), _val_curve(run.workdir),
-                     _scale_errors(run.workdir, run.config))
+                     _scale_errors(run.workdir, run.config), _image_counts(report))
 
 
 # The keys a resumed run may change (workdir.RESUMABLE_KEYS) minus those that change its
