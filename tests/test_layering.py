@@ -22,6 +22,7 @@ RANKS = {
     "spp_jax.train.loop": 8, "spp_jax.train.experiment": 8, "spp_jax.train.testing": 8,
     # Grids of training runs (Table 2, the claims) and their tables.
     "spp_jax.train.grid": 8, "spp_jax.train.claims": 8, "spp_jax.train.object_size": 8,
+    "spp_jax.train.controlled": 8,
     "spp_jax.transfer": 9, "spp_jax.detection": 9,
 }
 # Same-or-lower layer, and still forbidden: transfer and detection load networks through
