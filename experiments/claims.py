@@ -113,8 +113,9 @@ def plan_baseline(cfg: ClaimsConfig, train_items: list[str], variants, first: Tr
     runs = grid.plan(cfg.train_preset, [*train_items, *base_items], cfg.baseline,
                      models=cfg.models, variants=variants, seeds=cfg.seeds, data_seed=cfg.data_seed)
     keys = [i.split("=", 1)[0].strip() for i in base_items]
-    here = ", ".join(f"{k}={grammar.config_dict(first)[k]}" for k in keys)
-    there = ", ".join(f"{k}={grammar.config_dict(runs[0].config)[k]}" for k in keys)
+    mine, theirs = grammar.config_dict(first), grammar.config_dict(runs[0].config)
+    here = ", ".join(f"{k}={mine[k]}" for k in keys)
+    there = ", ".join(f"{k}={theirs[k]}" for k in keys)
     if here == there:
         raise ConfigError(f"baseline_keys={','.join(cfg.baseline_keys)}: the same as this grid's")
     return runs, (here, there)

@@ -28,16 +28,16 @@ from typing import Sequence
 
 from spp_jax import seedstats
 from spp_jax.data.pipeline import AugmentConfig
+from spp_jax.evaluate.protocols import PROTOCOL_TITLES
 from spp_jax.report import markdown_table, write_report
 from spp_jax.train import controlled, object_size
-from spp_jax.train.grid import VARIANTS, Run, RunResult, Variant
+from spp_jax.train.grid import VARIANT_CLAIMS, VARIANTS, Run, RunResult, Variant
 
 # Multi-view is tested on the first `multiview_limit` images only (it is the expensive view),
 # so it is compared with 10-view on those same images (from the per-image hits).
 MATCHED = "10view@mv"
 VIEWS = ("1crop", "1full", "10view", MATCHED, "multiview")
-VIEW_TITLES = {"1crop": "1 crop", "1full": "1 full", "10view": "10-view",
-               MATCHED: "10-view, on the multi-view images", "multiview": "multi-view (96+2)"}
+VIEW_TITLES = {**PROTOCOL_TITLES, MATCHED: "10-view, on the multi-view images"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,8 +109,7 @@ def verdicts(results: Sequence[RunResult], variants: Sequence[Variant] = VARIANT
     out = []
     models = sorted({r.run.model for r in results})
     for model in models:
-        for claim, worse, better in (("SPP beats no SPP", "nospp", "single"),
-                                     ("multi-size training beats single-size", "single", "multi")):
+        for claim, worse, better in VARIANT_CLAIMS:
             for view in ("1crop", "10view"):
                 w, b = _paired(results, model, (worse, view), (better, view))
                 if w:

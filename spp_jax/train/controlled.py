@@ -19,13 +19,11 @@ import dataclasses
 from typing import Sequence
 
 from spp_jax import seedstats
+from spp_jax.evaluate.protocols import PROTOCOL_TITLES as VIEW_TITLES
 from spp_jax.report import markdown_table
-from spp_jax.train.grid import RunResult
+from spp_jax.train.grid import VARIANT_CLAIMS, RunResult
 
-CLAIMS = (("SPP beats no SPP", "nospp", "single"),
-          ("multi-size training beats single-size", "single", "multi"))
 VIEWS = ("1crop", "1full", "10view")
-VIEW_TITLES = {"1crop": "1 crop", "1full": "1 full", "10view": "10-view"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +68,7 @@ def gain_cells(results: Sequence[RunResult], base: Baseline
     """``{(model, claim, view): GainCell}`` wherever both grids measured the gain."""
     out = {}
     for model in sorted({r.run.model for r in results}):
-        for claim, worse, better in CLAIMS:
+        for claim, worse, better in VARIANT_CLAIMS:
             for view in VIEWS:
                 here = gains(results, model, worse, better, view)
                 there = gains(base.results, model, worse, better, view)

@@ -42,6 +42,10 @@ VARIANTS = (
     Variant("multi", "SPP multi-size", ("spp=true", "sizes=180,224", "size_schedule=multi")),
 )
 
+# The paper's claims between variants: (claim, worse variant key, better variant key).
+VARIANT_CLAIMS = (("SPP beats no SPP", "nospp", "single"),
+                  ("multi-size training beats single-size", "single", "multi"))
+
 
 @dataclasses.dataclass(frozen=True)
 class Run:

@@ -16,13 +16,13 @@ from typing import Sequence
 import numpy as np
 
 from spp_jax import seedstats
+from spp_jax.evaluate.protocols import PROTOCOL_TITLES as VIEW_TITLES
 from spp_jax.report import markdown_table
 from spp_jax.train.config import TrainConfig, embedded
 from spp_jax.train.grid import VARIANTS, RunResult, Variant
 
 BINS = ("small", "medium", "large")
 VIEWS = ("1crop", "1full", "10view")
-VIEW_TITLES = {"1crop": "1 crop", "1full": "1 full", "10view": "10-view"}
 
 
 @dataclasses.dataclass(frozen=True)
