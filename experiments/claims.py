@@ -98,7 +98,8 @@ def split_overrides(items) -> tuple[list[str], list[str]]:
 
 def plan_baseline(cfg: ClaimsConfig, train_items: list[str], variants, first: TrainConfig):
     """(planned runs of the baseline grid, (this grid's, the baseline's) differing keys as
-    ``key=value`` text); ([], None) without a baseline.  Checked before anything trains."""
+    ``key=value`` text); ([], None) without a baseline.  Checked before anything trains, so
+    a wrong baseline fails now rather than after the grid's hours of training."""
     from spp_jax.train import grid
     if bool(cfg.baseline) != bool(cfg.baseline_keys):
         raise ConfigError("baseline= and baseline_keys= go together: the baseline grid's workdir "
@@ -118,7 +119,14 @@ def plan_baseline(cfg: ClaimsConfig, train_items: list[str], variants, first: Tr
     there = ", ".join(f"{k}={theirs[k]}" for k in keys)
     if here == there:
         raise ConfigError(f"baseline_keys={','.join(cfg.baseline_keys)}: the same as this grid's")
+    if not any(grid.finished(r) for r in runs):
+        raise ConfigError(_no_baseline_runs(cfg))
     return runs, (here, there)
+
+
+def _no_baseline_runs(cfg: ClaimsConfig) -> str:
+    return (f"baseline={cfg.baseline}: no run of that grid has finished with "
+            f"{','.join(cfg.baseline_keys)} and this grid's other keys")
 
 
 def main(argv=None):
@@ -147,10 +155,10 @@ def main(argv=None):
         first = runs[0].config
         baseline = None
         if base_runs:
+            # Read again: the baseline grid may have finished more runs while this one trained.
             done = grid.run_grid(base_runs, train=False)
             if not done:
-                raise ConfigError(f"baseline={cfg.baseline}: no run of that grid has finished "
-                                  f"with {','.join(cfg.baseline_keys)} and this grid's other keys")
+                raise ConfigError(_no_baseline_runs(cfg))
             baseline = controlled.Baseline(*labels, cfg.baseline, tuple(done))
         md = claims.write_claims(args.workdir, results, "SPP-net classification claims, "
                                  f"{first.dataset} data, {len(cfg.seeds)} seeds", variants,

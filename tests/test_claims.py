@@ -370,10 +370,18 @@ def test_controlled_probe_entry_point(tmp_path, capsys):
                        ([f"baseline={tmp_path / 'c'}", "baseline_keys=dataset=shapes"], "no such directory"),
                        ([f"baseline={a}", "baseline_keys=seed=1"], "set by the grid"),
                        ([f"baseline={a}", "baseline_keys=seeds=1"], "must be training keys"),
-                       ([f"baseline={a}", "baseline_keys=dataset=shapes_wide"], "the same as this grid's")):
+                       ([f"baseline={a}", "baseline_keys=dataset=shapes_wide"], "the same as this grid's"),
+                       ([f"baseline={a}", "baseline_keys=val_examples=32"], "no run of that grid has finished")):
         with pytest.raises(SystemExit) as e:
             entry.main([*args, *bad])
         assert str(e.value.code).startswith("error: ") and words in str(e.value.code)
+    # A baseline with no finished run is refused before anything trains: a fresh grid's
+    # workdir is not even created.
+    with pytest.raises(SystemExit) as e:
+        entry.main(["--workdir", str(tmp_path / "fresh"), "train=true", *args[3:], f"baseline={tmp_path}",
+                    "baseline_keys=dataset=shapes"])
+    assert "no run of that grid has finished" in str(e.value.code)
+    assert not (tmp_path / "fresh").exists()
     entry.main([*args, f"baseline={a}", "baseline_keys=dataset=shapes"])
     out = capsys.readouterr().out
     # The fake errors ignore the dataset, so every gain is the same in both grids.
