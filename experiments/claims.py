@@ -15,7 +15,10 @@ weights and the images, order and augmentation of every variant).
 
 A controlled probe: `baseline=runs/claims baseline_keys=dataset=shapes` in a grid trained
 with `dataset=shapes_wide` reads the baseline grid's finished runs (never trains them) and
-reports whether each claim's gain grows from the baseline to this grid, paired over seeds.
+reports whether each claim's gain grows from the baseline to this grid, paired over seeds,
+and the change's own effect per cell (top-1 error per view, epochs on the chance plateau);
+a training change works alike, e.g. `variants=multi dropout=0 baseline=runs/claims
+baseline_keys=dropout=0.5`.
 
 Keys: the grid's own (listed below) and any training key (`python -m experiments.train
 --help`), which then applies to every run, e.g. `val_examples=2000`.

@@ -134,12 +134,13 @@ class Verdict:
     n: int
     paired: bool
     outcome: str
+    unit: str = "points"   # of diff, se, bar and seed_std ("epochs" for a plateau's length)
 
     def sentence(self) -> str:
         kind = "paired" if self.paired else "unpaired"
         if self.outcome == UNTESTED:
-            return f"{self.claim}: {self.better} vs {self.worse}: {self.diff:+.2f} points, {UNTESTED}."
-        how = f"{abs(self.diff):.2f} points {'better' if self.diff >= 0 else 'worse'}"
+            return f"{self.claim}: {self.better} vs {self.worse}: {self.diff:+.2f} {self.unit}, {UNTESTED}."
+        how = f"{abs(self.diff):.2f} {self.unit} {'better' if self.diff >= 0 else 'worse'}"
         return (f"{self.claim}: {self.outcome}: {self.better} is {how} than {self.worse} (SE "
                 f"{self.se:.2f}, 5 % bar {self.bar:.2f}, {kind}, {self.n} seeds; seed-to-seed std "
                 f"{self.seed_std:.2f}).")
@@ -157,7 +158,8 @@ def _outcome(diff: float, bar: float) -> str:
 
 
 def compare(claim: str, worse: tuple[str, Sequence[float]], better: tuple[str, Sequence[float]],
-            *, paired: bool, images: int = 0, terms: int = 1) -> Verdict:
+            *, paired: bool, images: int = 0, terms: int = 1, step: float = 0.0,
+            unit: str = "points") -> Verdict:
     """Test "``better`` has lower error than ``worse``"; each is (label, per-seed errors).
 
     Paired samples must list the same seeds in the same order.  ``images``: the number of
@@ -165,6 +167,8 @@ def compare(claim: str, worse: tuple[str, Sequence[float]], better: tuple[str, S
     spread at the measurement's resolution (see the module docstring).  0: no floor.
     ``terms``: how many measured errors each value sums or subtracts (1: an error; 2: a
     difference of two errors, e.g. a variant's gain), each adding its rounding variance.
+    ``step``: the resolution of a value in ``unit`` when it is not an error on ``images``
+    test images (e.g. 1 for a count of epochs); it replaces ``100 / images``.
     """
     (wl, wv), (bl, bv) = worse, better
     a, b = seed_stats(wv), seed_stats(bv)
@@ -173,9 +177,11 @@ def compare(claim: str, worse: tuple[str, Sequence[float]], better: tuple[str, S
     if paired and a.n != b.n:
         raise ValueError(f"paired comparison needs the same seeds: {a.n} vs {b.n} values")
     if min(a.n, b.n) < 2:
-        return Verdict(claim, wl, bl, diff, math.nan, math.nan, pooled, min(a.n, b.n), paired, UNTESTED)
+        return Verdict(claim, wl, bl, diff, math.nan, math.nan, pooled, min(a.n, b.n), paired,
+                       UNTESTED, unit)
     # The rounding variance of one value: each of its `terms` errors is rounded to the step.
-    rounding = terms * (100.0 / images) ** 2 / 12 if images else 0.0
+    step = step or (100.0 / images if images else 0.0)
+    rounding = terms * step ** 2 / 12
     if paired:
         d = seed_stats(np.subtract(a.values, b.values))
         se, df = math.sqrt(max(d.std ** 2, 2 * rounding) / d.n), d.n - 1
@@ -185,13 +191,15 @@ def compare(claim: str, worse: tuple[str, Sequence[float]], better: tuple[str, S
         # Welch-Satterthwaite; with both variances 0 any df gives the same (zero) bar.
         df = (va + vb) ** 2 / (va ** 2 / (a.n - 1) + vb ** 2 / (b.n - 1)) if se > 0 else a.n + b.n - 2
     bar = t_critical(max(df, 1.0)) * se
-    return Verdict(claim, wl, bl, diff, se, bar, pooled, min(a.n, b.n), paired, _outcome(diff, bar))
+    return Verdict(claim, wl, bl, diff, se, bar, pooled, min(a.n, b.n), paired, _outcome(diff, bar),
+                   unit)
 
 
 def compare_cells(claim: str, worse: tuple[str, SeedStats], better: tuple[str, SeedStats], *,
-                  images: int = 0) -> Verdict | None:
+                  images: int = 0, step: float = 0.0, unit: str = "points") -> Verdict | None:
     """:func:`compare`, paired, of two cells (label, SeedStats with seeds) on the seeds both
     have; None when they share no seed."""
     w, b = on_shared_seeds(worse[1], better[1])
-    return compare(claim, (worse[0], w), (better[0], b), paired=True, images=images) if w else None
+    return compare(claim, (worse[0], w), (better[0], b), paired=True, images=images, step=step,
+                   unit=unit) if w else None
 

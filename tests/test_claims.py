@@ -193,8 +193,11 @@ def test_validation_curve_and_when_a_run_left_chance(tmp_path):
         f.write("\n".join(json.dumps(r) for r in recs) + "\n")
     got = grid.finished(run)
     assert got.val_curve == pytest.approx((89, 88, 85, 81, 60))
-    assert claims.left_chance(got.val_curve) == 5 and claims.left_chance([90, 88]) is None
+    assert grid.left_chance(got.val_curve) == 5 and grid.left_chance([90, 88]) is None
     assert "below 80 % from epoch 5" in claims.curve_text(got.val_curve)
+    # The plateau's length: 4 epochs at chance; a run that never left counts all its epochs.
+    assert (grid.epochs_at_chance(got.val_curve), grid.epochs_at_chance([90, 88]),
+            grid.epochs_at_chance(())) == (4.0, 2.0, None)
     assert grid.finished(trainer.runs[1]).val_curve == ()  # no metrics.jsonl: no curve
 
 
@@ -355,6 +358,42 @@ def test_controlled_probe_compares_each_claims_gain_over_seeds(tmp_path):
     assert "Controlled probe: dataset=shapes_wide against dataset=shapes" in md
     data = json.loads((tmp_path / "b" / "claims.json").read_text())
     assert data["baseline"]["cells"][0]["gain_there"]["values"] == [-4.0, -3.0, -6.0]
+
+
+def test_controlled_probe_reports_the_changes_own_effect_per_cell(tmp_path):
+    """A one-variant grid (ZF-5 multi-size, dropout=0) against the same cell with dropout 0.5:
+    no claim to compare, but the change's effect per cell.  1-crop errors per seed 50, 40, 60
+    with dropout 0.5 and 42, 35, 47 without (paired differences 8, 5, 13); plateaus of 4, 6
+    and (never left: all 8 epochs) 8 epochs against 2, 3, 5 (differences 2, 3, 3)."""
+    from spp_jax.train import controlled
+    multi = [v for v in grid.VARIANTS if v.key == "multi"]
+    res = {}
+    for g, extra, errs, left in (("a", [], [50.0, 40.0, 60.0], [5, 7, None]),
+                                 ("b", ["dropout=0"], [42.0, 35.0, 47.0], [3, 4, 6])):
+        runs = grid.plan("embedded", [*TINY, *extra], str(tmp_path / g), models=("zf5",),
+                         variants=multi, seeds=(0, 1, 2), data_seed=0)
+        curves = [tuple(90.0 if e + 1 < (k or 99) else 70.0 for e in range(8)) for k in left]
+        res[g] = [grid.RunResult(r, {"1crop": (e, 0.0)}, 1.0, True, val_curve=c,
+                                 images={"1crop": 500})
+                  for r, e, c in zip(runs, errs, curves)]
+    b = controlled.Baseline("dropout=0", "dropout=0.5", "a", tuple(res["a"]))
+    assert controlled.gain_cells(res["b"], b) == {}
+    cells = controlled.effect_cells(res["b"], b)
+    assert list(cells) == [("zf5", "multi", "1crop"), ("zf5", "multi", controlled.PLATEAU)]
+    assert cells[("zf5", "multi", controlled.PLATEAU)].there.values == (4.0, 6.0, 8.0)
+    err, plateau = controlled.effect_verdicts(cells, b, {"1crop": 500})
+    for v, d, unit in ((err, np.array([8.0, 5.0, 13.0]), "points"),
+                       (plateau, np.array([2.0, 3.0, 3.0]), "epochs")):
+        assert v.paired and v.n == 3 and v.unit == unit and v.diff == pytest.approx(d.mean())
+        assert v.se == pytest.approx(np.std(d, ddof=1) / np.sqrt(3))
+    assert err.outcome == seedstats.NOISE and err.bar == pytest.approx(4.303 * err.se, rel=1e-3)
+    assert plateau.outcome == seedstats.HOLDS and "2.67 epochs better" in plateau.sentence()
+    md = claims.write_claims(str(tmp_path / "b"), res["b"], "t", make_plot=False, baseline=b)
+    assert "The change itself: dropout=0 against dropout=0.5" in md
+    assert "zf5, SPP multi-size: epochs at chance | 6.0 ± 2.0 | 3.3 ± 1.5" in md
+    data = json.loads((tmp_path / "b" / "claims.json").read_text())
+    assert data["baseline"]["effects"][0]["there"]["values"] == [50.0, 40.0, 60.0]
+    assert [v["unit"] for v in data["baseline"]["effect_verdicts"]] == ["points", "epochs"]
 
 
 def test_controlled_probe_entry_point(tmp_path, capsys):

@@ -31,7 +31,8 @@ from spp_jax.data.pipeline import AugmentConfig
 from spp_jax.evaluate.protocols import PROTOCOL_TITLES
 from spp_jax.report import markdown_table, write_report
 from spp_jax.train import controlled, object_size
-from spp_jax.train.grid import VARIANT_CLAIMS, VARIANTS, Run, RunResult, Variant
+from spp_jax.train.grid import (CHANCE_EXIT, VARIANT_CLAIMS, VARIANTS, Run, RunResult, Variant,
+                                left_chance)
 
 # Multi-view is tested on the first `multiview_limit` images only (it is the expensive view),
 # so it is compared with 10-view on those same images (from the per-image hits).
@@ -260,14 +261,6 @@ def scale_plot(cells: ScaleCells, path: str, train_side: int,
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
-
-
-CHANCE_EXIT = 80.0  # % top-1: clearly below chance (90 % for the 10 embedded classes)
-
-
-def left_chance(curve: Sequence[float], below: float = CHANCE_EXIT) -> int | None:
-    """The first epoch (1-based) whose validation top-1 error is below ``below`` percent."""
-    return next((e + 1 for e, v in enumerate(curve) if v < below), None)
 
 
 def curve_text(curve: Sequence[float]) -> str:

@@ -85,6 +85,24 @@ class RunResult:
         return self.images.get(protocol) or len(self.hits.get(protocol, {}))
 
 
+CHANCE_EXIT = 80.0  # % top-1: clearly below chance (90 % for the 10 embedded classes)
+
+
+def left_chance(curve: Sequence[float], below: float = CHANCE_EXIT) -> int | None:
+    """The first epoch (1-based) whose validation top-1 error is below ``below`` percent."""
+    return next((e + 1 for e, v in enumerate(curve) if v < below), None)
+
+
+def epochs_at_chance(curve: Sequence[float]) -> float | None:
+    """How many epochs a run's validation top-1 error stayed at or above ``CHANCE_EXIT``
+    before it first fell below: the length of the chance plateau.  A run that never left
+    counts all its epochs (a lower bound); None without a curve."""
+    if not curve:
+        return None
+    k = left_chance(curve)
+    return float(len(curve) if k is None else k - 1)
+
+
 def plan(preset: str, overrides: Sequence[str], root: str, *, models: Sequence[str],
          variants: Sequence[Variant] = VARIANTS, seeds: Sequence[int] | None = None,
          data_seed: int | None = None, by_model: bool = True) -> list[Run]:
