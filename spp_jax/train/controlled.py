@@ -32,6 +32,7 @@ from spp_jax.train.grid import CHANCE_EXIT, VARIANT_CLAIMS, VARIANTS, RunResult,
 VIEWS = ("1crop", "1full", "10view")
 PLATEAU = "plateau"   # a cell's measure besides the views: epochs_at_chance of its run
 MEASURE_TITLES = {**{v: VIEW_TITLES[v] for v in VIEWS}, PLATEAU: "epochs at chance"}
+VARIANT_TITLES = {v.key: v.title for v in VARIANTS}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,14 +58,28 @@ class PairedCell:
     there: seedstats.SeedStats
 
 
+def values(results: Sequence[RunResult], model: str, variant: str, measure: str
+           ) -> dict[int | None, float]:
+    """``{seed: value}`` of one cell: top-1 error (points) of a view, or epochs at chance."""
+    out = {}
+    for r in results:
+        if (r.run.model, r.run.variant.key) != (model, variant):
+            continue
+        if measure == PLATEAU:
+            v = epochs_at_chance(r.val_curve)
+        else:
+            v = r.errors[measure][0] if measure in r.errors else None
+        if v is not None:
+            out[r.run.seed] = v
+    return out
+
+
 def gains(results: Sequence[RunResult], model: str, worse: str, better: str, view: str
           ) -> dict[int | None, float]:
     """``{seed: top-1 error of worse - top-1 error of better}`` (points) on the seeds where
     both variants measured ``view``."""
-    err = {(r.run.variant.key, r.run.seed): r.errors[view][0] for r in results
-           if r.run.model == model and view in r.errors}
-    return {s: err[(worse, s)] - err[(better, s)] for (v, s) in err
-            if v == worse and (better, s) in err}
+    w, b = values(results, model, worse, view), values(results, model, better, view)
+    return {s: w[s] - b[s] for s in w if s in b}
 
 
 def _images(results: Sequence[RunResult], view: str) -> int:
@@ -124,22 +139,6 @@ def baseline_markdown(cells: dict[tuple[str, str, str], PairedCell], base: Basel
                         "model, view: claim")])
 
 
-def values(results: Sequence[RunResult], model: str, variant: str, measure: str
-           ) -> dict[int | None, float]:
-    """``{seed: value}`` of one cell: top-1 error (points) of a view, or epochs at chance."""
-    out = {}
-    for r in results:
-        if (r.run.model, r.run.variant.key) != (model, variant):
-            continue
-        if measure == PLATEAU:
-            v = epochs_at_chance(r.val_curve)
-        else:
-            v = r.errors[measure][0] if measure in r.errors else None
-        if v is not None:
-            out[r.run.seed] = v
-    return out
-
-
 def effect_cells(results: Sequence[RunResult], base: Baseline
                  ) -> dict[tuple[str, str, str], PairedCell]:
     """``{(model, variant key, measure): PairedCell}`` where both grids measured the cell
@@ -161,13 +160,12 @@ def effect_verdicts(cells: dict[tuple[str, str, str], PairedCell], base: Baselin
     """Per cell: "lower with ``base.here`` than with ``base.there``", paired over shared
     seeds.  Errors are floored at their test set's step (``images`` per view), the plateau
     at its resolution of one epoch."""
-    titles = {v.key: v.title for v in VARIANTS}
     out = []
     for (model, variant, measure), c in cells.items():
         floor = dict(step=1.0, unit="epochs") if measure == PLATEAU else dict(
             images=(images or {}).get(measure, 0))
         out.append(seedstats.compare_cells(
-            f"{model}, {titles[variant]}, {MEASURE_TITLES[measure]}: lower with {base.here} "
+            f"{model}, {VARIANT_TITLES[variant]}, {MEASURE_TITLES[measure]}: lower with {base.here} "
             f"than with {base.there}", (f"with {base.there}", c.there),
             (f"with {base.here}", c.here), **floor))
     return out
@@ -175,8 +173,7 @@ def effect_verdicts(cells: dict[tuple[str, str, str], PairedCell], base: Baselin
 
 def effect_markdown(cells: dict[tuple[str, str, str], PairedCell], base: Baseline) -> str:
     """Rows (model, variant, measure); columns the value in each grid, mean ± std."""
-    titles = {v.key: v.title for v in VARIANTS}
-    rows = [f"{m}, {titles[v]}: {MEASURE_TITLES[k]}" for m, v, k in cells]
+    rows = [f"{m}, {VARIANT_TITLES[v]}: {MEASURE_TITLES[k]}" for m, v, k in cells]
     return "\n".join([
         f"### The change itself: {base.here} against {base.there}, per cell", "",
         "Top-1 error (%) per view, and the epochs whose validation top-1 error stayed at or "
