@@ -57,23 +57,32 @@ def _edges(a: int, n: int, rule: str) -> binmax.Edges:
     return binmax.as_edges(B.bin_edges(a, n, rule))
 
 def _pyramid(fmap, levels: tuple[int, ...], rule: str) -> dict:
-    """{n: (B, n, n, C) bin maxima} of every level, separably: columns, then rows.
+    """{n: (B, n, n, C) bin maxima} of every level.
 
-    A bin is a rectangle, so its max is the max over its rows of the per-row max over
-    its columns. A level whose bins are unions of a finer level's groups (the derivation
-    plan) takes its per-row column maxima from the finer level's, a cheap grouped max.
-    Gradients follow :mod:`spp_jax.binmax`: each bin's to the first cell holding its
-    max in row-major order (ties are not split; the column stage keeps each row's first
-    max column, the grouped max the first group member, the row stage the first row).
+    A level is pooled from the map separably (:func:`spp_jax.binmax.window_max`: the max
+    over each bin's columns, then over its rows) unless its bins are unions of a finer
+    level's (the derivation plan: bin (i, j) of level n is the m x m block of bins of
+    level n*m starting at (i*m, j*m)); it is then a grouped max of that level's
+    (B, n*m, n*m, C) output, a few KB instead of another pass over the map. For the
+    default (6, 3, 2, 1) only the 6x6 level touches the map, forward and backward:
+    1.4-1.6x faster on 10x10 to 18x18 maps than deriving the coarse levels from the
+    per-row column maxima (the previous layout; bench row 1).
+
+    Gradients follow :mod:`spp_jax.binmax`: a directly pooled bin's to its first max cell
+    in row-major order; a derived bin's to the first of its finer bins (row-major) holding
+    its max, and on to that bin's cell. Ties are never split.
     """
     h, w = fmap.shape[1], fmap.shape[2]
     plan = B.derivation_plan(levels, rule)
-    cols = {}
+    got = {}
     for n in sorted(plan, reverse=True):
         src = plan[n]
-        cols[n] = (binmax.axis_bin_max(fmap, 2, _edges(w, n, rule)) if src == n else
-                   binmax.axis_bin_max(cols[src], 2, binmax.tiled_edges(n, src // n)))
-    return {n: binmax.axis_bin_max(cols[n], 1, _edges(h, n, rule)) for n in plan}
+        if src == n:
+            got[n] = binmax.window_max(fmap, _edges(h, n, rule), _edges(w, n, rule))
+        else:
+            groups = binmax.tiled_edges(n, src // n)
+            got[n] = binmax.window_max(got[src], groups, groups)
+    return got
 
 @functools.partial(jax.jit, static_argnames=("levels", "mode"))
 def _pool(fmap, levels: tuple[int, ...], mode: str):
@@ -107,9 +116,10 @@ def pool(fmap: jax.Array, levels: Sequence[int] = B.DEFAULT_LEVELS, *,
       (B, C * sum(n*n)) array in fmap's dtype; layout in the module docstring.
 
     Pure and jit-compiled once per (shape, dtype, levels, mode); differentiable
-    (a bin's gradient reaches one cell: its first maximal cell in row-major order,
-    ties are not split; see :mod:`spp_jax.binmax`); usable under ``jax.vmap`` and
-    inside other jitted functions.
+    (a bin's gradient reaches one cell, ties are not split: its first maximal cell in
+    row-major order; for a level derived from a finer one, e.g. 3, 2 and 1 from 6, the
+    first of its finer bins in row-major order holding the max, then that bin's cell);
+    usable under ``jax.vmap`` and inside other jitted functions.
     """
     levels = B.normalize_levels(levels)
     if mode not in MODES:

@@ -1,6 +1,7 @@
 """spp_jax.binmax and spp_jax.pool built on it: values and gradients against brute-force numpy
-(ties included: the gradient goes to the FIRST max of a window in row-major order) and
-against JAX's default gradients where there are no ties."""
+(ties included: the gradient goes to the FIRST max of a window in row-major order; for a
+pyramid level derived from a finer one, to the first finer bin holding the max) and against
+JAX's default gradients where there are no ties."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -117,18 +118,62 @@ def test_tiled_windows_equal_reduce_window_and_its_gradient(make, kernel, size):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
 
 
-def pool_ref_with_grad(x, levels, g, bins_of):
-    """Brute-force pyramid values and gradient (first max in row-major order per bin)."""
+def first_max_cells(x, rows, cols):
+    """Brute force per window: its max and the (row, col) of its first max cell in row-major
+    order (np.argmax of the row-major flattened window). Each (B, n_rows, n_cols, C)."""
     b, h, w, c = x.shape
+    shape = (b, len(rows), len(cols), c)
+    y, r, k = np.zeros(shape, np.float32), np.zeros(shape, int), np.zeros(shape, int)
+    for i, (r0, r1) in enumerate(rows):
+        for j, (c0, c1) in enumerate(cols):
+            win = x[:, r0:r1, c0:c1, :]
+            y[:, i, j] = win.max(axis=(1, 2))
+            dr, dc = np.divmod(win.transpose(0, 3, 1, 2).reshape(b, c, -1).argmax(-1), c1 - c0)
+            r[:, i, j], k[:, i, j] = r0 + dr, c0 + dc
+    return y, r, k
+
+
+def pool_ref_with_grad(x, levels, g, bins_of, mode="appendix_a"):
+    """Brute-force pyramid values and gradient. A level pooled from the map sends each bin's
+    gradient to the bin's first max cell in row-major order; a level derived from a finer one
+    (:func:`spp_jax.bins.derivation_plan`: bin (i, j) of level n is the m x m block of level
+    n*m's bins at (i*m, j*m)) to the first bin of its block, row-major, holding its max, and
+    on to that bin's cell."""
+    b, h, w, c = x.shape
+    plan, got = B.derivation_plan(levels, mode), {}
+    for n in sorted(plan, reverse=True):
+        if plan[n] == n:
+            got[n] = first_max_cells(x, bins_of(h, n), bins_of(w, n))
+            continue
+        m = plan[n] // n
+        src = [a.reshape(b, n, m, n, m, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, n, n, m * m, c)
+               for a in got[plan[n]]]  # each bin's block of finer bins, row-major
+        first = src[0].argmax(axis=3)[:, :, :, None]  # np.argmax: the first maximal bin
+        got[n] = tuple(np.take_along_axis(a, first, axis=3)[:, :, :, 0] for a in src)
     outs, dx, off = [], np.zeros_like(x), 0
+    bi, ci = np.meshgrid(np.arange(b), np.arange(c), indexing="ij")
     for n in levels:
-        rows, cols = bins_of(h, n), bins_of(w, n)
+        y, r, k = got[n]
         gn = g[:, off:off + n * n * c].reshape(b, n, n, c)
-        y, d = window_ref(x, rows, cols, gn)
+        for i in range(n):
+            for j in range(n):
+                np.add.at(dx, (bi, r[:, i, j], k[:, i, j], ci), gn[:, i, j])
         outs.append(y.reshape(b, -1))
-        dx += d
         off += n * n * c
     return np.concatenate(outs, 1), dx
+
+
+def test_derived_level_tie_rule_on_a_hand_made_case():
+    """Level 3's bin [0, 4) x [0, 4) of a 10x10 map is the 2x2 block of level-6 bins [0, 2) and
+    [1, 4) (rows and columns). Its max 1 sits at (0, 3), in bin (0, 1) only, and at (1, 0), in
+    bins (0, 0) and (1, 0): the first bin of the block holding the max is (0, 0), so the
+    gradient goes to (1, 0), although (0, 3) comes first in row-major order of the window."""
+    x = np.zeros((1, 10, 10, 1), np.float32)
+    x[0, 0, 3, 0] = x[0, 1, 0, 0] = 1
+    g = jax.grad(lambda a: spp_jax.pool(a, (6, 3))[0, 36])(jnp.asarray(x))  # level 3, bin (0, 0)
+    want = np.zeros((10, 10))
+    want[1, 0] = 1
+    np.testing.assert_array_equal(np.asarray(g)[0, :, :, 0], want)
 
 
 @pytest.mark.parametrize("make", [tied, distinct])
@@ -148,7 +193,7 @@ def test_released_pyramid_gradient_with_ties():
     x = tied((2, 13, 9, 2), 6)
     g = np.random.default_rng(7).standard_normal((2, 2 * 50)).astype(np.float32)
     y, vjp = jax.vjp(lambda a: spp_jax.pool(a, levels, mode="released"), jnp.asarray(x))
-    y_ref, dx_ref = pool_ref_with_grad(x, levels, g, released_bins)
+    y_ref, dx_ref = pool_ref_with_grad(x, levels, g, released_bins, mode="released")
     np.testing.assert_array_equal(np.asarray(y), y_ref)
     np.testing.assert_allclose(np.asarray(vjp(jnp.asarray(g))[0]), dx_ref, rtol=1e-6, atol=1e-6)
 
