@@ -86,6 +86,16 @@ def test_strided_nan_window_passes_no_gradient():
     np.testing.assert_array_equal(np.asarray(g)[0, 0, :, 0], [0, 0, 0, 0, 1, 0, 1])
 
 
+def test_uneven_nan_bins_pass_no_gradient():
+    x = np.arange(5, dtype=np.float32).reshape(1, 1, 5, 1)
+    x[0, 0, 1, 0] = np.nan
+    edges = ((0, 2), (1, 4), (3, 5))  # neither tiled nor equal windows: the generic path
+    y = binmax.axis_bin_max(jnp.asarray(x), 2, edges)
+    assert np.isnan(np.asarray(y)[0, 0, :2, 0]).all() and np.asarray(y)[0, 0, 2, 0] == 4
+    g = jax.grad(lambda a: jnp.nansum(binmax.axis_bin_max(a, 2, edges)))(x)
+    np.testing.assert_array_equal(np.asarray(g)[0, 0, :, 0], [0, 0, 0, 0, 1])
+
+
 def test_all_equal_window_gives_its_first_cell():
     x = np.zeros((1, 4, 6, 1), np.float32)
     g = jax.grad(lambda a: binmax.window_max(a, binmax.tiled_edges(2, 2), ((0, 3), (2, 6))).sum())(x)
