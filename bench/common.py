@@ -248,22 +248,37 @@ def median(xs):
     return statistics.median(xs) if xs else float("nan")
 
 
+def steady_call(fn: Callable[[], Any]) -> float:
+    """Seconds per call of ``fn()`` as a loop sees it: one untimed call, then the mean of
+    ``BLOCK`` back-to-back timed calls.
+
+    Why not one call after a short sleep (the protocol up to 2026-12-03): a call that starts
+    after the other library's work or after a sleep pays for waking its own worker threads and
+    reloading its data, and that cost is not the same for both libraries. Measured
+    2026-12-04 in one process (the 2-core AMD EPYC): ``spp_jax.pool`` forward+backward on
+    128x10x10x256 took 10-12 ms back to back, 14-20 ms right after a torch call and 15-22 ms
+    after a 50 ms sleep, while torch's 13-17 ms barely moved; the old protocol reported 0.91x
+    where back-to-back blocks give 1.1-1.3x. The untimed call also outlasts the other
+    library's spinning worker threads (OpenMP in torch, XLA's pool), which the sleep was for.
+    """
+    fn()
+    t0 = time.perf_counter()
+    for _ in range(BLOCK):
+        fn()
+    return (time.perf_counter() - t0) / BLOCK
+
+
 def time_fn(fn: Callable[[], Any], warmup: int, repeats: int) -> float:
-    """Median wall seconds of ``fn()`` (which must block until its result is ready)."""
+    """Median seconds per call of ``fn()`` (which must block until its result is ready),
+    each sample a :func:`steady_call`."""
     for _ in range(warmup):
         fn()
-    ts = []
-    for _ in range(repeats):
-        time.sleep(SETTLE)
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return median(ts)
+    return median([steady_call(fn) for _ in range(repeats)])
 
 
 def time_pair(fa: Callable[[], Any], fb: Callable[[], Any], warmup: int, repeats: int,
               min_seconds: float = 0.0, max_repeats: int = 200) -> tuple[float, float]:
-    """Medians of two functions timed *interleaved* (a, b, a, b, ...) after warm-up.
+    """Medians of two functions timed *interleaved* (a block, b block, ...) after warm-up.
 
     Interleaving makes the ratio robust to load from other processes on a shared
     machine.  At least ``repeats`` pairs; more (up to ``max_repeats``) until
@@ -277,10 +292,9 @@ def time_pair_samples(fa, fb, warmup: int, repeats: int, min_seconds: float = 0.
                       max_repeats: int = 200) -> tuple[list, list]:
     """The per-call seconds behind :func:`time_pair`.
 
-    Before every timed call the process sleeps ``SETTLE`` seconds (untimed): both
-    libraries' worker threads spin for a while after a parallel region (OpenMP in
-    torch, Eigen's pool in XLA), and on a 2-core machine a call that starts while the
-    *other* library's threads still spin runs up to 2-3x slower.
+    Each sample is a :func:`steady_call` (an untimed call, then ``BLOCK`` timed calls back
+    to back), a's and b's alternating, so both are timed as a loop runs them and slow
+    phases of a shared machine hit both alike.
 
     Adaptive: after ``repeats`` pairs and ``min_seconds`` of timed work, pairs continue
     until the median per-pair ratio is stable (:func:`ratio_stable`: the median's
@@ -292,17 +306,9 @@ def time_pair_samples(fa, fb, warmup: int, repeats: int, min_seconds: float = 0.
         fb()
     ta, tb = [], []
     while True:
-        time.sleep(SETTLE)
-        t0 = time.perf_counter()
-        fa()
-        t1 = time.perf_counter()
-        time.sleep(SETTLE)
-        t2 = time.perf_counter()
-        fb()
-        t3 = time.perf_counter()
-        ta.append(t1 - t0)
-        tb.append(t3 - t2)
-        n, spent = len(ta), sum(ta) + sum(tb)
+        ta.append(steady_call(fa))
+        tb.append(steady_call(fb))
+        n, spent = len(ta), BLOCK * (sum(ta) + sum(tb))
         if n < max(repeats, PAIRS.min_pairs) or spent < min_seconds:
             continue
         if ratio_stable([b / a for a, b in zip(ta, tb)]) or n >= max_repeats \
@@ -363,7 +369,7 @@ def pair_spread() -> str:
     return text
 
 
-SETTLE = 0.02
+BLOCK = 3  # timed back-to-back calls per sample (steady_call)
 
 
 def block(x):

@@ -54,10 +54,12 @@ def test_row_without_ratio_has_no_verdict():
 def test_time_pair_interleaves():
     calls = []
     ta, tb = time_pair(lambda: calls.append("a"), lambda: calls.append("b"), warmup=1, repeats=3)
-    pairs = len(calls) // 2
-    assert calls == ["a", "b"] * pairs and pairs >= 1 + max(3, common.PAIRS.min_pairs)
-    assert pairs <= 1 + 200  # the cap
-    assert common.LAST_PAIRS["n"] == pairs - 1
+    per = 1 + common.BLOCK  # a sample: one untimed call, then BLOCK timed ones
+    pairs = (len(calls) - 2) // (2 * per)  # after the warm-up pair
+    assert calls == ["a", "b"] + (["a"] * per + ["b"] * per) * pairs
+    assert pairs >= max(3, common.PAIRS.min_pairs)
+    assert pairs <= 200  # the cap
+    assert common.LAST_PAIRS["n"] == pairs
     assert ta >= 0 and tb >= 0 and not math.isnan(ta)
 
 
