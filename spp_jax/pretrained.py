@@ -8,8 +8,8 @@ classification task. :func:`load_pretrained` accepts it as
 * a Flax msgpack file of SPPNet variables with a JSON sidecar ``<file>.json``
   (:func:`save_pretrained` writes both). The sidecar says which network the arrays
   belong to: ``arch``, ``width``, ``fc_dim``, ``num_classes`` and optionally ``spp``
-  (true), ``levels`` ([6, 3, 2, 1]), ``input_scale`` (1.0), ``pool_mode``
-  ("appendix_a") and ``mean`` (a number or 3 numbers, 0..255). On load the arrays
+  (true), ``levels`` ([6, 3, 2, 1]), ``input_scale`` (1.0), ``input_norm``
+  ("none"), ``pool_mode`` ("appendix_a") and ``mean`` (a number or 3 numbers, 0..255). On load the arrays
   are checked against that network (names, shapes, finite values), so a wrong
   sidecar is a one-line :class:`~spp_jax.errors.UserError`, not a failure deep
   inside feature extraction.
@@ -190,8 +190,8 @@ def save_pretrained(path: str, model: SPPNet, variables: Any, mean=None) -> None
         raise UserError(f"the sidecar stores a mean of 1 or 3 numbers, got shape {np.shape(mean)}")
     sidecar = {"arch": model.arch, "width": model.width, "fc_dim": model.fc_dim,
                "num_classes": model.num_classes, "spp": model.spp, "levels": list(model.levels),
-               "input_scale": model.input_scale, "pool_mode": model.pool_mode,
-               "mean": None if mean is None else np.asarray(mean, float).ravel().tolist()}
+               "input_scale": model.input_scale, "input_norm": model.input_norm,
+               "pool_mode": model.pool_mode, "mean": None if mean is None else np.asarray(mean, float).ravel().tolist()}
     for target, blob in ((path, flax.serialization.to_bytes(variables)),
                          (path + ".json", json.dumps(sidecar, indent=1).encode())):
         atomic.write_bytes(target, blob)  # never a half-written network
@@ -220,6 +220,7 @@ def _model_from_sidecar(meta: dict, sidecar: str) -> SPPNet:
                          fc_dim=int(meta["fc_dim"]), spp=bool(meta.get("spp", True)),
                          levels=tuple(int(n) for n in meta.get("levels", (6, 3, 2, 1))),
                          input_scale=float(meta.get("input_scale", 1.0)),
+                         input_norm=str(meta.get("input_norm", "none")),
                          pool_mode=str(meta.get("pool_mode", "appendix_a")))
     except (TypeError, ValueError) as e:
         raise UserError(f"{sidecar}: {e}") from None

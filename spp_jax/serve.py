@@ -189,7 +189,8 @@ class Server:
         """Everything about the network that changes its features (for cache keys)."""
         m = self.model
         return {"arch": m.arch, "width": m.width, "fc_dim": m.fc_dim, "spp": m.spp, "levels": list(m.levels),
-                "input_scale": m.input_scale, "pool_mode": m.pool_mode,
+                "input_scale": m.input_scale, "input_norm": m.input_norm,
+                "pool_mode": m.pool_mode,
                 "mean": "none" if self.mean is None else params_fingerprint(self.mean),
                 "params": params_fingerprint(self.variables)}
 

@@ -19,12 +19,13 @@ def _leaves_equal(a, b):
 
 
 def test_msgpack_round_trip_keeps_weights_and_settings(tmp_path):
-    m = get_model("zf5", num_classes=11, width=0.05, fc_dim=16, input_scale=1 / 58, pool_mode="released")
+    m = get_model("zf5", num_classes=11, width=0.05, fc_dim=16, input_scale=1 / 58, pool_mode="released",
+                  input_norm="gray_std")
     v = random_variables(m, 3, bias_std=0.1)
     path = str(tmp_path / "net.msgpack")
     save_pretrained(path, m, v, mean=np.array([1.0, 2.0, 3.0]))
     net = load_pretrained(path)
-    assert net.model == m  # arch, width, fc_dim, classes, input scale, levels, bin rule
+    assert net.model == m  # arch, width, fc_dim, classes, input scale and norm, levels, bin rule
     np.testing.assert_allclose(net.mean, [1, 2, 3])
     _leaves_equal(v, net.variables)
     assert jax.tree.structure(v) == jax.tree.structure(net.variables)

@@ -19,6 +19,7 @@ from spp_jax.config_grammar import check_value
 from spp_jax.geometry import Geometry, geometry_from_layers
 from spp_jax.models import layers as L
 from spp_jax.models import masking as M
+from spp_jax.models.input_norm import check_input_norm, normalise_input
 from spp_jax.models.backbones import BACKBONES, NO_SPP_POOL, check_name
 from spp_jax.pooling import pool as spp_pool
 from spp_jax.roi import roi_pool_cells
@@ -183,6 +184,10 @@ class SPPNet(nn.Module):
         zero biases; fc8 Gaussian std 0.01 under both).
       input_scale: images (0..255 minus the mean) are multiplied by this before conv1.
         1.0 is the paper; He initialisation wants unit-scale inputs (about 1/58).
+      input_norm: "none" (the paper) or "gray_std": each image (after ``input_scale``)
+        becomes its gray level standardised to zero mean and unit std over its own valid
+        pixels (:mod:`spp_jax.models.input_norm`; an option against the embedded data's
+        chance plateau, not the paper's).
       pool_mode: pyramid bin rule, "appendix_a" (the paper's, default) or "released"
         (the released Caffe model's 2x2 level, kernel = stride = ceil(a/2): use it to run
         released weights exactly; see :func:`spp_jax.bins.bin_edges`).
@@ -201,6 +206,7 @@ class SPPNet(nn.Module):
     dropout: float = 0.5
     init_scheme: str = "paper"
     input_scale: float = 1.0
+    input_norm: str = "none"
     pool_mode: str = "appendix_a"
     dtype: Any = jnp.float32
 
@@ -208,6 +214,7 @@ class SPPNet(nn.Module):
         check_name(self.arch)
         _kernel_init(self.init_scheme)  # fail early on a bad name
         B.check_mode(self.pool_mode)
+        check_input_norm(self.input_norm)
         self.backbone = Backbone(scaled_specs(self.arch, self.width), self.init_scheme, self.dtype)
         self.classifier = Head(self.num_classes, self.fc_dim, self.dropout, self.init_scheme, self.dtype)
 
@@ -240,6 +247,7 @@ class SPPNet(nn.Module):
             self._check_valid_hw(images.shape, valid_hw)
         if self.input_scale != 1.0:
             images = images * self.input_scale
+        images = normalise_input(images, self.input_norm, valid_hw)
         return self.backbone(images, valid_hw)
 
     def _check_valid_hw(self, shape, valid_hw):

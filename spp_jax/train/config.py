@@ -64,6 +64,11 @@ def _protocols():
     return PROTOCOLS
 
 
+def _input_norms():
+    from spp_jax.models.input_norm import INPUT_NORMS
+    return INPUT_NORMS
+
+
 def _optimizers():
     from spp_jax.train.state import OPTIMIZERS
     return OPTIMIZERS
@@ -86,6 +91,9 @@ class TrainConfig:
                                        "he: He-normal", choices=_inits)
     input_scale: float = option(1.0, "images (0..255 minus the mean) are multiplied by this "
                                      "first (1/58 suits He init)", gt=0)
+    input_norm: str = option("none", "none: the paper; gray_std: each image's gray level "
+                                     "standardised per image (README, plateau)",
+                             choices=_input_norms)
 
     # --- data (used by experiments.train; the loop itself takes a data object) ---
     dataset: str = option("imagenet2012", "shapes: the embedded data, generated on first use; "
@@ -280,7 +288,8 @@ def build_model(cfg: TrainConfig, num_classes: int):
     from spp_jax.models import get_model
     return get_model(cfg.model, num_classes=num_classes, spp=cfg.spp, levels=tuple(cfg.levels),
                      width=cfg.width, fc_dim=cfg.fc_dim, dropout=cfg.dropout,
-                     init_scheme=cfg.init_scheme, input_scale=cfg.input_scale)
+                     init_scheme=cfg.init_scheme, input_scale=cfg.input_scale,
+                     input_norm=cfg.input_norm)
 
 
 def trained_num_classes(cfg: TrainConfig) -> int:

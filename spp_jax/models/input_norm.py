@@ -1,0 +1,51 @@
+"""Per-image input normalisation ahead of conv1 (an option; the paper has none).
+
+``gray_std`` turns each image into its channel mean (a gray image) shifted and scaled to
+zero mean and unit standard deviation over the image's own pixels, copied to the three
+input channels. Why it exists: on the embedded shapes data the class is the silhouette
+alone, while colour, fill, background and brightness are random; with the raw colour
+input the embedded Overfeat-7 sits at chance for 3-5 epochs (README, "Why the plateau
+remains"), and this input left the plateau about two epochs sooner in probes. It is not
+the paper's input, so the default is ``none``.
+
+With a padded batch (``valid_hw``) the statistics use each image's valid pixels only, so
+a padded image normalises exactly as it would alone (up to float summation order).
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jax import lax
+
+from spp_jax.models import masking as M
+
+INPUT_NORMS = ("none", "gray_std")
+_EPS = 1e-6  # in squared input units; an image of one colour maps to zeros, not NaN
+
+
+def check_input_norm(name: str) -> str:
+    if name not in INPUT_NORMS:
+        raise ValueError(f"unknown input_norm {name!r}; valid: {', '.join(INPUT_NORMS)}")
+    return name
+
+
+def gray_standardise(x, valid_hw=None):
+    """(B, H, W, 3) images -> (B, H, W, 3): per image, gray = mean over channels, then
+    (gray - mean) / std over the image's pixels (the top-left ``valid_hw[b]`` = (h, w) of
+    image b when given, (B, 2) int; else all H x W), the same in all 3 channels.
+
+    Cells outside an image's valid region hold unmasked values; the backbone zeroes them.
+    """
+    g = jnp.mean(x, axis=-1, keepdims=True)
+    if valid_hw is None:
+        mu = jnp.mean(g, axis=(1, 2, 3), keepdims=True)
+        var = jnp.mean(jnp.square(g - mu), axis=(1, 2, 3), keepdims=True)
+    else:
+        n = (valid_hw[:, 0] * valid_hw[:, 1]).astype(x.dtype)[:, None, None, None]
+        mu = jnp.sum(M.mask_beyond(g, valid_hw), axis=(1, 2, 3), keepdims=True) / n
+        var = jnp.sum(M.mask_beyond(jnp.square(g - mu), valid_hw), axis=(1, 2, 3), keepdims=True) / n
+    return jnp.broadcast_to((g - mu) * lax.rsqrt(var + _EPS), x.shape)
+
+
+def normalise_input(x, name: str, valid_hw=None):
+    """Apply the named input normalisation (``none``: ``x`` unchanged)."""
+    return gray_standardise(x, valid_hw) if name == "gray_std" else x
