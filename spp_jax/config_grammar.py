@@ -384,6 +384,15 @@ def config_dict(cfg) -> dict[str, Any]:
     return {name: getattr(cfg, name) for name in _fields(type(cfg))}
 
 
+def with_file_defaults(cls, raw: Mapping[str, Any]) -> dict[str, Any]:
+    """``raw`` (a config as read from a file) with every ``optional_in_file`` key it lacks set
+    to its default: a file written before such a key existed means that key's default."""
+    base = cls()
+    filled = {k: getattr(base, k) for k, f in _fields(cls).items()
+              if k not in raw and spec_of(f).optional_in_file}
+    return {**json.loads(json.dumps(filled)), **raw}
+
+
 def write_config(cfg, directory: str | os.PathLike, name: str = "config.json") -> str:
     """Write ``cfg`` as JSON to ``directory/name`` atomically (temp file, rename); returns the path."""
     path = os.path.join(os.fspath(directory), name)

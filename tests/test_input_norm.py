@@ -66,3 +66,17 @@ def test_config_key_reaches_the_model_and_bad_names_are_refused():
         get_config("embedded", ["input_norm=grey"])
     with pytest.raises(ValueError, match="input_norm"):
         get_model("zf5", input_norm="grey").init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))
+
+
+def test_results_recorded_before_the_key_existed_still_count_as_this_config():
+    # Every committed run (results/claims, plateau-dropout0, ...) was recorded before
+    # input_norm existed: such a record means input_norm=none, not "another config".
+    import json
+    from spp_jax.config_grammar import config_dict
+    from spp_jax.train.grid import same_results_config
+    cfg = get_config("embedded", ["model=zf5"])
+    old = json.loads(json.dumps(config_dict(cfg)))
+    del old["input_norm"]
+    assert same_results_config(old, cfg)
+    assert not same_results_config(old, get_config("embedded", ["model=zf5", "input_norm=gray_std"]))
+    assert not same_results_config({**old, "dropout": 0.0}, cfg)

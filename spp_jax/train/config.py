@@ -93,7 +93,7 @@ class TrainConfig:
                                      "first (1/58 suits He init)", gt=0)
     input_norm: str = option("none", "none: the paper; gray_std: each image's gray level "
                                      "standardised per image (README, plateau)",
-                             choices=_input_norms)
+                             choices=_input_norms, optional_in_file=True)
 
     # --- data (used by experiments.train; the loop itself takes a data object) ---
     dataset: str = option("imagenet2012", "shapes: the embedded data, generated on first use; "

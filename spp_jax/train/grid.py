@@ -19,7 +19,7 @@ import os
 import time
 from typing import Callable, Sequence
 
-from spp_jax.config_grammar import config_dict
+from spp_jax.config_grammar import config_dict, with_file_defaults
 from spp_jax.errors import NoCheckpoint
 from spp_jax.train.config import TrainConfig, embedded, get_config
 from spp_jax.train.workdir import RESUMABLE_KEYS
@@ -202,6 +202,7 @@ def same_results_config(recorded: dict, cfg: TrainConfig) -> bool:
     """Whether a config recorded with results (eval.json, scale_probe.json) equals ``cfg`` in
     every key outside :data:`NOT_RESULTS`: the results are then this config's."""
     want = json.loads(json.dumps(config_dict(cfg)))  # tuples -> lists, as on disk
+    recorded = with_file_defaults(TrainConfig, recorded)  # keys added since it was written
     return ({k: v for k, v in recorded.items() if k not in NOT_RESULTS}
             == {k: v for k, v in want.items() if k not in NOT_RESULTS})
 
