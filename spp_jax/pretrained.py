@@ -9,10 +9,10 @@ classification task. :func:`load_pretrained` accepts it as
   (:func:`save_pretrained` writes both). The sidecar says which network the arrays
   belong to: ``arch``, ``width``, ``fc_dim``, ``num_classes`` and optionally ``spp``
   (true), ``levels`` ([6, 3, 2, 1]), ``input_scale`` (1.0), ``input_norm``
-  ("none"), ``pool_mode`` ("appendix_a") and ``mean`` (a number or 3 numbers, 0..255). On load the arrays
-  are checked against that network (names, shapes, finite values), so a wrong
-  sidecar is a one-line :class:`~spp_jax.errors.UserError`, not a failure deep
-  inside feature extraction.
+  ("none"), ``pool_mode`` ("appendix_a") and ``mean`` (a number or 3 numbers,
+  0..255). On load the arrays are checked against that network (names, shapes,
+  finite values), so a wrong sidecar is a one-line
+  :class:`~spp_jax.errors.UserError`, not a failure deep inside feature extraction.
 
 Nothing here trains: the detection experiment pretrains a backbone itself when it
 is given none (``experiments/voc_det.py``).
@@ -191,7 +191,8 @@ def save_pretrained(path: str, model: SPPNet, variables: Any, mean=None) -> None
     sidecar = {"arch": model.arch, "width": model.width, "fc_dim": model.fc_dim,
                "num_classes": model.num_classes, "spp": model.spp, "levels": list(model.levels),
                "input_scale": model.input_scale, "input_norm": model.input_norm,
-               "pool_mode": model.pool_mode, "mean": None if mean is None else np.asarray(mean, float).ravel().tolist()}
+               "pool_mode": model.pool_mode,
+               "mean": None if mean is None else np.asarray(mean, float).ravel().tolist()}
     for target, blob in ((path, flax.serialization.to_bytes(variables)),
                          (path + ".json", json.dumps(sidecar, indent=1).encode())):
         atomic.write_bytes(target, blob)  # never a half-written network

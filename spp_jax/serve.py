@@ -188,9 +188,11 @@ class Server:
     def key(self) -> dict:
         """Everything about the network that changes its features (for cache keys)."""
         m = self.model
+        # input_norm joins the key only when set: a net without it keeps the key (hence the
+        # fingerprint and every feature cache on disk) it had before the option existed.
+        norm = {} if m.input_norm == "none" else {"input_norm": m.input_norm}
         return {"arch": m.arch, "width": m.width, "fc_dim": m.fc_dim, "spp": m.spp, "levels": list(m.levels),
-                "input_scale": m.input_scale, "input_norm": m.input_norm,
-                "pool_mode": m.pool_mode,
+                "input_scale": m.input_scale, **norm, "pool_mode": m.pool_mode,
                 "mean": "none" if self.mean is None else params_fingerprint(self.mean),
                 "params": params_fingerprint(self.variables)}
 

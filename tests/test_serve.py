@@ -112,4 +112,7 @@ def test_one_fingerprint_for_network_parameters_and_mean():
     assert Server(m, moved, 128.0).fingerprint != base
     assert Server(m, v, 127.0).fingerprint != base
     assert Server(m.clone(pool_mode="released"), v, 128.0).fingerprint != base
+    assert Server(m.clone(input_norm="gray_std"), v, 128.0).fingerprint != base
+    # A net without input_norm keeps the key it had before the option (old caches stay valid).
+    assert "input_norm" not in Server(m, v, 128.0).key()
     assert params_fingerprint(v) != params_fingerprint(moved)
