@@ -60,3 +60,20 @@ def test_per_bin_errors_over_seeds_and_verdicts(tmp_path):
     assert "| 1 crop, small (box 0-77 px at 256) | 100.0 ± 0.0 | 0.0 ± 0.0 |" in md
     data = json.loads((tmp_path / "claims.json").read_text())
     assert len(data["object_size"]["cells"]) == 6 and len(data["object_size"]["verdicts"]) == 3
+
+
+def test_one_variant_grid_has_no_empty_verdicts_paragraph(tmp_path):
+    # A one-variant grid (a controlled probe's "variants=multi") has per-size errors but
+    # nothing to compare them with: the report shows the table and no "Verdicts" line.
+    runs = {(r.variant.key, r.seed): r for r in grid.plan(
+        "embedded", ["epochs=1"], str(tmp_path), models=("zf5",), seeds=(0, 1), data_seed=0)}
+    bins = SizeBins((0, 0, 1, 1, 2, 2), (0.0, 0.3, 0.6, 1.0))
+    multi = [_result(runs[("multi", s)], h) for s, h in {0: [1, 0, 1, 1, 1, 0],
+                                                         1: [1, 1, 0, 1, 0, 1]}.items()]
+    md = claims.write_claims(str(tmp_path), multi, "t", make_plot=False, size_bins=bins)
+    section = md.split("## Top-1 error (%) by the main object's size")[1].split("## Runs")[0]
+    assert "| 1 crop, small (box 0-77 px at 256) |" in section
+    assert "Verdicts" not in section
+    both = multi + [_result(runs[("single", s)], [0, 0, 1, 1, 1, 1]) for s in (0, 1)]
+    md = claims.write_claims(str(tmp_path), both, "t", make_plot=False, size_bins=bins)
+    assert "Verdicts (top-1 error; two-sided t-test at 5 %):\n\n- zf5, 1 crop, small" in md

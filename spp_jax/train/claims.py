@@ -272,6 +272,14 @@ def curve_text(curve: Sequence[float]) -> str:
             + (f"below {CHANCE_EXIT:.0f} % from epoch {k})" if k else f"never below {CHANCE_EXIT:.0f} %)"))
 
 
+def _verdict_lines(found: Sequence[seedstats.Verdict]) -> list[str]:
+    """A "Verdicts" paragraph, or nothing when a section has no comparison (one variant)."""
+    if not found:
+        return []
+    return ["Verdicts (top-1 error; two-sided t-test at 5 %):", "",
+            *[f"- {v.sentence()}" for v in found], ""]
+
+
 def write_claims(root: str, results: Sequence[RunResult], title: str,
                  variants: Sequence[Variant] = VARIANTS, make_plot: bool = True,
                  missing: Sequence[Run] = (), size_bins: object_size.SizeBins | None = None,
@@ -304,10 +312,8 @@ def write_claims(root: str, results: Sequence[RunResult], title: str,
     md = "\n".join([f"# {title}", "", tables_markdown(cells, variants), "",
                     "## Verdicts (top-1 error; two-sided t-test at 5 %)", "",
                     *[f"- {v.sentence()}" for v in found], "",
-                    *([scale_md, "", "Verdicts (top-1 error; two-sided t-test at 5 %):", "",
-                       *[f"- {v.sentence()}" for v in scale_found], ""] if scale_md else []),
-                    *([size_md, "", "Verdicts (top-1 error; two-sided t-test at 5 %):", "",
-                       *[f"- {v.sentence()}" for v in size_found], ""] if size_md else []),
+                    *([scale_md, "", *_verdict_lines(scale_found)] if scale_md else []),
+                    *([size_md, "", *_verdict_lines(size_found)] if size_md else []),
                     *([base_md, ""] if base_md else []),
                     "## Runs", "", *runs])
     data = {"title": title,
