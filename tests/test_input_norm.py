@@ -59,9 +59,11 @@ def test_network_is_blind_to_colour_brightness_and_contrast_and_exact_when_padde
 
 
 def test_config_key_reaches_the_model_and_bad_names_are_refused():
-    cfg = get_config("embedded", ["input_norm=gray_std", "model=zf5"])
-    assert build_model(cfg, 10).input_norm == "gray_std"
-    assert get_config("embedded").input_norm == "none"
+    # The embedded preset feeds gray_std (README, plateau); the paper's preset and an
+    # override both reach the model.
+    assert build_model(get_config("embedded", ["model=zf5"]), 10).input_norm == "gray_std"
+    assert build_model(get_config("embedded", ["input_norm=none", "model=zf5"]), 10).input_norm == "none"
+    assert build_model(get_config("imagenet"), 10).input_norm == "none"
     with pytest.raises(ConfigError, match="input_norm"):
         get_config("embedded", ["input_norm=grey"])
     with pytest.raises(ValueError, match="input_norm"):
@@ -74,9 +76,10 @@ def test_results_recorded_before_the_key_existed_still_count_as_this_config():
     import json
     from spp_jax.config_grammar import config_dict
     from spp_jax.train.grid import same_results_config
-    cfg = get_config("embedded", ["model=zf5"])
+    cfg = get_config("embedded", ["model=zf5", "input_norm=none"])
     old = json.loads(json.dumps(config_dict(cfg)))
     del old["input_norm"]
     assert same_results_config(old, cfg)
     assert not same_results_config(old, get_config("embedded", ["model=zf5", "input_norm=gray_std"]))
-    assert not same_results_config({**old, "dropout": 0.0}, cfg)
+    assert not same_results_config(old, get_config("embedded", ["model=zf5"]))  # today's preset
+    assert not same_results_config({**old, "dropout": 0.3}, cfg)
