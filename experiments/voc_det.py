@@ -68,6 +68,26 @@ def check_files(cfg: VocDetConfig) -> None:
     for path in (cfg.checkpoint, cfg.second_checkpoint):
         if path:
             check_pretrained_path(path)
+    check_pretraining(cfg)
+
+
+def check_pretraining(cfg: VocDetConfig) -> None:
+    """A pretraining workdir that holds another recipe's run (e.g. the 20-epoch colour ZF-5
+    of versions before 2026-12-04) stops here, with the detection keys that get past it:
+    training's own error names --workdir and overwrite=true, which voc_det does not take."""
+    from spp_jax.errors import UserError
+    from spp_jax.train.config import load_config
+    from spp_jax.train.workdir import config_changes, holds_run
+
+    workdir = pretrain_workdir(cfg)
+    if (cfg.checkpoint or cfg.random_backbone or cfg.dataset != "shapes" or not holds_run(workdir)
+            or not os.path.exists(os.path.join(workdir, "config.json"))):
+        return
+    changes = config_changes(load_config(workdir), pretrain_config(cfg))
+    if changes:
+        raise UserError(f"{workdir} holds a backbone pretrained with another recipe "
+                        f"({'; '.join(changes)}): detect with it as checkpoint={workdir}, or "
+                        f"pretrain anew with pretrain_workdir=DIR")
 
 
 def open_inputs(cfg: VocDetConfig) -> Inputs:
