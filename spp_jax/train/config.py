@@ -90,7 +90,8 @@ class TrainConfig:
     init_scheme: str = option("paper", "paper: Gaussian std 0.01 (the released models); "
                                        "he: He-normal", choices=_inits)
     input_scale: float = option(1.0, "images (0..255 minus the mean) are multiplied by this "
-                                     "first (1/58 suits He init)", gt=0)
+                                     "first (1/58 suits He init; no effect with gray_std, which "
+                                     "standardises each image)", gt=0)
     input_norm: str = option("none", "none: the paper; gray_std: each image's gray level "
                                      "standardised per image (README, plateau)",
                              choices=_input_norms, optional_in_file=True)
