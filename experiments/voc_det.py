@@ -72,9 +72,10 @@ def check_files(cfg: VocDetConfig) -> None:
 
 
 def check_pretraining(cfg: VocDetConfig) -> None:
-    """A pretraining workdir that holds another recipe's run (e.g. the 20-epoch colour ZF-5
-    of versions before 2026-12-04) stops here, with the detection keys that get past it:
-    training's own error names --workdir and overwrite=true, which voc_det does not take."""
+    """A pretraining workdir that holds another recipe's run (e.g. one trained there by hand
+    with the training preset, whose input and dropout the recipe does not share) stops here,
+    with the detection keys that get past it: training's own error names --workdir and
+    overwrite=true, which voc_det does not take."""
     from spp_jax.errors import UserError
     from spp_jax.train.config import load_config
     from spp_jax.train.workdir import config_changes, holds_run
