@@ -71,20 +71,24 @@ def check_files(cfg: VocDetConfig) -> None:
     check_pretraining(cfg)
 
 
+def pretrains_here(cfg: VocDetConfig) -> bool:
+    """Whether the backbone is pretrained in :func:`pretrain_workdir` (no checkpoint given, on
+    the embedded data, not the pipeline-only random backbone)."""
+    return not cfg.checkpoint and not cfg.random_backbone and cfg.dataset == "shapes"
+
+
 def check_pretraining(cfg: VocDetConfig) -> None:
     """A pretraining workdir that holds another recipe's run (e.g. one trained there by hand
     with the training preset, whose input and dropout the recipe does not share) stops here,
     with the detection keys that get past it: training's own error names --workdir and
     overwrite=true, which voc_det does not take."""
     from spp_jax.errors import UserError
-    from spp_jax.train.config import load_config
-    from spp_jax.train.workdir import config_changes, holds_run
+    from spp_jax.train.workdir import run_changes
 
-    workdir = pretrain_workdir(cfg)
-    if (cfg.checkpoint or cfg.random_backbone or cfg.dataset != "shapes" or not holds_run(workdir)
-            or not os.path.exists(os.path.join(workdir, "config.json"))):
+    if not pretrains_here(cfg):
         return
-    changes = config_changes(load_config(workdir), pretrain_config(cfg))
+    workdir = pretrain_workdir(cfg)
+    changes = run_changes(workdir, pretrain_config(cfg))
     if changes:
         raise UserError(f"{workdir} holds a backbone pretrained with another recipe "
                         f"({'; '.join(changes)}): detect with it as checkpoint={workdir}, or "
@@ -114,7 +118,7 @@ def backbone(cfg: VocDetConfig, num_classes: int):
 
     if cfg.checkpoint:
         return load_pretrained(cfg.checkpoint)
-    if cfg.random_backbone or cfg.dataset != "shapes":
+    if not pretrains_here(cfg):
         return random_pretrained("zf5", num_classes=num_classes)
     from spp_jax.train.experiment import train_and_evaluate
 

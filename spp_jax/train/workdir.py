@@ -89,11 +89,17 @@ def holds_run(workdir: str) -> bool:
                 or (os.path.exists(metrics) and os.path.getsize(metrics) > 0))
 
 
+def run_changes(workdir: str, cfg: TrainConfig) -> list[str]:
+    """:func:`config_changes` from the run ``workdir`` holds to ``cfg``; ``[]`` when it holds
+    no run (or no config.json). Reads only."""
+    if not holds_run(workdir) or not os.path.exists(os.path.join(workdir, "config.json")):
+        return []
+    return config_changes(load_config(workdir), cfg)
+
+
 def check_resumable(workdir: str, cfg: TrainConfig) -> None:
     """CheckpointMismatch if ``workdir`` holds a run of another config (reads only)."""
-    if not holds_run(workdir) or not os.path.exists(os.path.join(workdir, "config.json")):
-        return
-    changes = config_changes(load_config(workdir), cfg)
+    changes = run_changes(workdir, cfg)
     if changes:
         raise CheckpointMismatch(
             f"{workdir} holds a run trained with another config ({'; '.join(changes)}): rerun "
