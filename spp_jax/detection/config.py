@@ -179,7 +179,8 @@ def parse_command_line(argv: Sequence[str] | None, description: str = "") -> tup
 # The former embedded preset (colour input, dropout 0.5) for 20 epochs, decays at 15 and 18:
 # 21.6 % 1-crop error and 60.9 mAP (SPP 1-scale ftfc7 bb). The 12-epoch ZF-5 of either preset
 # detects far worse: 42.6 (colour, before exact padding) and 44.1 (today's preset, gray_std
-# without dropout, 32.4 % error), so detection keeps this recipe (README, Detection).
+# without dropout, 32.4 % error); today's preset for these 20 epochs gave 46.2 (26.0 % error),
+# so detection keeps this recipe (README, Detection).
 DETECTION_PRETRAIN: dict[str, Any] = {"model": "zf5", "protocols": ("1crop",), "epochs": 20,
                                       "decay_epochs": (15, 18), "input_norm": "none", "dropout": 0.5}
 # The paper's detection backbone is "ZF-5 (single-size trained)" (Section 4);
