@@ -34,7 +34,10 @@ def test_embedded_train_resume_and_eval(tmp_path, capsys):
     assert out["results"]["multiview"]["views_per_image"] >= 94  # 96 windows (fewer if square) + 2 full
     epochs = [r for r in _read_jsonl(os.path.join(wd, "metrics.jsonl")) if r["kind"] == "epoch"]
     assert [r["size"] for r in epochs] == [180, 224]  # multi-size: switch every epoch
-    assert "| 1 crop |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| 1 crop |" in printed
+    # one pass scores 1 full and multi-view: the report must not pass its time off as each one's
+    assert printed.count("(one pass for 1 full and multi-view)") == 2
     # Running again resumes from the final checkpoint: no new training steps, same evaluation.
     train_main.main(args)
     assert len([r for r in _read_jsonl(os.path.join(wd, "metrics.jsonl")) if r["kind"] == "epoch"]) == 2
