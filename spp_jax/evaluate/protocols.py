@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 PROTOCOLS: tuple[str, ...] = ("1crop", "1full", "10view", "multiview")
 PROTOCOL_TITLES = {"1crop": "1 crop", "1full": "1 full", "10view": "10-view",
                    "multiview": "multi-view (96+2)"}
+# Protocols scored in one pass over the images (an image's multi-view includes its full view,
+# :func:`_map_views`): when both run, each one's ``seconds`` is that whole pass's.
+ONE_PASS: frozenset[str] = frozenset({"1full", "multiview"})
 _SLOTS = 10  # 9 windows + 1 full view: one program per padded shape serves every call
 
 

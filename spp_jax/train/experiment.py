@@ -17,7 +17,7 @@ from spp_jax.config_grammar import config_dict
 from spp_jax.data import augment
 from spp_jax.data.datasets import PipelineData, classification_dataset, mean_image
 from spp_jax.data.pipeline import AugmentConfig
-from spp_jax.evaluate import PROTOCOL_TITLES, evaluate, full_view_by_side
+from spp_jax.evaluate import ONE_PASS, PROTOCOL_TITLES, evaluate, full_view_by_side
 from spp_jax.report import error_pair, markdown_table, write_report
 from spp_jax.pretrained import read_workdir
 from spp_jax.train.config import TrainConfig, build_model, embedded, trained_num_classes
@@ -97,14 +97,13 @@ def run_protocols(cfg: TrainConfig, workdir: str, model, variables, ds, aug: Aug
                    batch_size=cfg.eval_batch_size)
     rows = [PROTOCOL_TITLES[p] for p in res]
     cells = {(PROTOCOL_TITLES[p], title): error_pair(r.top1_err, r.top5_err) for p, r in res.items()}
-    # 1 full and multi-view come out of one pass over the images (an image's multi-view
-    # includes its full view), so their seconds are that pass's, not each protocol's own.
-    shared = " (one pass for 1 full and multi-view)" if {"1full", "multiview"} <= set(res) else ""
+    shared = ONE_PASS <= set(res)  # then their seconds are one pass's, not each one's own
     md = (f"Top-1 / top-5 error (%), {ds.name} validation, {cfg.model}\n\n"
           + markdown_table(rows, [title], cells, corner="test view")
           + "\n\n" + "\n".join(f"- {PROTOCOL_TITLES[p]}: {r.num_images} images, {r.views_per_image:.1f} "
                                f"views/image, {r.seconds:.1f} s"
-                               + (shared if p in ("1full", "multiview") else "") for p, r in res.items()))
+                               + (" (one pass for 1 full and multi-view)" if shared and p in ONE_PASS else "")
+                               for p, r in res.items()))
     data = {"model": cfg.model, "variant": title, "dataset": ds.name,
             "results": {p: r.as_dict() for p, r in res.items()}, "seconds": time.perf_counter() - t,
             "config": config_dict(cfg)}  # the resolved config these numbers come from
