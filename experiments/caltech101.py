@@ -20,6 +20,7 @@ in ``--workdir`` (default ``<checkpoint>-caltech101``); features are cached in
 """
 import logging
 
+from spp_jax import host_memory
 from spp_jax.config_grammar import user_errors
 from spp_jax.devices import log_devices
 from spp_jax.transfer.config import CALTECH_PRESETS, CaltechConfig, parse_command_line
@@ -36,4 +37,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    host_memory.restart_with_kept_memory()  # once, before any work: CPU steps stop page-faulting
     main()

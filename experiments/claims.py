@@ -30,6 +30,7 @@ import logging
 import os
 
 from spp_jax import config_grammar as grammar
+from spp_jax import host_memory
 from spp_jax.config_grammar import option, user_errors
 from spp_jax.devices import log_devices
 from spp_jax.errors import ConfigError
@@ -171,4 +172,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    host_memory.restart_with_kept_memory()  # once, before any work: CPU steps stop page-faulting
     main()

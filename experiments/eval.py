@@ -8,6 +8,7 @@ recorded in WORKDIR/eval.json with the results.
 """
 import logging
 
+from spp_jax import host_memory
 from spp_jax.config_grammar import cli_parser, user_errors
 from spp_jax.devices import log_devices
 from spp_jax.train.config import TrainConfig, apply_overrides, load_config
@@ -27,4 +28,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    host_memory.restart_with_kept_memory()  # once, before any work: CPU steps stop page-faulting
     main()

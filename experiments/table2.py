@@ -12,6 +12,7 @@ error bars, and ZF-5 with Overfeat-7, see `python -m experiments.claims`.
 import logging
 import os
 
+from spp_jax import host_memory
 from spp_jax.config_grammar import cli_parser, user_errors
 from spp_jax.devices import log_devices
 from spp_jax.evaluate import PROTOCOL_TITLES, PROTOCOLS
@@ -47,4 +48,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    host_memory.restart_with_kept_memory()  # once, before any work: CPU steps stop page-faulting
     main()

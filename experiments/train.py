@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 
+from spp_jax import host_memory
 from spp_jax.config_grammar import cli_parser, user_errors
 from spp_jax.devices import log_devices
 from spp_jax.train.config import PRESETS, TrainConfig, get_config
@@ -39,4 +40,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    host_memory.restart_with_kept_memory()  # once, before any work: CPU steps stop page-faulting
     main()

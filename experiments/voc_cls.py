@@ -19,6 +19,7 @@ features are cached in ``WORKDIR/features``, so an interrupted run resumes.
 """
 import logging
 
+from spp_jax import host_memory
 from spp_jax.config_grammar import user_errors
 from spp_jax.devices import log_devices
 from spp_jax.transfer.config import VOC_PRESETS, VocClsConfig, parse_command_line
@@ -35,4 +36,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    host_memory.restart_with_kept_memory()  # once, before any work: CPU steps stop page-faulting
     main()

@@ -31,6 +31,7 @@ import os
 import time
 
 from spp_jax import config_grammar as grammar
+from spp_jax import host_memory
 from spp_jax.config_grammar import user_errors
 from spp_jax.detection.config import (VocDetConfig, check_data_dir, parse_command_line, pretrain_config,
                                       pretrain_workdir)
@@ -223,4 +224,5 @@ def run(cfg: VocDetConfig, workdir: str) -> None:
 
 
 if __name__ == "__main__":
+    host_memory.restart_with_kept_memory()  # once, before any work: CPU steps stop page-faulting
     main()

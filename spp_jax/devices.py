@@ -14,6 +14,7 @@ import os
 
 import jax
 
+from spp_jax import host_memory
 from spp_jax.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -93,8 +94,11 @@ def device_report() -> DeviceReport:
 
 def log_devices(distributed: bool = False) -> DeviceReport:
     """Start JAX (multi-host first when ``distributed`` or ``$SPP_JAX_DISTRIBUTED=1``) and
-    log one line naming the default backend and the devices; returns what it logged."""
+    log one line naming the default backend and the devices, and one saying whether the
+    host allocator keeps freed memory (:mod:`spp_jax.host_memory`); returns the first."""
     maybe_initialize_distributed(distributed)  # must precede the first device query
     report = device_report()
     log.info("%s", report.line())
+    if report.backend == "cpu":
+        log.info("%s", host_memory.describe())
     return report

@@ -10,7 +10,7 @@ import sys
 import jax
 import pytest
 
-from spp_jax import devices
+from spp_jax import devices, host_memory
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,7 +40,8 @@ def test_log_devices_logs_the_default_backend(caplog):
         report = devices.log_devices()
     assert report.backend == jax.default_backend()
     assert report.device_count == jax.device_count() and report.process_count == jax.process_count()
-    assert [r.getMessage() for r in caplog.records if r.name == "spp_jax.devices"] == [report.line()]
+    host = [host_memory.describe()] if report.backend == "cpu" else []
+    assert [r.getMessage() for r in caplog.records if r.name == "spp_jax.devices"] == [report.line()] + host
     assert f"JAX backend: {jax.default_backend()};" in report.line()
 
 
