@@ -267,12 +267,10 @@ def run(cfg: Config, device, peak: dict) -> list[Row]:
     return rows
 
 
-def embedded_steps(cfg: Config, device) -> list[Row]:
+def embedded_jax_step(side: int, device):
     """The embedded preset's own compiled train step (spp_jax.train.CompiledSteps: Overfeat-7
-    width 1/8, fc 1024, 10 classes, Adam with L2, batch 32, NaN guard) vs the same net in
-    torch (channels-last, Adam with the same L2 as weight_decay), at each training size."""
-    import torch
-    from bench import torch_models as TM
+    width 1/8, fc 1024, 10 classes, Adam with L2, batch 32, NaN guard) on a fixed batch at
+    ``side`` px: (step(), the preset's TrainConfig, the model, compile seconds)."""
     from spp_jax.train.config import build_model, get_config
     from spp_jax.train.state import create_state, optimizer_from_config
     from spp_jax.train.steps import CompiledSteps, make_eval_step, make_train_step
@@ -281,39 +279,60 @@ def embedded_steps(cfg: Config, device) -> list[Row]:
     tx = optimizer_from_config(tc, 1000)
     b = tc.batch_size
     rep = jax.sharding.SingleDeviceSharding(device)
+    state = jax.device_put(create_state(model.init(jax.random.key(0), jnp.zeros((1, side, side, 3)))
+                                        ["params"], tx), rep)
+    steps = CompiledSteps(make_train_step(model, tx, 0), make_eval_step(model),
+                          jax.eval_shape(lambda s: s, state), b, rep, rep)
+    x_np, y_np = _embedded_batch(b, side)
+    batch = jax.device_put({"image": jnp.asarray(x_np), "label": jnp.asarray(y_np)}, rep)
+    holder = {"s": state}
+
+    def jstep():
+        holder["s"], m = steps(side, holder["s"], batch)
+        m["loss"].block_until_ready()
+    jstep()  # compiles
+    return jstep, tc, model, steps.compile_seconds[side]
+
+
+def _embedded_batch(b: int, side: int):
+    rng = np.random.default_rng(4)
+    return (rng.standard_normal((b, side, side, 3), dtype=np.float32) * 58.0,
+            rng.integers(0, 10, b).astype(np.int32))
+
+
+def embedded_torch_step(side: int, tc, channels):
+    """The same net and optimiser in torch (channels-last, Adam with the same L2 as
+    weight_decay) on the same batch: step()."""
+    import torch
+    from bench import torch_models as TM
+    tnet = TM.TorchSPPNet("overfeat7", channels, num_classes=10, fc_dim=tc.fc_dim,
+                          width=tc.width).to(_tdev(), memory_format=torch.channels_last)
+    tnet.train()
+    topt = torch.optim.Adam(tnet.parameters(), lr=tc.learning_rate, weight_decay=tc.weight_decay)
+    x_np, y_np = _embedded_batch(tc.batch_size, side)
+    x_t = torch.from_numpy(x_np * tc.input_scale).to(_tdev()).permute(0, 3, 1, 2)
+    y_t = torch.from_numpy(y_np.astype(np.int64)).to(_tdev())
+
+    def tstep():
+        topt.zero_grad(set_to_none=True)
+        F_cross_entropy(tnet(x_t), y_t).backward()
+        topt.step()
+        tsync(_tdev())
+    return tstep
+
+
+def embedded_steps(cfg: Config, device) -> list[Row]:
+    """The embedded preset's own train step vs the same net in torch, at each training size."""
     rows = []
     for side in cfg.embedded_sizes:
-        state = jax.device_put(create_state(model.init(jax.random.key(0), jnp.zeros((1, side, side, 3)))
-                                            ["params"], tx), rep)
-        steps = CompiledSteps(make_train_step(model, tx, 0), make_eval_step(model),
-                              jax.eval_shape(lambda s: s, state), b, rep, rep)
-        rng = np.random.default_rng(4)
-        x_np = rng.standard_normal((b, side, side, 3), dtype=np.float32) * 58.0
-        y_np = rng.integers(0, 10, b).astype(np.int32)
-        batch = jax.device_put({"image": jnp.asarray(x_np), "label": jnp.asarray(y_np)}, rep)
-        holder = {"s": state}
-
-        def jstep():
-            holder["s"], m = steps(side, holder["s"], batch)
-            m["loss"].block_until_ready()
-
-        tnet = TM.TorchSPPNet("overfeat7", model.channels, num_classes=10, fc_dim=tc.fc_dim,
-                              width=tc.width).to(_tdev(), memory_format=torch.channels_last)
-        tnet.train()
-        topt = torch.optim.Adam(tnet.parameters(), lr=tc.learning_rate, weight_decay=tc.weight_decay)
-        x_t = torch.from_numpy(x_np * tc.input_scale).to(_tdev()).permute(0, 3, 1, 2)
-        y_t = torch.from_numpy(y_np.astype(np.int64)).to(_tdev())
-
-        def tstep():
-            topt.zero_grad(set_to_none=True)
-            F_cross_entropy(tnet(x_t), y_t).backward()
-            topt.step()
-            tsync(_tdev())
+        jstep, tc, model, compile_s = embedded_jax_step(side, device)
+        tstep = embedded_torch_step(side, tc, model.channels)
         tj, tt = time_pair(jstep, tstep, 2, cfg.repeats)
+        b = tc.batch_size
         rows.append(Row("3 embedded", f"overfeat7 width 1/8 train step (the preset's own) batch {b} @{side}",
                         b / tj, b / tt, "img/s", pair_ratio(), (">=", 0.8),
-                        f"Adam + L2, dropout; JAX compile {steps.compile_seconds[side]:.1f} s; {pair_spread()}"))
-        del steps, state, holder, tnet
+                        f"Adam + L2, dropout; JAX compile {compile_s:.1f} s; {pair_spread()}"))
+        del jstep, tstep
     return rows
 
 

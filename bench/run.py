@@ -26,6 +26,7 @@ BENCHES = {
     6: "compilation cold vs warm",
     7: "window-SPP backward: conv + roi_pool fwd+bwd",
     8: "input pipeline vs the train step it feeds",
+    9: "host memory: the train step with freed memory kept vs glibc defaults",
 }
 
 
@@ -57,6 +58,8 @@ def main(argv=None) -> int:
     meta = machine_info(args.device)
     meta["mode"] = cfg.mode
     meta["jax_device"] = str(jdev)
+    from spp_jax import host_memory
+    meta["host_malloc"] = host_memory.describe()
     print(describe_meta(meta), flush=True)
     t_start = time.perf_counter()
     rows: list[Row] = []
@@ -93,6 +96,8 @@ def main(argv=None) -> int:
     stage(7, lambda: roi_grad.run(cfg, jdev))
     from bench import pipeline
     stage(8, lambda: pipeline.run(cfg, jdev))
+    from bench import host_memory as host_bench
+    stage(9, lambda: host_bench.run(cfg))
 
     meta["seconds"] = round(time.perf_counter() - t_start, 1)
     name = args.name or ("bench-quick" if cfg.quick else "bench")
@@ -107,4 +112,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    # Both sides of every comparison run in this process, so both get the allocator the
+    # entry points use (spp_jax.host_memory; row 9 measures what it does for each).
+    from spp_jax import host_memory
+    host_memory.restart_with_kept_memory()
     sys.exit(main())

@@ -138,6 +138,9 @@ def main(argv=None):
     ap.add_argument("--workdir", default="runs/claims", help="the grid's root (default: runs/claims)")
     args = ap.parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # A no-op when an import already configured logging (absl does, at WARNING, when orbax
+    # logs at import): the package level makes the start-up lines show either way.
+    logging.getLogger("spp_jax").setLevel(logging.INFO)
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax/grain chatter
     from spp_jax.train import claims, controlled, grid, object_size
     with user_errors(FileNotFoundError):

@@ -26,6 +26,9 @@ def main(argv=None):
     ap.add_argument("--workdir", default=None, help="default: runs/<model>")
     args = ap.parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # A no-op when an import already configured logging (absl does, at WARNING, when orbax
+    # logs at import): the package level makes the start-up lines show either way.
+    logging.getLogger("spp_jax").setLevel(logging.INFO)
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax/grain chatter
     preset = args.preset or ("imagenet" if any(o.strip() == "dataset=imagenet2012" for o in args.overrides)
                              else "embedded")
