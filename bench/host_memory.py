@@ -57,12 +57,11 @@ def _worker(argv) -> None:
 
 
 def _start(framework: str, side: int, kept: bool) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k != host_memory.TUNABLES_ENV}
-    env[host_memory.ENV] = "1" if kept else "0"
+    env = host_memory.with_glibc_defaults(os.environ)
     if kept:
-        env = host_memory.with_kept_memory(env)
-    p = subprocess.Popen([sys.executable, "-m", "bench.host_memory", "--worker", framework, "--side", str(side)],
-                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+        env = host_memory.with_kept_memory(dict(env, **{host_memory.ENV: "1"}))
+    cmd = [sys.executable, "-m", "bench.host_memory", "--worker", framework, "--side", str(side)]
+    p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     if p.stdout.readline().strip() != "ready":
         raise RuntimeError(f"{framework} worker at {side} px did not start")
     return p

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 ENV = "SPP_JAX_KEEP_FREED_MEMORY"
 TUNABLES_ENV = "GLIBC_TUNABLES"
+RESTARTED_ENV = "SPP_JAX_RESTARTED_FOR_MALLOC"  # never restart twice, whatever the loader did
 # glibc.malloc tunables: one arena (the main one, which grows with brk and keeps what is
 # freed), no mmap for large blocks, trim only past 2 GiB free at the heap top.
 SETTINGS = (("glibc.malloc.arena_max", "1"), ("glibc.malloc.mmap_max", "0"),
@@ -71,6 +72,14 @@ def with_kept_memory(environ: Mapping[str, str]) -> dict[str, str]:
     return env
 
 
+def with_glibc_defaults(environ: Mapping[str, str]) -> dict[str, str]:
+    """A copy of ``environ`` for a child that starts with glibc's allocator defaults and does
+    not restart (no ``$GLIBC_TUNABLES``, no restart marker, ``$SPP_JAX_KEEP_FREED_MEMORY=0``)."""
+    env = {k: v for k, v in environ.items() if k not in (TUNABLES_ENV, RESTARTED_ENV)}
+    env[ENV] = "0"
+    return env
+
+
 def is_kept(environ: Mapping[str, str] = os.environ) -> bool:
     """Whether this process started with the settings (glibc reads them only at start)."""
     have = _parse(environ.get(TUNABLES_ENV, ""))
@@ -81,11 +90,13 @@ def restart_with_kept_memory() -> None:
     """Re-execute this command (same interpreter and arguments) with :data:`SETTINGS` in
     ``$GLIBC_TUNABLES``, unless they are there already, disabled, or not glibc. Call it
     first in a ``__main__`` block, before any work: the process is replaced."""
-    if not enabled() or not is_glibc() or is_kept():
+    if not enabled() or not is_glibc() or is_kept() or os.environ.get(RESTARTED_ENV):
         return
+    env = with_kept_memory(os.environ)
+    env[RESTARTED_ENV] = "1"
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, list(sys.orig_argv), with_kept_memory(os.environ))
+    os.execve(sys.executable, list(sys.orig_argv), env)
 
 
 def describe() -> str:

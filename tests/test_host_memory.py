@@ -49,8 +49,8 @@ print(json.dumps({"faults_per_step": sorted(faults[4:])[4], "kept": host_memory.
 
 
 def _run(keep: bool) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != host_memory.TUNABLES_ENV}
-    env.update({host_memory.ENV: "1" if keep else "0", "PYTHONPATH": ROOT})
+    env = host_memory.with_glibc_defaults(os.environ)
+    env.update({host_memory.ENV: "1" if keep else "0", "PYTHONPATH": ROOT})  # "1": it restarts itself
     out = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True,
                          timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -74,5 +74,6 @@ def test_tunables_are_added_to_the_users_own_and_never_override_them():
     got = dict(kv.split("=", 1) for kv in env["GLIBC_TUNABLES"].split(":"))
     assert got["glibc.malloc.arena_max"] == "4" and got["glibc.x"] == "1"  # the user's, kept
     assert got["glibc.malloc.mmap_max"] == "0" and env["A"] == "b"
-    assert host_memory.with_kept_memory({})["GLIBC_TUNABLES"] == ":".join(f"{k}={v}" for k, v in host_memory.SETTINGS)
+    assert host_memory.with_kept_memory({})["GLIBC_TUNABLES"] == ":".join(
+        f"{k}={v}" for k, v in host_memory.SETTINGS)
     assert not host_memory.enabled({"SPP_JAX_KEEP_FREED_MEMORY": "no"}) and host_memory.enabled({})
