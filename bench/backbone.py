@@ -136,6 +136,67 @@ class _patched_lrn:
         L.lrn = self.orig
 
 
+# --------------------------------------------------------------------------- pool variants
+
+def pool_reduce_window(x, spec):
+    """Every backbone pool as ``lax.reduce_window`` (XLA's select-and-scatter backward): the
+    library's formulation until 2026-12-05, the reference of the "3 pools" rows."""
+    h, w = x.shape[1], x.shape[2]
+    oh, ow = L.spec_out_size(h, spec), L.spec_out_size(w, spec)
+    ph = max(0, (oh - 1) * spec.stride + spec.kernel - h)
+    pw = max(0, (ow - 1) * spec.stride + spec.kernel - w)
+    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, spec.kernel, spec.kernel, 1),
+                                 (1, spec.stride, spec.stride, 1), ((0, 0), (0, ph), (0, pw), (0, 0)))
+
+
+class _patched_pool:
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __enter__(self):
+        self.orig = L.max_pool
+        L.max_pool = self.fn
+
+    def __exit__(self, *exc):
+        L.max_pool = self.orig
+
+
+def _pool_op_row(side: int, spec: L.Pool, in_hw: int, channels: int, b: int, repeats: int) -> Row:
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.standard_normal((b, in_hw, in_hw, channels), dtype=np.float32))
+    oh = L.spec_out_size(in_hw, spec)
+    g = jnp.asarray(rng.standard_normal((b, oh, oh, channels), dtype=np.float32))
+    fns = [xla_options.jit(lambda x, g, f=f: jax.vjp(lambda a: f(a, spec), x)[1](g)[0])
+           for f in (L.max_pool, pool_reduce_window)]
+    np.testing.assert_array_equal(np.asarray(fns[0](x, g)), np.asarray(fns[1](x, g)))
+    tj, tr = time_pair(lambda: fns[0](x, g).block_until_ready(),
+                       lambda: fns[1](x, g).block_until_ready(), 2, repeats)
+    return Row("3 pools", f"overfeat7 width 1/8 {spec.name} fwd+bwd {b}x{in_hw}x{in_hw}x{channels} "
+               f"(@{side})", b / tj, b / tr, "img/s", pair_ratio(), None,
+               f"reference: reduce_window; same gradients; {pair_spread()}")
+
+
+def pool_variants(cfg: Config, device) -> list[Row]:
+    """The backbone pools (Overfeat's kernel = stride pool1 and pool2 through spp_jax.binmax)
+    against ``reduce_window``, JAX against JAX: per op at 224 and on the embedded train step."""
+    specs = scaled_specs("overfeat7", 0.125)
+    rows, hw, cin = [], 224, 3
+    for s in specs:  # each pool on its input size in the embedded Overfeat-7 at 224
+        if isinstance(s, L.Pool):
+            rows.append(_pool_op_row(224, s, hw, cin, 32, cfg.repeats))
+        hw = L.spec_out_size(hw, s)
+        cin = s.features if isinstance(s, L.Conv) else cin
+    for side in cfg.embedded_sizes:
+        jstep, *_ = embedded_jax_step(side, device)
+        with _patched_pool(pool_reduce_window):
+            rstep, *_ = embedded_jax_step(side, device)  # traced and compiled while patched
+        tj, tr = time_pair(jstep, rstep, 2, cfg.repeats)
+        rows.append(Row("3 pools", f"overfeat7 width 1/8 train step (the preset's own) batch 32 @{side}",
+                        32 / tj, 32 / tr, "img/s", pair_ratio(), None,
+                        f"reference: the same step with reduce_window pools; {pair_spread()}"))
+    return rows
+
+
 # --------------------------------------------------------------------------- models
 
 def build(arch: str, device, width: float = 1.0):
@@ -261,6 +322,7 @@ def run(cfg: Config, device, peak: dict) -> list[Row]:
                         f"of peak), torch {fl / tt / 1e9:.0f} ({fl / tt / 1e9 / pk:.0%}); {pair_spread()}"))
         del jstep, tstep, model, variables, tnet
     rows += embedded_steps(cfg, device)
+    rows += pool_variants(cfg, device)
     rows += lrn_variants(cfg, device, pk)
     if cfg.flag_variants and cfg.device == "cpu":  # XLA CPU flags
         rows += flag_variants(cfg)
