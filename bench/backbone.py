@@ -186,15 +186,41 @@ def pool_variants(cfg: Config, device) -> list[Row]:
             rows.append(_pool_op_row(224, s, hw, cin, 32, cfg.repeats))
         hw = L.spec_out_size(hw, s)
         cin = s.features if isinstance(s, L.Conv) else cin
-    for side in cfg.embedded_sizes:
-        jstep, *_ = embedded_jax_step(side, device)
-        with _patched_pool(pool_reduce_window):
-            rstep, *_ = embedded_jax_step(side, device)  # traced and compiled while patched
-        tj, tr = time_pair(jstep, rstep, 2, cfg.repeats)
-        rows.append(Row("3 pools", f"overfeat7 width 1/8 train step (the preset's own) batch 32 @{side}",
-                        32 / tj, 32 / tr, "img/s", pair_ratio(), None,
-                        f"reference: the same step with reduce_window pools; {pair_spread()}"))
+    rows += [_step_ab_row("3 pools", side, device, _patched_pool(pool_reduce_window),
+                          "the same step with reduce_window pools", cfg.repeats)
+             for side in cfg.embedded_sizes]
     return rows
+
+
+class _unfolded_conv1:
+    """Gray input as three equal channels (conv1 convolves copies, the library until 2026-12-05)."""
+
+    def __enter__(self):
+        from spp_jax.models import input_norm, sppnet
+        self.mod, self.orig = sppnet, sppnet.normalise_input
+        sppnet.normalise_input = lambda x, name, valid_hw=None: (
+            input_norm.gray_standardise(x, valid_hw) if name == "gray_std" else x)
+
+    def __exit__(self, *exc):
+        self.mod.normalise_input = self.orig
+
+
+def conv1_fold_variants(cfg: Config, device) -> list[Row]:
+    """The embedded step (gray input) with conv1 folded to one channel against convolving
+    the three equal channels, JAX against JAX."""
+    return [_step_ab_row("3 gray conv1", side, device, _unfolded_conv1(),
+                         "the same step, conv1 on three equal channels", cfg.repeats)
+            for side in cfg.embedded_sizes]
+
+
+def _step_ab_row(bench: str, side: int, device, patch, what: str, repeats: int) -> Row:
+    """The embedded preset's step against itself built under ``patch`` (a context manager)."""
+    jstep, *_ = embedded_jax_step(side, device)
+    with patch:
+        rstep, *_ = embedded_jax_step(side, device)  # traced and compiled while patched
+    tj, tr = time_pair(jstep, rstep, 2, repeats)
+    return Row(bench, f"overfeat7 width 1/8 train step (the preset's own) batch 32 @{side}",
+               32 / tj, 32 / tr, "img/s", pair_ratio(), None, f"reference: {what}; {pair_spread()}")
 
 
 # --------------------------------------------------------------------------- models
@@ -323,6 +349,7 @@ def run(cfg: Config, device, peak: dict) -> list[Row]:
         del jstep, tstep, model, variables, tnet
     rows += embedded_steps(cfg, device)
     rows += pool_variants(cfg, device)
+    rows += conv1_fold_variants(cfg, device)
     rows += lrn_variants(cfg, device, pk)
     if cfg.flag_variants and cfg.device == "cpu":  # XLA CPU flags
         rows += flag_variants(cfg)
@@ -364,11 +391,13 @@ def _embedded_batch(b: int, side: int):
 
 def embedded_torch_step(side: int, tc, channels):
     """The same net and optimiser in torch (channels-last, Adam with the same L2 as
-    weight_decay) on the same batch: step()."""
+    weight_decay; the preset's dropout and input: gray input into a one-channel conv1) on
+    the same batch: step()."""
     import torch
     from bench import torch_models as TM
-    tnet = TM.TorchSPPNet("overfeat7", channels, num_classes=10, fc_dim=tc.fc_dim,
-                          width=tc.width).to(_tdev(), memory_format=torch.channels_last)
+    tnet = TM.TorchSPPNet("overfeat7", channels, num_classes=10, fc_dim=tc.fc_dim, width=tc.width,
+                          dropout=tc.dropout, gray=tc.input_norm == "gray_std",
+                          ).to(_tdev(), memory_format=torch.channels_last)
     tnet.train()
     topt = torch.optim.Adam(tnet.parameters(), lr=tc.learning_rate, weight_decay=tc.weight_decay)
     x_np, y_np = _embedded_batch(tc.batch_size, side)
@@ -393,7 +422,8 @@ def embedded_steps(cfg: Config, device) -> list[Row]:
         b = tc.batch_size
         rows.append(Row("3 embedded", f"overfeat7 width 1/8 train step (the preset's own) batch {b} @{side}",
                         b / tj, b / tt, "img/s", pair_ratio(), (">=", 0.8),
-                        f"Adam + L2, dropout; JAX compile {compile_s:.1f} s; {pair_spread()}"))
+                        f"Adam + L2, dropout {tc.dropout:g}, input {tc.input_norm} (torch: one-channel conv1); "
+                        f"JAX compile {compile_s:.1f} s; {pair_spread()}"))
         del jstep, tstep
     return rows
 

@@ -44,19 +44,31 @@ def backbone(arch: str, width: float = 1.0) -> nn.Sequential:
 
 
 class TorchSPPNet(nn.Module):
-    """Backbone -> SPP (adaptive max pool per level, concat) -> fc6 -> fc7 -> fc8, dropout 0.5."""
+    """Backbone -> SPP (adaptive max pool per level, concat) -> fc6 -> fc7 -> fc8, dropout.
+
+    ``gray=True`` is ``input_norm="gray_std"`` as a torch user would write it: each image's
+    channel mean standardised over its pixels, into a one-channel conv1 (spp_jax folds its
+    3-channel kernel to the same work)."""
 
     def __init__(self, arch: str, channels: int, num_classes: int = 1000, levels=(6, 3, 2, 1),
-                 fc_dim: int = 4096, width: float = 1.0):
+                 fc_dim: int = 4096, width: float = 1.0, dropout: float = 0.5, gray: bool = False):
         super().__init__()
         self.features = backbone(arch, width)
+        if gray:
+            c1 = self.features[0]
+            self.features[0] = nn.Conv2d(1, c1.out_channels, c1.kernel_size, c1.stride, c1.padding)
+        self.gray = gray
         self.levels = levels
         d = channels * sum(n * n for n in levels)
         self.fc6, self.fc7 = nn.Linear(d, fc_dim), nn.Linear(fc_dim, fc_dim)
         self.fc8 = nn.Linear(fc_dim, num_classes)
-        self.drop = nn.Dropout(0.5)
+        self.drop = nn.Dropout(dropout)
 
     def forward(self, x):
+        if self.gray:
+            g = x.mean(1, keepdim=True)
+            mu = g.mean((1, 2, 3), keepdim=True)
+            x = (g - mu) * torch.rsqrt(((g - mu) ** 2).mean((1, 2, 3), keepdim=True) + 1e-6)
         f = self.features(x)
         p = torch.cat([F.adaptive_max_pool2d(f, n).flatten(1) for n in self.levels], 1)
         h = self.drop(F.relu(self.fc6(p)))

@@ -83,3 +83,73 @@ def test_results_recorded_before_the_key_existed_still_count_as_this_config():
     assert not same_results_config(old, get_config("embedded", ["model=zf5", "input_norm=gray_std"]))
     assert not same_results_config(old, get_config("embedded", ["model=zf5"]))  # today's preset
     assert not same_results_config({**old, "dropout": 0.3}, cfg)
+
+
+def test_input_conv_is_nn_conv_on_three_channels():
+    # conv1's module has nn.Conv's parameters (same names, shapes, initial values from the
+    # same key) and, on a 3-channel input, its exact output: presets without gray input
+    # compute what they did before.
+    from flax import linen as nn
+    from spp_jax.models.sppnet import InputConv
+    ours = InputConv(5, 7, 2, 1, kernel_init=nn.initializers.normal(0.3),
+                     bias_init=nn.initializers.normal(0.3))
+    ref = nn.Conv(5, (7, 7), (2, 2), padding=((1, 1), (1, 1)), kernel_init=nn.initializers.normal(0.3),
+                  bias_init=nn.initializers.normal(0.3))
+    x = jnp.asarray(np.random.default_rng(4).normal(0, 1, (2, 23, 19, 3)).astype(np.float32))
+    p_ours, p_ref = ours.init(jax.random.key(1), x), ref.init(jax.random.key(1), x)
+    for k in ("kernel", "bias"):
+        np.testing.assert_array_equal(p_ours["params"][k], p_ref["params"][k])
+    np.testing.assert_array_equal(ours.apply(p_ours, x), ref.apply(p_ref, x))
+    with pytest.raises(ValueError, match="conv1 takes 3 channels"):
+        ours.apply(p_ours, x[..., :2])
+
+
+def test_folded_conv1_equals_three_equal_channels_with_the_same_gradients():
+    # A gray (B, H, W, 1) input is convolved with the kernel summed over its 3 input
+    # channels: the same outputs and parameter gradients as the 3 equal channels it stands
+    # for (the unfolded conv is the reference; only float rounding differs).
+    from spp_jax.models.sppnet import InputConv
+    conv = InputConv(6, 7, 2, 1)
+    rng = np.random.default_rng(5)
+    gray = jnp.asarray(rng.normal(0, 1, (2, 30, 26, 1)).astype(np.float32))
+    three = jnp.broadcast_to(gray, (2, 30, 26, 3))
+    params = conv.init(jax.random.key(0), three)
+    g = jnp.asarray(rng.normal(0, 1, conv.apply(params, three).shape).astype(np.float32))
+    out = {}
+    for name, x in (("gray", gray), ("three", three)):
+        y, vjp = jax.vjp(lambda p: conv.apply(p, x), params)
+        out[name] = (y, vjp(g)[0]["params"])
+    np.testing.assert_allclose(out["gray"][0], out["three"][0], rtol=1e-5, atol=1e-5)
+    for k in ("kernel", "bias"):
+        np.testing.assert_allclose(out["gray"][1][k], out["three"][1][k], rtol=1e-4, atol=1e-4)
+    assert out["gray"][1]["kernel"].shape == (7, 7, 3, 6)
+
+
+def test_gray_model_folds_conv1_and_equals_the_unfolded_network():
+    # The model with gray_std (conv1 folded) against the same weights fed the 3-channel
+    # standardised image without the option (conv1 unfolded), also with a padded batch.
+    kw = dict(width=0.0625, fc_dim=8, num_classes=3, init_scheme="he")
+    m = get_model("overfeat7", input_norm="gray_std", **kw)
+    m3 = get_model("overfeat7", **kw)
+    v = random_variables(m, seed=3, bias_std=0.1)
+    assert v["params"]["backbone"]["conv1"]["kernel"].shape[2] == 3  # checkpoints unchanged
+    x = np.random.default_rng(6).normal(0, 60, (2, 150, 170, 3)).astype(np.float32)
+    hw = jnp.asarray([[150, 170], [131, 120]], jnp.int32)
+    for valid in (None, hw):
+        got = m.apply(v, jnp.asarray(x), valid_hw=valid, features=True)["fc7"]
+        want = m3.apply(v, gray_standardise(jnp.asarray(x), valid), valid_hw=valid, features=True)["fc7"]
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    # conv1 really runs on one channel (the folded kernel), the others as before.
+    lhs = [e.invars[0].aval.shape[-1] for e in _eqns(jax.make_jaxpr(lambda a: m.apply(v, a))(
+        jnp.asarray(x)).jaxpr) if e.primitive.name == "conv_general_dilated"]
+    assert lhs[0] == 1 and len(lhs) == 7
+
+
+def _eqns(jaxpr):
+    """Every equation of a jaxpr, nested ones (jit, custom_vjp) included, in order."""
+    for e in jaxpr.eqns:
+        yield e
+        for p in e.params.values():
+            sub = getattr(p, "jaxpr", p)
+            if hasattr(sub, "eqns"):
+                yield from _eqns(sub)

@@ -87,8 +87,48 @@ def input_sides(name: str, spp: bool = True, largest: int = 1024) -> list[int]:
     return [s for s in range(1, largest + 1) if fits(s)]
 
 
+class InputConv(nn.Module):
+    """conv1: ``nn.Conv``'s parameters (``kernel`` (k, k, in_channels, F), ``bias`` (F,)) and
+    function, which also takes a (B, H, W, 1) input standing for ``in_channels`` equal
+    channels (``input_norm="gray_std"``, :func:`spp_jax.models.input_norm.gray_level`).
+
+    Such an input is convolved with the kernel summed over its input channels: the same
+    function and the same parameter gradient (each input channel's kernel gets the folded
+    kernel's), with a third of the multiply-adds of conv1's forward and weight gradient, the
+    most expensive layer of the embedded Overfeat-7. Only float rounding differs.
+    """
+
+    features: int
+    kernel: int
+    stride: int
+    pad: int
+    in_channels: int = 3
+    kernel_init: Any = nn.initializers.lecun_normal()
+    bias_init: Any = nn.initializers.zeros
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", self.kernel_init,
+                            (self.kernel, self.kernel, self.in_channels, self.features))
+        bias = self.param("bias", self.bias_init, (self.features,))
+        if x.shape[-1] == 1 and self.in_channels > 1:
+            kernel = jnp.sum(kernel, axis=2, keepdims=True)
+        elif x.shape[-1] != self.in_channels:
+            raise ValueError(f"conv1 takes {self.in_channels} channels (or 1 standing for "
+                             f"{self.in_channels} equal ones), got {x.shape[-1]}")
+        x, kernel, bias = (a.astype(self.dtype) for a in (x, kernel, bias))
+        y = jax.lax.conv_general_dilated(x, kernel, (self.stride, self.stride),
+                                         ((self.pad, self.pad), (self.pad, self.pad)),
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return y + bias
+
+
 class Backbone(nn.Module):
     """Conv layers of a Table-1 model: (B, H, W, 3) images -> (B, h, w, C) last conv map.
+
+    A (B, H, W, 1) input stands for three equal channels (gray input, ``input_norm=
+    "gray_std"``): conv1 (:class:`InputConv`) folds its kernel instead of convolving copies.
 
     With ``valid_hw`` ((B, 2) int, each image's real height and width inside a batch
     padded at the bottom/right) every layer's output beyond that image's extent is set
@@ -111,8 +151,13 @@ class Backbone(nn.Module):
         if valid_hw is not None:
             valid_hw = jnp.asarray(valid_hw, jnp.int32)
             x = M.mask_beyond(x, valid_hw)  # whatever the padding held, it is zero now
-        for s in self.specs:
-            if isinstance(s, L.Conv):
+        for i, s in enumerate(self.specs):
+            if isinstance(s, L.Conv) and i == 0:
+                x = nn.relu(InputConv(s.features, s.kernel, s.stride, s.pad, name=s.name,
+                                      kernel_init=_kernel_init(self.init_scheme),
+                                      bias_init=_bias_init(self.init_scheme, s.name),
+                                      dtype=self.dtype)(x))
+            elif isinstance(s, L.Conv):
                 x = nn.Conv(s.features, (s.kernel, s.kernel), (s.stride, s.stride),
                             padding=((s.pad, s.pad), (s.pad, s.pad)), name=s.name,
                             kernel_init=_kernel_init(self.init_scheme),
