@@ -7,6 +7,7 @@ flag and torch in that same process, so each ratio is still from one process).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -123,43 +124,20 @@ LRN_VARIANTS = {"library (rsqrt)": None, "pow": lrn_pow, "separable+rsqrt": lrn_
                 "none (bound)": lrn_none}
 
 
-class _patched_lrn:
-    def __init__(self, fn):
-        self.fn = fn
-
-    def __enter__(self):
-        self.orig = L.lrn
-        if self.fn is not None:
-            L.lrn = self.fn
-
-    def __exit__(self, *exc):
-        L.lrn = self.orig
+@contextlib.contextmanager
+def _patched(module, name: str, fn):
+    """``module.name`` is ``fn`` inside the block (unchanged when ``fn`` is None): programs
+    traced there use the variant."""
+    orig = getattr(module, name)
+    if fn is not None:
+        setattr(module, name, fn)
+    try:
+        yield
+    finally:
+        setattr(module, name, orig)
 
 
 # --------------------------------------------------------------------------- pool variants
-
-def pool_reduce_window(x, spec):
-    """Every backbone pool as ``lax.reduce_window`` (XLA's select-and-scatter backward): the
-    library's formulation until 2026-12-05, the reference of the "3 pools" rows."""
-    h, w = x.shape[1], x.shape[2]
-    oh, ow = L.spec_out_size(h, spec), L.spec_out_size(w, spec)
-    ph = max(0, (oh - 1) * spec.stride + spec.kernel - h)
-    pw = max(0, (ow - 1) * spec.stride + spec.kernel - w)
-    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, spec.kernel, spec.kernel, 1),
-                                 (1, spec.stride, spec.stride, 1), ((0, 0), (0, ph), (0, pw), (0, 0)))
-
-
-class _patched_pool:
-    def __init__(self, fn):
-        self.fn = fn
-
-    def __enter__(self):
-        self.orig = L.max_pool
-        L.max_pool = self.fn
-
-    def __exit__(self, *exc):
-        L.max_pool = self.orig
-
 
 def _pool_op_row(side: int, spec: L.Pool, in_hw: int, channels: int, b: int, repeats: int) -> Row:
     rng = np.random.default_rng(5)
@@ -167,7 +145,7 @@ def _pool_op_row(side: int, spec: L.Pool, in_hw: int, channels: int, b: int, rep
     oh = L.spec_out_size(in_hw, spec)
     g = jnp.asarray(rng.standard_normal((b, oh, oh, channels), dtype=np.float32))
     fns = [xla_options.jit(lambda x, g, f=f: jax.vjp(lambda a: f(a, spec), x)[1](g)[0])
-           for f in (L.max_pool, pool_reduce_window)]
+           for f in (L.max_pool, L.reduce_window_pool)]
     np.testing.assert_array_equal(np.asarray(fns[0](x, g)), np.asarray(fns[1](x, g)))
     tj, tr = time_pair(lambda: fns[0](x, g).block_until_ready(),
                        lambda: fns[1](x, g).block_until_ready(), 2, repeats)
@@ -186,29 +164,25 @@ def pool_variants(cfg: Config, device) -> list[Row]:
             rows.append(_pool_op_row(224, s, hw, cin, 32, cfg.repeats))
         hw = L.spec_out_size(hw, s)
         cin = s.features if isinstance(s, L.Conv) else cin
-    rows += [_step_ab_row("3 pools", side, device, _patched_pool(pool_reduce_window),
+    rows += [_step_ab_row("3 pools", side, device, _patched(L, "max_pool", L.reduce_window_pool),
                           "the same step with reduce_window pools", cfg.repeats)
              for side in cfg.embedded_sizes]
     return rows
 
 
-class _unfolded_conv1:
-    """Gray input as three equal channels (conv1 convolves copies, the library until 2026-12-05)."""
-
-    def __enter__(self):
-        from spp_jax.models import input_norm, sppnet
-        self.mod, self.orig = sppnet, sppnet.normalise_input
-        sppnet.normalise_input = lambda x, name, valid_hw=None: (
-            input_norm.gray_standardise(x, valid_hw) if name == "gray_std" else x)
-
-    def __exit__(self, *exc):
-        self.mod.normalise_input = self.orig
+def _three_equal_channels(x, name: str, valid_hw=None):
+    """``normalise_input`` handing conv1 gray input as three equal channels (conv1 convolves
+    copies, as the library did until 2026-12-05)."""
+    from spp_jax.models import input_norm
+    return input_norm.gray_standardise(x, valid_hw) if name == "gray_std" else x
 
 
 def conv1_fold_variants(cfg: Config, device) -> list[Row]:
     """The embedded step (gray input) with conv1 folded to one channel against convolving
     the three equal channels, JAX against JAX."""
-    return [_step_ab_row("3 gray conv1", side, device, _unfolded_conv1(),
+    from spp_jax.models import sppnet
+    return [_step_ab_row("3 gray conv1", side, device,
+                         _patched(sppnet, "normalise_input", _three_equal_channels),
                          "the same step, conv1 on three equal channels", cfg.repeats)
             for side in cfg.embedded_sizes]
 
@@ -439,7 +413,7 @@ def lrn_variants(cfg: Config, device, pk: float) -> list[Row]:
     fl = conv_flops("zf5", 224, 224) * b
     for name in cfg.lrn_variants:
         fn = LRN_VARIANTS[name]
-        with _patched_lrn(fn):
+        with _patched(L, "lrn", fn):
             fj = jax_forward(model, SPPNet)
             if fn is not lrn_none:
                 check_forward(fj, ft, variables, x, x_t)

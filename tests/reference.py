@@ -68,3 +68,22 @@ def iou_voc(a, b):
     inter = iw * ih
     union = (a[2] - a[0] + 1) * (a[3] - a[1] + 1) + (b[2] - b[0] + 1) * (b[3] - b[1] + 1) - inter
     return inter / union
+
+
+def window_ref(x, rows, cols, g):
+    """Brute force: every window's max, and its cotangent sent to the window's first max
+    cell in row-major order (np.argmax of the row-major flattened window)."""
+    b, h, w, c = x.shape
+    y = np.zeros((b, len(rows), len(cols), c), np.float32)
+    dx = np.zeros_like(x)
+    for i, (r0, r1) in enumerate(rows):
+        for j, (c0, c1) in enumerate(cols):
+            win = x[:, r0:r1, c0:c1, :]
+            y[:, i, j] = win.max(axis=(1, 2))
+            flat = win.transpose(0, 3, 1, 2).reshape(b, c, -1)
+            k = flat.argmax(-1)  # first maximum, row-major
+            dr, dc = np.divmod(k, c1 - c0)
+            for bi in range(b):
+                for ci in range(c):
+                    dx[bi, r0 + dr[bi, ci], c0 + dc[bi, ci], ci] += g[bi, i, j, ci]
+    return y, dx

@@ -11,7 +11,7 @@ from jax import lax
 import spp_jax
 from spp_jax import binmax
 from spp_jax import bins as B
-from tests.reference import released_bins
+from tests.reference import released_bins, window_ref
 
 
 def tied(shape, seed, levels=3):
@@ -23,25 +23,6 @@ def distinct(shape, seed):
     """All values distinct: no ties anywhere, so every gradient rule agrees."""
     n = int(np.prod(shape))
     return (np.random.default_rng(seed).permutation(n).reshape(shape) / n).astype(np.float32)
-
-
-def window_ref(x, rows, cols, g):
-    """Brute force: every window's max, and its cotangent sent to the window's first max
-    cell in row-major order (np.argmax of the row-major flattened window)."""
-    b, h, w, c = x.shape
-    y = np.zeros((b, len(rows), len(cols), c), np.float32)
-    dx = np.zeros_like(x)
-    for i, (r0, r1) in enumerate(rows):
-        for j, (c0, c1) in enumerate(cols):
-            win = x[:, r0:r1, c0:c1, :]
-            y[:, i, j] = win.max(axis=(1, 2))
-            flat = win.transpose(0, 3, 1, 2).reshape(b, c, -1)
-            k = flat.argmax(-1)  # first maximum, row-major
-            dr, dc = np.divmod(k, c1 - c0)
-            for bi in range(b):
-                for ci in range(c):
-                    dx[bi, r0 + dr[bi, ci], c0 + dc[bi, ci], ci] += g[bi, i, j, ci]
-    return y, dx
 
 
 def check_window(x, rows, cols, seed=0):

@@ -4,9 +4,10 @@
 zero mean and unit standard deviation over the image's own pixels, the same in the three
 input channels (passed on as one channel; conv1 folds its kernel, see :func:`gray_level`).
 Why it exists: on the embedded shapes data the class is the silhouette alone, while
-colour, fill, background and brightness are random; with the raw colour input the embedded Overfeat-7 sits at chance for 3-5 epochs (README, "Why the plateau
-remains"), and this input left the plateau 2.3 epochs sooner over 3 seeds at equal error.
-It is not the paper's input, so the default is ``none``; the embedded training preset uses it.
+colour, fill, background and brightness are random; with the raw colour input the embedded
+Overfeat-7 sits at chance for 3-5 epochs (README, "Why the plateau remains"), and this
+input left the plateau 2.3 epochs sooner over 3 seeds at equal error. It is not the paper's
+input, so the default is ``none``; the embedded training preset uses it.
 
 With a padded batch (``valid_hw``) the statistics use each image's valid pixels only, so
 a padded image normalises exactly as it would alone (up to float summation order).

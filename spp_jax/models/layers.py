@@ -93,13 +93,21 @@ def max_pool(x, spec: Pool):
     Overfeat's pool1 and pool2) go through :func:`spp_jax.binmax.window_max`, a reshape
     and a max with a compare-and-select backward: on CPU XLA's select-and-scatter
     backward made them 3-12x slower per op, and the embedded Overfeat-7 train step
-    1.2x slower (bench "pools" row, 2026-12-05). Same values and gradients, ties included.
+    1.2x slower (bench rows "3 pools", 2026-12-05). Same values and gradients, ties
+    included. Other pools: :func:`reduce_window_pool`.
     """
     h, w = x.shape[1], x.shape[2]
     oh, ow = spec_out_size(h, spec), spec_out_size(w, spec)
     if spec.kernel == spec.stride and oh * spec.kernel <= h and ow * spec.kernel <= w:
         return binmax.window_max(x, binmax.tiled_edges(oh, spec.kernel),
                                  binmax.tiled_edges(ow, spec.kernel))
+    return reduce_window_pool(x, spec)
+
+
+def reduce_window_pool(x, spec: Pool):
+    """:func:`max_pool` as one ``lax.reduce_window`` for any pool (XLA's own backward)."""
+    h, w = x.shape[1], x.shape[2]
+    oh, ow = spec_out_size(h, spec), spec_out_size(w, spec)
     # Extra right/bottom padding with -inf so the ceil-mode last window sees only real cells.
     ph = max(0, (oh - 1) * spec.stride + spec.kernel - h)
     pw = max(0, (ow - 1) * spec.stride + spec.kernel - w)
