@@ -50,18 +50,20 @@ def sparse_table(fmap, ky: int, kx: int):
     """(H, W, C) -> (ky+1, kx+1, H, W, C) with T[i, j, y, x] = max of fmap[y:y+2**i, x:x+2**j].
 
     Blocks running past the map's edge are truncated (only entries whose block
-    fits are ever read by :func:`roi_pool_cells`).
+    fits are ever read by :func:`roi_pool_cells`).  The column doublings run once on
+    the stack of all row doublings, so the program has ky + kx shifts rather than
+    (ky + 1) * kx + ky: XLA's compile time grows with their number (about 25 ms each
+    on CPU; 0.59 -> 0.30 s for a 46x93 map), and the serving path compiles one such
+    program per map shape.  (Slices and an edge copy instead of the gather measured
+    8-27 % slower.)
     """
     rows = [fmap]
     for i in range(1, ky + 1):
         rows.append(_shift_max(rows[-1], 0, 2 ** (i - 1)))
-    table = []
-    for r in rows:
-        cols = [r]
-        for j in range(1, kx + 1):
-            cols.append(_shift_max(cols[-1], 1, 2 ** (j - 1)))
-        table.append(jnp.stack(cols))
-    return jnp.stack(table)
+    cols = [jnp.stack(rows)]  # (ky+1, H, W, C)
+    for j in range(1, kx + 1):
+        cols.append(_shift_max(cols[-1], 2, 2 ** (j - 1)))
+    return jnp.stack(cols, axis=1)
 
 
 def _floor_log2_table(maxlen: int) -> np.ndarray:

@@ -6,7 +6,7 @@ import pytest
 from jax.test_util import check_grads
 
 import spp_jax
-from spp_jax.roi import roi_pool_cells
+from spp_jax.roi import roi_pool_cells, sparse_table
 from tests.reference import pool_ref, project_ref, roi_pool_ref
 
 ZF = spp_jax.Geometry(stride=16, offset=20, slack=1.5)  # the released ZF-5
@@ -64,6 +64,22 @@ def test_roi_pool_every_window_size_on_a_40x40_map():
     levels = (6, 4, 3, 2, 1)
     got = np.asarray(roi_pool_cells(fmap, cells, levels))
     np.testing.assert_array_equal(got, roi_pool_ref(fmap, cells, levels))
+
+
+@pytest.mark.parametrize("ky, kx", [(0, 0), (3, 1), (2, 4)])
+def test_sparse_table_is_the_block_maxima(ky, kx):
+    # Every entry whose 2**i x 2**j block fits the (non-square) map is that block's max;
+    # entries with blocks past the edge are never read, so they are not checked.
+    rng = np.random.default_rng(7)
+    fmap = rng.integers(-3, 4, (9, 17, 2)).astype(np.float32)  # small ints: many ties
+    table = np.asarray(jax.jit(sparse_table, static_argnums=(1, 2))(fmap, ky, kx))
+    assert table.shape == (ky + 1, kx + 1, 9, 17, 2)
+    for i in range(ky + 1):
+        for j in range(kx + 1):
+            for y in range(9 - 2 ** i + 1):
+                for x in range(17 - 2 ** j + 1):
+                    want = fmap[y:y + 2 ** i, x:x + 2 ** j].max(axis=(0, 1))
+                    np.testing.assert_array_equal(table[i, j, y, x], want)
 
 
 def test_roi_pool_image_windows_match_reference_and_whole_map_pool():
