@@ -1,5 +1,7 @@
 """Tests of the synthetic shapes dataset (spp_jax.data.shapes / shapes_tfds)."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -289,3 +291,56 @@ def test_build_waits_for_another_process_building_the_same_config(tmp_path):
     # made nor builds them again.
     assert len(got["src"]) == 2
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "spp_shapes").rglob("*") if p.is_file()} == built
+
+
+def test_parallel_build_writes_the_serial_build(tmp_path, monkeypatch):
+    # Two render workers (round robin, 7 images: the second worker gets one fewer) must
+    # give the records generate() gives, in index order.
+    from spp_jax.data import shapes_tfds
+
+    monkeypatch.setattr(shapes_tfds, "render_processes", lambda n: 2 if n >= 5 else 0)
+    src = shapes_tfds.load_shapes("classification", "train", tmp_path, seed=3, train=7, validation=1, test=1)
+    assert len(src) == 7
+    for i in range(7):
+        want = shapes.generate("classification", "train", i, seed=3)
+        assert int(src[i]["index"]) == i and int(src[i]["label"]) == want["label"]
+        np.testing.assert_array_equal(src[i]["image"], want["image"])
+        _objects_equal(src[i]["objects"], want["objects"])
+
+
+def test_render_workers_report_a_failing_worker():
+    from spp_jax.data import shapes_workers
+
+    with pytest.raises(RuntimeError, match="render worker 0 stopped before sample 0"):
+        list(shapes_workers.rendered("no-such-variant", "train", 3, 0, 1))
+
+
+def test_render_processes_only_for_large_splits(monkeypatch):
+    from spp_jax.data import shapes_tfds
+
+    monkeypatch.setattr(shapes_tfds.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5}, raising=False)
+    assert shapes_tfds.render_processes(shapes_tfds.PARALLEL_MIN_EXAMPLES - 1) == 0
+    assert shapes_tfds.render_processes(shapes_tfds.PARALLEL_MIN_EXAMPLES) == 4
+    monkeypatch.setattr(shapes_tfds.os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert shapes_tfds.render_processes(10 ** 6) == 0
+
+
+def test_parallel_build_from_an_unguarded_script(tmp_path):
+    # The workers are plain subprocesses, not multiprocessing "spawn" children: a script
+    # without an `if __name__ == "__main__"` guard must not run again in each worker (it
+    # would wait forever on the build lock its parent holds).
+    import subprocess
+    import sys
+
+    script = tmp_path / "build.py"
+    script.write_text(
+        "from spp_jax.data import shapes_tfds\n"
+        "shapes_tfds.render_processes = lambda n: 2 if n >= 4 else 0\n"
+        f"src = shapes_tfds.load_shapes('classification', 'train', {str(tmp_path / 'data')!r}, "
+        "train=4, validation=1, test=1)\n"
+        "print('built', len(src))\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                         cwd=tmp_path, env={**os.environ, "PYTHONPATH": root})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().endswith("built 4")
