@@ -81,8 +81,8 @@ def _worker(argv: list[str]) -> None:
     from spp_jax.data import shapes
 
     cv2.setNumThreads(1)  # one core per worker: the build runs one worker per core
-    out = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
-    sys.stdout = sys.stderr  # a stray print must not corrupt the pickle stream
+    out = os.fdopen(os.dup(1), "wb")  # the pipe, kept for the samples alone:
+    os.dup2(2, 1)  # a stray write to stdout (Python's or a C library's) goes to stderr
     for i in range(int(first), int(stop), int(step)):
         pickle.dump(shapes.generate(variant, split, i, int(seed)), out, protocol=pickle.HIGHEST_PROTOCOL)
     out.close()
