@@ -321,6 +321,9 @@ def test_render_processes_only_for_large_splits(monkeypatch):
     monkeypatch.setattr(shapes_tfds.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5}, raising=False)
     assert shapes_tfds.render_processes(shapes_tfds.PARALLEL_MIN_EXAMPLES - 1) == 0
     assert shapes_tfds.render_processes(shapes_tfds.PARALLEL_MIN_EXAMPLES) == 4
+    monkeypatch.setattr(shapes_tfds.sys, "executable", "")  # nothing to start workers with
+    assert shapes_tfds.render_processes(10 ** 6) == 0
+    monkeypatch.undo()
     monkeypatch.setattr(shapes_tfds.os, "sched_getaffinity", lambda pid: {0}, raising=False)
     assert shapes_tfds.render_processes(10 ** 6) == 0
 

@@ -52,6 +52,7 @@ import dataclasses
 import fcntl
 import inspect
 import os
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -218,9 +219,10 @@ def render_processes(num_examples: int) -> int:
     """Worker processes that render a split of ``num_examples`` images: one per core (at
     most 4), or none (render in this process) below ``PARALLEL_MIN_EXAMPLES`` or on one
     core, where the workers' start (~1.5 s each: a fresh interpreter importing spp_jax)
-    would not pay."""
+    would not pay, and when this interpreter cannot be started again (an embedding host
+    with no ``sys.executable``)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if num_examples < PARALLEL_MIN_EXAMPLES or cores < 2:
+    if num_examples < PARALLEL_MIN_EXAMPLES or cores < 2 or not sys.executable:
         return 0
     return min(4, cores)
 
