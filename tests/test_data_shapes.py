@@ -315,6 +315,31 @@ def test_render_workers_report_a_failing_worker():
         list(shapes_workers.rendered("no-such-variant", "train", 3, 0, 1))
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="lists processes through /proc")
+def test_render_workers_stop_when_the_reader_stops():
+    # Closing the generator early (an exception or Ctrl-C in the build) must not leave
+    # workers rendering: they are killed, whichever sample they were on.
+    from spp_jax.data import shapes_workers
+
+    def workers():
+        return [p for p in os.listdir("/proc") if p.isdigit() and _cmdline(p).count("shapes_workers")]
+
+    def _cmdline(pid):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                return f.read().decode(errors="replace")
+        except OSError:
+            return ""
+
+    before = set(workers())
+    gen = shapes_workers.rendered("classification", "train", 500, 0, 2)
+    first = next(gen)
+    assert first["index"] == 0
+    assert len(set(workers()) - before) == 2
+    gen.close()
+    assert set(workers()) - before == set()
+
+
 def test_render_processes_only_for_large_splits(monkeypatch):
     from spp_jax.data import shapes_tfds
 

@@ -40,7 +40,11 @@ def _start(variant: str, split: str, seed: int, first: int, stop: int, step: int
     env["PYTHONPATH"] = os.pathsep.join([_package_root()] + [p for p in [env.get("PYTHONPATH")] if p])
     args = [sys.executable, "-m", "spp_jax.data.shapes_workers", variant, split, str(seed),
             str(first), str(stop), str(step)]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env)
+    # Own session: a Ctrl-C in the terminal interrupts the caller alone (which then stops
+    # the workers), not each worker with a traceback of its own.  Orphaned by a killed
+    # caller, a worker ends at its next write to the closed pipe.
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env,
+                            start_new_session=True)
     try:
         import fcntl
         fcntl.fcntl(proc.stdout.fileno(), fcntl.F_SETPIPE_SZ, _PIPE_BYTES)
