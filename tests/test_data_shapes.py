@@ -322,22 +322,26 @@ def test_render_workers_stop_when_the_reader_stops():
     from spp_jax.data import shapes_workers
 
     def workers():
-        return [p for p in os.listdir("/proc") if p.isdigit() and _cmdline(p).count("shapes_workers")]
+        """This process's live render workers (not those of tests running beside it)."""
+        return [p for p in os.listdir("/proc") if p.isdigit() and _is_worker(p)]
 
-    def _cmdline(pid):
+    def _is_worker(pid):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
-                return f.read().decode(errors="replace")
-        except OSError:
-            return ""
+                cmdline = f.read().decode(errors="replace")
+            with open(f"/proc/{pid}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            return False
+        return ppid == os.getpid() and "shapes_workers" in cmdline
 
-    before = set(workers())
+    assert workers() == []
     gen = shapes_workers.rendered("classification", "train", 500, 0, 2)
     first = next(gen)
     assert first["index"] == 0
-    assert len(set(workers()) - before) == 2
+    assert len(workers()) == 2
     gen.close()
-    assert set(workers()) - before == set()
+    assert workers() == []
 
 
 def test_render_processes_only_for_large_splits(monkeypatch):
