@@ -373,3 +373,41 @@ def test_eval_workers_same_output():
     for a, b in zip(ref, got):
         for k in a:
             assert np.array_equal(a[k], b[k])
+
+
+@pytest.mark.parametrize("size", [12, 10])  # the crop's own size, then a resize
+def test_gray_augment_is_the_colour_augment_channel_mean(size):
+    """cfg.gray: the crop, flip and mean of the colour path, then the mean of the 3 channels
+    (numpy, in float64, as the reference); the colour path's resize rounds to uint8, the
+    gray one resizes floats: equal within that rounding (exact without a resize)."""
+    rng0 = np.random.default_rng(5)
+    img = rng0.integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    mean = rng0.uniform(0, 255, (32, 32, 3)).astype(np.float32)
+    colour = P.AugmentConfig(resize_side=16, crop_size=12, pca_std=0.0, mean=mean)
+    gray = P.AugmentConfig(resize_side=16, crop_size=12, pca_std=0.1, mean=mean, gray=True)
+    for seed in range(6):  # both flips, several crops
+        ref = P.train_augment(img, np.random.default_rng(seed), size, colour).astype(np.float64)
+        out = P.train_augment(img, np.random.default_rng(seed), size, gray)
+        assert out.shape == (size, size, 1) and out.dtype == np.float32
+        np.testing.assert_allclose(out[..., 0], ref.mean(-1), atol=1e-4 if size == 12 else 0.5)
+
+
+def test_gray_batches_give_a_gray_std_net_the_colour_batches_outputs():
+    """Why gray batches may skip the PCA colour offset: a gray_std net averages the channels
+    and standardises each image, so the offset (one value per image after the average)
+    cancels; its logits on the gray batch equal those on the colour batch with PCA."""
+    import jax
+    from spp_jax.models import get_model
+
+    rng0 = np.random.default_rng(1)
+    imgs = [rng0.integers(0, 256, (40, 48, 3), dtype=np.uint8) for _ in range(3)]
+    kw = dict(resize_side=36, crop_size=32, mean=np.full((8, 8, 3), 120.0, np.float32))
+    colour, gray = P.AugmentConfig(pca_std=0.5, **kw), P.AugmentConfig(gray=True, **kw)
+    xc = np.stack([P.train_augment(im, np.random.default_rng(i), 32, colour) for i, im in enumerate(imgs)])
+    xg = np.stack([P.train_augment(im, np.random.default_rng(i), 32, gray) for i, im in enumerate(imgs)])
+    assert not np.allclose(xc.mean(-1, keepdims=True), xg, atol=1.0)  # the offset is really there
+    model = get_model("zf5", num_classes=5, width=1 / 16, fc_dim=16, dropout=0.0,
+                      init_scheme="he", input_norm="gray_std")
+    variables = model.init(jax.random.PRNGKey(0), xc[:1])
+    np.testing.assert_allclose(model.apply(variables, xg), model.apply(variables, xc),
+                               rtol=1e-4, atol=1e-5)

@@ -96,6 +96,28 @@ def test_pipeline_data_contract():
     assert sum(int(b["mask"].sum()) for b in batches) == 5
     with pytest.raises(ValueError, match="exceeds"):
         d.steps_per_epoch(64)
+    assert d.train_channels == 3
+    g = PipelineData(InMemorySource(items), InMemorySource(items[:5]), 3, AugmentConfig(gray=True))
+    assert g.train_channels == 1 and next(g.train_iter(1, 180, 4))["image"].shape == (4, 180, 180, 1)
+    assert next(iter(g.eval_batches(224, 4)))["image"].shape[-1] == 3  # views stay RGB
+
+
+def test_gray_batches_need_a_gray_std_net():
+    from spp_jax.train.loop import _train_channels
+
+    class Gray:
+        train_channels = 1
+    assert _train_channels(Gray(), get_config("embedded")) == 1
+    with pytest.raises(ValueError, match="only an input_norm=gray_std network"):
+        _train_channels(Gray(), get_config("embedded", ["input_norm=none"]))
+
+
+def test_prepare_data_asks_for_gray_batches_for_gray_std_nets_only(tmp_path):
+    from spp_jax.train.experiment import prepare_data
+    kw = ["train_examples=3", "batch_size=2", "val_examples=2", "mean_samples=2", f"data_dir={tmp_path}/data"]
+    for norm, gray in (("gray_std", True), ("none", False)):
+        _, aug = prepare_data(get_config("embedded", [*kw, f"input_norm={norm}"]), str(tmp_path))
+        assert aug.gray is gray
 
 
 def test_table2_trains_three_variants_and_writes_the_table(tmp_path, capsys):

@@ -41,6 +41,7 @@ __all__ = [
     "BadImageError",
     "resize_shorter",
     "resize_to",
+    "gray",
     "crop_box",
     "five_crop_boxes",
     "crop",
@@ -125,6 +126,20 @@ def _resize(img: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
     if img.ndim == 3 and out.ndim == 2:  # cv2 drops a singleton channel axis
         out = out[:, :, None]
     return out
+
+
+_THIRDS = np.full((1, 3), 1 / 3, np.float32)
+
+
+def gray(img: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 or float image -> (H, W, 1) float32 mean of its three channels.
+
+    The channel mean of ``spp_jax.models.input_norm.gray_level``, taken on the host (one
+    OpenCV pass, 0.1-0.2 ms for a 224 x 224 crop against 0.6 for a NumPy mean over a
+    flipped crop view).
+    """
+    out = cv2.transform(np.ascontiguousarray(img).astype(np.float32, copy=False), _THIRDS)
+    return out.reshape(img.shape[0], img.shape[1], 1)
 
 
 def resize_shorter(img: np.ndarray, side: int) -> np.ndarray:

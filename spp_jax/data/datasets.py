@@ -116,6 +116,11 @@ class PipelineData:
         self.num_threads, self.num_workers = num_threads, num_workers
         self.skipped = 0
 
+    @property
+    def train_channels(self) -> int:
+        """1 when the training batches are gray (``cfg.gray``), else 3."""
+        return 1 if self.cfg.gray else 3
+
     def steps_per_epoch(self, batch_size: int) -> int:
         steps = len(self.train) // batch_size
         if steps < 1:

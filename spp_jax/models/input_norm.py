@@ -30,7 +30,8 @@ def check_input_norm(name: str) -> str:
 
 
 def gray_level(x, valid_hw=None):
-    """(B, H, W, 3) images -> (B, H, W, 1): per image, gray = mean over channels, then
+    """(B, H, W, 3) (or already gray (B, H, W, 1)) images -> (B, H, W, 1): per image, gray =
+    mean over channels, then
     (gray - mean) / std over the image's pixels (the top-left ``valid_hw[b]`` = (h, w) of
     image b when given, (B, 2) int; else all H x W).
 

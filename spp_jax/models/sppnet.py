@@ -280,14 +280,20 @@ class SPPNet(nn.Module):
     def conv_map(self, images, *, valid_hw=None):
         """(B, H, W, 3) float images -> (B, h, w, C) last conv map.
 
+        (B, H, W, 1) images stand for three equal channels (gray images: conv1 folds its
+        kernel, :class:`InputConv`); with ``input_norm="gray_std"`` the net therefore gives
+        the same output for an image and for its channel mean (how the training pipeline
+        feeds it, ``AugmentConfig.gray``).
+
         ``valid_hw``: (B, 2) int, each image's real (height, width) inside a batch padded
         at the bottom/right (any padding values). Every layer is then masked to each
         image's extent, so the map's valid cells equal the unpadded network's exactly,
         and the call returns ``(map, map_hw)``, ``map_hw`` (B, 2) int32 the valid map
         size per image. None (the default): no masking, nothing extra computed.
         """
-        if images.ndim != 4 or images.shape[-1] != 3:
-            raise ValueError(f"images must be (B, H, W, 3), got shape {tuple(images.shape)}")
+        if images.ndim != 4 or images.shape[-1] not in (1, 3):
+            raise ValueError(f"images must be (B, H, W, 3) (or (B, H, W, 1) gray), got shape "
+                             f"{tuple(images.shape)}")
         if valid_hw is not None:
             self._check_valid_hw(images.shape, valid_hw)
         if self.input_scale != 1.0:

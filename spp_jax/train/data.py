@@ -4,11 +4,14 @@ Contract (all batch sizes given to the data are *per process*; the loop passes
 ``global_batch // process_count``):
 
 ``num_classes: int``
+``train_channels: int``
+    Channels C of the training images: 3 (RGB), or 1 (each image's gray level, for a
+    network with ``input_norm="gray_std"``, which would average the three itself).
 ``steps_per_epoch(global_batch_size) -> int``
     Optimizer steps per epoch.  Every process must yield at least this many batches
     from ``train_iter`` per epoch (multi-host steps are collective).
 ``train_iter(epoch, size, batch_size, process_index, process_count, state=None)``
-    An iterator of ``{"image": float32 (batch_size, size, size, 3), "label": int32
+    An iterator of ``{"image": float32 (batch_size, size, size, C), "label": int32
     (batch_size,)}`` numpy batches for ``epoch`` at input side ``size``, this process's
     share only.  It has ``get_state() -> dict`` (JSON-able, the position *after* the
     batches consumed so far) and ``set_state(dict)``; ``state`` given to ``train_iter``
@@ -19,7 +22,8 @@ Contract (all batch sizes given to the data are *per process*; the loop passes
     V views, "label": int32 (B,), optional "mask": bool (B,)}`` with ``B <= batch_size``
     (the loop pads short batches).  Every process must yield the same number of batches.
 
-Images are float32 RGB in the pipeline's units (0..255 minus the mean).
+Images are float32 RGB (or gray, C = 1, training only) in the pipeline's units (0..255
+minus the mean).
 """
 from __future__ import annotations
 
@@ -40,6 +44,7 @@ class TrainIterator(Protocol):
 @runtime_checkable
 class TrainData(Protocol):
     num_classes: int
+    train_channels: int
 
     def steps_per_epoch(self, batch_size: int) -> int: ...
 
@@ -73,6 +78,8 @@ class InMemoryData:
     batch) slows iteration down, for tests that must interrupt a run.  ``loaded`` lists
     the training indices this process has loaded, in order (tests check the sharding).
     """
+
+    train_channels = 3
 
     def __init__(self, num_train: int = 64, num_val: int = 32, num_classes: int = 4,
                  seed: int = 0, noise: float = 0.5, signal: float = 1.5, delay: float = 0.0):

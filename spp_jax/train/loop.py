@@ -233,6 +233,19 @@ def _enable_cache(cfg: TrainConfig, workdir: str) -> None:
         log.info("persistent compilation cache: %s", cache)
 
 
+def _train_channels(data, cfg: TrainConfig) -> int:
+    """The data's training-image channels (3, or 1 gray), checked against the model: gray
+    batches carry no colour offset, which only a per-image standardisation makes harmless."""
+    c = int(data.train_channels)
+    if c not in (1, 3):
+        raise ValueError(f"training images must have 3 (RGB) or 1 (gray) channels, the data "
+                         f"says {c}")
+    if c == 1 and cfg.input_norm != "gray_std":
+        raise ValueError(f"the data yields gray training images, which only an "
+                         f"input_norm=gray_std network takes (this one: {cfg.input_norm})")
+    return c
+
+
 def _build(cfg: TrainConfig, data, is_main: bool, ckpt: Checkpointer, workdir: str
            ) -> tuple[_Run, Any, Any, Any]:
     """The mesh, model, optimizer and compiled-step holder; returns (run, init_fn, key,
@@ -262,7 +275,8 @@ def _build(cfg: TrainConfig, data, is_main: bool, ckpt: Checkpointer, workdir: s
 
     key = init_key(cfg.seed)
     steps = CompiledSteps(make_train_step(model, tx, cfg.seed), make_eval_step(model),
-                          jax.eval_shape(init_fn, key), cfg.batch_size, rep, bsh)
+                          jax.eval_shape(init_fn, key), cfg.batch_size, rep, bsh,
+                          channels=_train_channels(data, cfg))
     run = _Run(cfg, data, is_main, ckpt, steps, sizes, spe, local_bs, local_eval_bs, bsh,
                PlateauController.from_config(cfg), _metrics_path(workdir))
     return run, init_fn, key, rep

@@ -127,15 +127,16 @@ class CompiledSteps:
 
     Both are compiled with :mod:`spp_jax.xla_options` (on CPU: XLA's own convolutions).
 
-    ``build(size)`` lowers and compiles ``step`` for exactly (global batch, size, size, 3)
-    float32 images and (batch,) int32 labels with the given shardings, donating the train
-    state, and records the compile time (``compile_seconds``).
+    ``build(size)`` lowers and compiles ``step`` for exactly (global batch, size, size,
+    ``channels``) float32 images (3, or 1 for gray batches) and (batch,) int32 labels with
+    the given shardings, donating the train state, and records the compile time
+    (``compile_seconds``).
     """
 
     def __init__(self, train_step, eval_step, abstract_state, batch_size: int,
-                 state_sharding, batch_sharding):
+                 state_sharding, batch_sharding, channels: int = 3):
         self.abstract_state = abstract_with_sharding(abstract_state, state_sharding)
-        self.batch_size = batch_size
+        self.batch_size, self.channels = batch_size, channels
         self.batch_sharding = batch_sharding
         self.state_sharding = state_sharding
         self._jit = xla_options.jit(train_step, in_shardings=(state_sharding, batch_sharding),
@@ -149,7 +150,7 @@ class CompiledSteps:
         if size in self.compiled:
             return self.compiled[size]
         batch = {
-            "image": jax.ShapeDtypeStruct((self.batch_size, size, size, 3), jnp.float32,
+            "image": jax.ShapeDtypeStruct((self.batch_size, size, size, self.channels), jnp.float32,
                                           sharding=self.batch_sharding),
             "label": jax.ShapeDtypeStruct((self.batch_size,), jnp.int32, sharding=self.batch_sharding),
         }

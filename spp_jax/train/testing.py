@@ -47,6 +47,7 @@ class HookedData:
 
     def __init__(self, data: InMemoryData, hook):
         self.data, self.hook, self.num_classes = data, hook, data.num_classes
+        self.train_channels = data.train_channels
 
     def steps_per_epoch(self, batch_size):
         return self.data.steps_per_epoch(batch_size)
