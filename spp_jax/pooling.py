@@ -129,6 +129,27 @@ def pool(fmap: jax.Array, levels: Sequence[int] = B.DEFAULT_LEVELS, *,
         _check_window_stride(fmap.shape[1], fmap.shape[2], levels)
     return _pool(fmap, levels, mode)
 
+def transposed_layout(pooled, channels: int, levels: Sequence[int] = B.DEFAULT_LEVELS):
+    """The pooled vectors of transposed maps -> those of the maps themselves: (..., D) -> (..., D).
+
+    Every bin rule pools both axes alike, so bin (i, j) of a map is bin (j, i) of its
+    transpose (B, W, H, C): each level's (n, n, C) block swaps its two bin axes. Works on
+    NumPy and JAX arrays; its own inverse. (The serving layer pools a tall map as its wide
+    transpose, so the two share one compiled program.)
+    """
+    levels = B.normalize_levels(levels)
+    if B.output_dim(channels, levels) != pooled.shape[-1]:
+        raise ValueError(f"pooled vectors of length {pooled.shape[-1]} are not {channels} channels "
+                         f"x levels {levels} ({B.output_dim(channels, levels)})")
+    lead, parts, off = pooled.shape[:-1], [], 0
+    for n in levels:
+        block = pooled[..., off:off + n * n * channels].reshape(*lead, n, n, channels)
+        parts.append(block.swapaxes(-3, -2).reshape(*lead, n * n * channels))
+        off += n * n * channels
+    xp = np if isinstance(pooled, np.ndarray) else jnp
+    return xp.concatenate(parts, axis=-1)
+
+
 def caffe_permutation(channels: int, levels: Sequence[int] = B.DEFAULT_LEVELS,
                       caffe_order: Sequence[int] = (1, 2, 3, 6)) -> np.ndarray:
     """Index array ``perm`` with ``caffe_vec = ours[..., perm]``.

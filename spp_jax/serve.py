@@ -42,6 +42,7 @@ from spp_jax.models import Head, SPPNet, scaled_specs
 from spp_jax.models import layers as L
 from spp_jax.models import masking as M
 from spp_jax.pooling import pool as spp_pool
+from spp_jax.pooling import transposed_layout
 from spp_jax.roi import roi_pool_cells
 
 __all__ = ["Batch", "Maps", "Server", "bucket_shape", "fc_layers", "params_fingerprint"]
@@ -112,6 +113,12 @@ def _conv(model, variables, images, valid_hw, taps):
         out, inter = model.apply(variables, images, valid_hw=valid_hw, method=SPPNet.conv_map), {}
     fmap = out if valid_hw is None else out[0]  # with valid_hw: (map, map_hw)
     return fmap, {t: inter[t + "_out"][0] for t in taps}
+
+
+@jax.jit
+def _swap_hw(fmap):
+    """(B, h, w, C) -> (B, w, h, C)."""
+    return jnp.swapaxes(fmap, 1, 2)
 
 
 @functools.partial(xla_options.jit, static_argnames=("levels", "mode"))
@@ -283,11 +290,29 @@ class Server:
         """Each image's valid map pooled with ``levels`` (default the model's), (B, C * sum(n^2)):
         the same bins as :func:`spp_jax.pool` of the unpadded map."""
         levels, mode = tuple(levels or self.model.levels), self.model.pool_mode
-        self.programs.add(("pool", tuple(maps.fmap.shape), levels))
         if maps.whole:  # nothing padded: the whole-map pooling, cheaper to compile
+            self.programs.add(("pool", tuple(maps.fmap.shape), levels))
             return spp_pool(maps.fmap, levels, mode=mode)
         whole = np.concatenate([np.zeros_like(maps.hw), maps.hw[:, ::-1] - 1], axis=1)[:, None]
-        return _pool_windows(maps.fmap, jnp.asarray(whole, jnp.int32), levels, mode)[:, 0]
+        return self._windows(maps.fmap, whole, levels, ("pool", levels))[:, 0]
+
+    def _windows(self, fmap, cells: np.ndarray, levels: tuple[int, ...], program: tuple):
+        """(B, h, w, C) maps, (B, K, 4) int cells -> (B, K, D) window pyramids; ``program``:
+        (kind, detail) of the compiled program, for :attr:`programs`.
+
+        A map taller than wide is pooled as its transpose (cells swapped, the bins swapped
+        back by :func:`spp_jax.pooling.transposed_layout`): a bucket and its transposed
+        bucket, e.g. 360 x 540 and 540 x 360 images, then share one compiled program, which
+        is most of what a window program costs the first time (0.3-0.6 s each; 12 of the 28
+        programs of the multi-view testing pass of ``make train``).
+        """
+        tall = fmap.shape[1] > fmap.shape[2]
+        if tall:
+            fmap, cells = _swap_hw(fmap), cells[..., [1, 0, 3, 2]]
+        self.programs.add((program[0], tuple(fmap.shape), program[1]))
+        out = _pool_windows(fmap, jnp.asarray(cells, jnp.int32), levels, self.model.pool_mode)
+        # Swapped back on the host: a few KB per window, no program per shape for the swap.
+        return transposed_layout(np.asarray(out), fmap.shape[-1], levels) if tall else out
 
     def map_hw(self, hw) -> np.ndarray:
         """(B, 2) int image sizes (as :attr:`Batch.hw`) -> (B, 2) int32 valid last-conv map sizes.
@@ -317,13 +342,11 @@ class Server:
         if len(cells) != maps.fmap.shape[0] or any(len(c) == 0 for c in cells):
             raise ValueError(f"need one non-empty cell array per image ({maps.fmap.shape[0]}), got "
                              f"{[len(c) for c in cells]}")
-        levels, mode = tuple(self.model.levels), self.model.pool_mode
+        levels = tuple(self.model.levels)
         rounds = max(-(-len(c) // chunk) for c in cells)
         padded = [np.concatenate([c, np.repeat(c[-1:], rounds * chunk - len(c), axis=0)]) for c in cells]
-        self.programs.add(("windows", tuple(maps.fmap.shape), chunk))
-        parts = [np.asarray(_pool_windows(maps.fmap, jnp.asarray(np.stack([p[r * chunk:(r + 1) * chunk]
-                                                                           for p in padded]), jnp.int32),
-                                          levels, mode)) for r in range(rounds)]
+        parts = [np.asarray(self._windows(maps.fmap, np.stack([p[r * chunk:(r + 1) * chunk] for p in padded]),
+                                          levels, ("windows", chunk))) for r in range(rounds)]
         out = np.concatenate(parts, axis=1)
         return [out[i, :len(c)] for i, c in enumerate(cells)]
 

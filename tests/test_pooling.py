@@ -225,3 +225,19 @@ def test_derivation_plan_is_exact_union():
     assert B.derivation_plan((4, 3, 2, 1))[3] == 3 and B.derivation_plan((4, 3, 2, 1))[2] == 4
     assert B.derivation_plan((6, 3, 2, 1), "released") == {6: 6, 3: 6, 2: 2, 1: 2}  # released 2x2: direct
     assert math.isclose(B.num_bins((6, 3, 2, 1)), 50)
+
+
+def test_transposed_layout_maps_the_transposes_pyramid_to_the_maps():
+    """pool of a map == transposed_layout(pool of its transpose), on non-square maps whose
+    bins overlap differently along the two axes; and the layout swap is its own inverse."""
+    from spp_jax.pooling import transposed_layout
+
+    rng = np.random.default_rng(0)
+    for h, w in ((7, 13), (10, 4), (1, 5)):
+        x = jnp.asarray(rng.normal(size=(2, h, w, 3)), jnp.float32)
+        direct = np.asarray(spp_jax.pool(x, (6, 3, 2, 1)))
+        via_t = transposed_layout(np.asarray(spp_jax.pool(jnp.swapaxes(x, 1, 2), (6, 3, 2, 1))), 3, (6, 3, 2, 1))
+        np.testing.assert_array_equal(via_t, direct)
+        np.testing.assert_array_equal(transposed_layout(transposed_layout(direct, 3), 3), direct)
+    with pytest.raises(ValueError, match="not 3 channels"):
+        transposed_layout(np.zeros((1, 10)), 3)

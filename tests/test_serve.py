@@ -56,6 +56,26 @@ def test_windows_equal_the_old_path_inside_and_the_unpadded_net_everywhere():
     assert np.abs(np.asarray(old[2:]) - np.asarray(want[2:])).max() > 0.01 * np.abs(want).max()
 
 
+def test_a_tall_bucket_shares_its_transposes_window_program_and_pools_exactly():
+    """Windows on the conv map of a tall image (bucket 384 x 256) and of a wide one (256 x 384):
+    one window program (the wide shape), and each equal to roi_pool on its own unpadded map."""
+    m, v = _net()
+    sv = Server(m, v, mean=128.0)
+    rng = np.random.default_rng(3)
+    boxes = np.array([[0, 0, 150, 200], [40, 30, 170, 120], [10, 5, 255, 290]], np.float32)
+    for hw in ((300, 256), (256, 300)):  # tall first: its program is the one reused
+        view = sv.prepare(rng.integers(0, 256, hw + (3,), dtype=np.uint8), 256)
+        maps = sv.conv(sv.batch([view], sv.bucket(*view.shape[:2], 256)))
+        (mh, mw), = maps.hw
+        ref, _ = _unpadded(view)
+        b = np.minimum(boxes, [view.shape[1] - 1, view.shape[0] - 1] * 2)
+        got = sv.pool_windows(maps, [sv.cells(b, (mh, mw))])[0]
+        _close(got, spp_jax.roi_pool(ref["conv"][0], b, geometry=m.geometry))
+        _close(sv.pooled(maps)[0], ref["pooled"][0])  # the whole valid map, also via the transpose
+    windows = [p for p in sv.programs if p[0] == "windows"]
+    assert len(windows) == 1 and windows[0][1][1] < windows[0][1][2], sv.programs  # one, wide
+
+
 def test_batches_of_mixed_sizes_give_each_image_its_own_features():
     m, v = _net()
     sv = Server(m, v, mean=np.array([120.0, 110.0, 100.0]))
