@@ -181,17 +181,20 @@ def conv1_fold_variants(cfg: Config, device) -> list[Row]:
     """The embedded step (gray input) with conv1 folded to one channel against convolving
     the three equal channels, JAX against JAX."""
     from spp_jax.models import sppnet
+    # Colour batches on both sides: a gray (1-channel) batch would reach conv1 as one channel
+    # under the patch too.
     return [_step_ab_row("3 gray conv1", side, device,
                          _patched(sppnet, "normalise_input", _three_equal_channels),
-                         "the same step, conv1 on three equal channels", cfg.repeats)
+                         "the same step, conv1 on three equal channels", cfg.repeats, channels=3)
             for side in cfg.embedded_sizes]
 
 
-def _step_ab_row(bench: str, side: int, device, patch, what: str, repeats: int) -> Row:
+def _step_ab_row(bench: str, side: int, device, patch, what: str, repeats: int,
+                 channels: int | None = None) -> Row:
     """The embedded preset's step against itself built under ``patch`` (a context manager)."""
-    jstep, *_ = embedded_jax_step(side, device)
+    jstep, *_ = embedded_jax_step(side, device, channels)
     with patch:
-        rstep, *_ = embedded_jax_step(side, device)  # traced and compiled while patched
+        rstep, *_ = embedded_jax_step(side, device, channels)  # traced and compiled while patched
     tj, tr = time_pair(jstep, rstep, 2, repeats)
     return Row(bench, f"overfeat7 width 1/8 train step (the preset's own) batch 32 @{side}",
                32 / tj, 32 / tr, "img/s", pair_ratio(), None, f"reference: {what}; {pair_spread()}")
@@ -330,7 +333,12 @@ def run(cfg: Config, device, peak: dict) -> list[Row]:
     return rows
 
 
-def embedded_jax_step(side: int, device):
+def _preset_channels(tc) -> int:
+    """The channels of the preset's training batches: 1 (the gray level) for gray_std nets."""
+    return 1 if tc.input_norm == "gray_std" else 3
+
+
+def embedded_jax_step(side: int, device, channels: int | None = None):
     """The embedded preset's own compiled train step (spp_jax.train.CompiledSteps: Overfeat-7
     width 1/8, fc 1024, 10 classes, Adam with L2, batch 32, NaN guard) on a fixed batch at
     ``side`` px: (step(), the preset's TrainConfig, the model, compile seconds)."""
@@ -344,9 +352,10 @@ def embedded_jax_step(side: int, device):
     rep = jax.sharding.SingleDeviceSharding(device)
     state = jax.device_put(create_state(model.init(jax.random.key(0), jnp.zeros((1, side, side, 3)))
                                         ["params"], tx), rep)
+    channels = channels or _preset_channels(tc)
     steps = CompiledSteps(make_train_step(model, tx, 0), make_eval_step(model),
-                          jax.eval_shape(lambda s: s, state), b, rep, rep)
-    x_np, y_np = _embedded_batch(b, side)
+                          jax.eval_shape(lambda s: s, state), b, rep, rep, channels=channels)
+    x_np, y_np = _embedded_batch(b, side, channels)
     batch = jax.device_put({"image": jnp.asarray(x_np), "label": jnp.asarray(y_np)}, rep)
     holder = {"s": state}
 
@@ -357,10 +366,12 @@ def embedded_jax_step(side: int, device):
     return jstep, tc, model, steps.compile_seconds[side]
 
 
-def _embedded_batch(b: int, side: int):
+def _embedded_batch(b: int, side: int, channels: int = 3):
+    """A random (b, side, side, channels) batch in pixel units and its labels; one channel
+    is the three-channel batch's channel mean (the gray batches of a gray_std preset)."""
     rng = np.random.default_rng(4)
-    return (rng.standard_normal((b, side, side, 3), dtype=np.float32) * 58.0,
-            rng.integers(0, 10, b).astype(np.int32))
+    x = rng.standard_normal((b, side, side, 3), dtype=np.float32) * 58.0
+    return (x.mean(-1, keepdims=True) if channels == 1 else x), rng.integers(0, 10, b).astype(np.int32)
 
 
 def embedded_torch_step(side: int, tc, channels):
@@ -374,7 +385,7 @@ def embedded_torch_step(side: int, tc, channels):
                           ).to(_tdev(), memory_format=torch.channels_last)
     tnet.train()
     topt = torch.optim.Adam(tnet.parameters(), lr=tc.learning_rate, weight_decay=tc.weight_decay)
-    x_np, y_np = _embedded_batch(tc.batch_size, side)
+    x_np, y_np = _embedded_batch(tc.batch_size, side, _preset_channels(tc))  # the JAX side's batch
     x_t = torch.from_numpy(x_np * tc.input_scale).to(_tdev()).permute(0, 3, 1, 2)
     y_t = torch.from_numpy(y_np.astype(np.int64)).to(_tdev())
 
@@ -396,7 +407,8 @@ def embedded_steps(cfg: Config, device) -> list[Row]:
         b = tc.batch_size
         rows.append(Row("3 embedded", f"overfeat7 width 1/8 train step (the preset's own) batch {b} @{side}",
                         b / tj, b / tt, "img/s", pair_ratio(), (">=", 0.8),
-                        f"Adam + L2, dropout {tc.dropout:g}, input {tc.input_norm} (torch: one-channel conv1); "
+                        f"Adam + L2, dropout {tc.dropout:g}, input {tc.input_norm}, "
+                        f"{_preset_channels(tc)}-channel batches as in training (torch: one-channel conv1); "
                         f"JAX compile {compile_s:.1f} s; {pair_spread()}"))
         del jstep, tstep
     return rows

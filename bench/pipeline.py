@@ -45,7 +45,7 @@ def _data(tmp: str, cfg: Config):
     return tc, ds, aug
 
 
-def _step(tc, side: int, device):
+def _step(tc, side: int, device, channels: int):
     """The preset's compiled train step at ``side`` and a state holder: ``run(batch)``."""
     from spp_jax.train.config import build_model
     from spp_jax.train.state import create_state, optimizer_from_config
@@ -56,7 +56,8 @@ def _step(tc, side: int, device):
     params = model.init(jax.random.key(0), jnp.zeros((1, side, side, 3)))["params"]
     state = jax.device_put(create_state(params, tx), rep)
     steps = CompiledSteps(make_train_step(model, tx, 0), make_eval_step(model),
-                          jax.eval_shape(lambda s: s, state), tc.batch_size, rep, rep)
+                          jax.eval_shape(lambda s: s, state), tc.batch_size, rep, rep,
+                          channels=channels)
     holder = {"s": state}
 
     def run(batch):
@@ -91,7 +92,7 @@ def run(cfg: Config, device) -> list[Row]:
         cache = pipeline.ResizedCache(cache_budget(tc))
         cold = _alone(pipe(224, cache), len(ds.train) // b - 1)  # fills the cache
         for side in cfg.embedded_sizes:
-            step, rep = _step(tc, side, device)
+            step, rep = _step(tc, side, device, 1 if aug.gray else 3)
             it = pipe(side, cache)
             resident = jax.device_put(next(it), rep)
             step(resident)["loss"].block_until_ready()  # compile
