@@ -97,6 +97,27 @@ def test_train_determinism():
     assert not all(np.array_equal(x["label"], y["label"]) for x, y in zip(a, c))
 
 
+def test_train_sample_order_cache_returns_each_epochs_own_permutation():
+    """The per-epoch order cache (kept for the last two epochs) must hand out the
+    permutation a fresh shuffle gives, whatever order epochs are asked for in,
+    in a pickled copy (a worker process) too."""
+    import pickle
+
+    import grain
+
+    n, seed = 20, 3
+    fn = P._TrainSample(make_source(n), CFG, seed, SIZES, 0, 1, n, 4)
+    fresh = {e: [int(i) for i in grain.MapDataset.range(n).shuffle(
+        seed=P._epoch_seed(seed, e))] for e in range(4)}
+    assert fresh[0] != fresh[1]
+    for e in (0, 1, 2, 0, 3, 1, 1):
+        assert [int(fn.order(e)[k]) for k in range(n)] == fresh[e]
+        assert len(fn._orders) <= 2
+    copy = pickle.loads(pickle.dumps(fn))
+    assert copy._orders == {}
+    assert [int(copy.order(2)[k]) for k in range(n)] == fresh[2]
+
+
 def test_train_drop_remainder():
     it = train_iter(make_source(23), batch_size=5, num_epochs=1)
     assert it.steps_per_epoch == 4

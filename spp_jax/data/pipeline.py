@@ -377,10 +377,26 @@ class _TrainSample:
         self.n = len(source)
         self.shard_len = self.n // process_count
         self.mean_for = MeanCache(cfg.mean)
+        self._orders: dict[int, grain.MapDataset] = {}
 
     def order(self, epoch: int) -> grain.MapDataset:
-        """All source indices in ``epoch``'s order (a permutation of range(N))."""
-        return grain.MapDataset.range(self.n).shuffle(seed=_epoch_seed(self.seed, epoch))
+        """All source indices in ``epoch``'s order (a permutation of range(N)).
+
+        Kept per epoch: building the shuffled dataset for every sample made each lookup
+        50 us instead of 14 (2026-12-06), next to ~280 us of host work per cached gray image.  Reader threads may race to build the
+        same epoch's order; both copies are equal, so the race is harmless.
+        """
+        ds = self._orders.get(epoch)
+        if ds is None:
+            ds = grain.MapDataset.range(self.n).shuffle(seed=_epoch_seed(self.seed, epoch))
+            # Epochs run in order: keeping the previous one serves reader threads still
+            # finishing it at the boundary.
+            self._orders = {e: d for e, d in self._orders.items() if e == epoch - 1}
+            self._orders[epoch] = ds
+        return ds
+
+    def __getstate__(self):  # worker processes build their own orders
+        return {**self.__dict__, "_orders": {}}
 
     def global_position(self, k: int) -> int:
         """Where this process's ``k``-th sample of an epoch sits in the epoch order
