@@ -335,7 +335,8 @@ def run(cfg: Config, device, peak: dict) -> list[Row]:
 
 def _preset_channels(tc) -> int:
     """The channels of the preset's training batches: 1 (the gray level) for gray_std nets."""
-    return 1 if tc.input_norm == "gray_std" else 3
+    from spp_jax.models.input_norm import takes_gray_batches
+    return 1 if takes_gray_batches(tc.input_norm) else 3
 
 
 def embedded_jax_step(side: int, device, channels: int | None = None):

@@ -92,7 +92,7 @@ def run(cfg: Config, device) -> list[Row]:
         cache = pipeline.ResizedCache(cache_budget(tc))
         cold = _alone(pipe(224, cache), len(ds.train) // b - 1)  # fills the cache
         for side in cfg.embedded_sizes:
-            step, rep = _step(tc, side, device, 1 if aug.gray else 3)
+            step, rep = _step(tc, side, device, aug.channels)
             it = pipe(side, cache)
             resident = jax.device_put(next(it), rep)
             step(resident)["loss"].block_until_ready()  # compile

@@ -129,6 +129,7 @@ def pool(fmap: jax.Array, levels: Sequence[int] = B.DEFAULT_LEVELS, *,
         _check_window_stride(fmap.shape[1], fmap.shape[2], levels)
     return _pool(fmap, levels, mode)
 
+
 def transposed_layout(pooled, channels: int, levels: Sequence[int] = B.DEFAULT_LEVELS):
     """The pooled vectors of transposed maps -> those of the maps themselves: (..., D) -> (..., D).
 

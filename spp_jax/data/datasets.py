@@ -119,7 +119,7 @@ class PipelineData:
     @property
     def train_channels(self) -> int:
         """1 when the training batches are gray (``cfg.gray``), else 3."""
-        return 1 if self.cfg.gray else 3
+        return self.cfg.channels
 
     def steps_per_epoch(self, batch_size: int) -> int:
         steps = len(self.train) // batch_size

@@ -131,6 +131,11 @@ class AugmentConfig:
     image_key: str = "image"
     label_key: str = "label"
 
+    @property
+    def channels(self) -> int:
+        """Channels of the training images made with these settings: 1 (gray) or 3."""
+        return 1 if self.gray else 3
+
 
 class InMemorySource:
     """A list-backed random-access source (tests, small experiments).
@@ -383,8 +388,9 @@ class _TrainSample:
         """All source indices in ``epoch``'s order (a permutation of range(N)).
 
         Kept per epoch: building the shuffled dataset for every sample made each lookup
-        50 us instead of 14 (2026-12-06), next to ~280 us of host work per cached gray image.  Reader threads may race to build the
-        same epoch's order; both copies are equal, so the race is harmless.
+        50 us instead of 14 (2026-12-06), next to ~280 us of host work per cached gray
+        image.  Reader threads may race to build the same epoch's order; both copies are
+        equal, so the race is harmless.
         """
         ds = self._orders.get(epoch)
         if ds is None:

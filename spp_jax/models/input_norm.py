@@ -29,10 +29,16 @@ def check_input_norm(name: str) -> str:
     return name
 
 
+def takes_gray_batches(name: str) -> bool:
+    """Whether a net with input norm ``name`` may be trained on gray (B, S, S, 1) batches
+    without a colour offset: true for ``gray_std``, which averages the channels and removes
+    any per-image offset itself."""
+    return check_input_norm(name) == "gray_std"
+
+
 def gray_level(x, valid_hw=None):
     """(B, H, W, 3) (or already gray (B, H, W, 1)) images -> (B, H, W, 1): per image, gray =
-    mean over channels, then
-    (gray - mean) / std over the image's pixels (the top-left ``valid_hw[b]`` = (h, w) of
+    mean over channels, then (gray - mean) / std over the image's pixels (the top-left ``valid_hw[b]`` = (h, w) of
     image b when given, (B, 2) int; else all H x W).
 
     One channel standing for three equal ones: the backbone's conv1 then convolves it

@@ -18,6 +18,7 @@ from spp_jax.data import augment
 from spp_jax.data.datasets import PipelineData, classification_dataset, mean_image
 from spp_jax.data.pipeline import AugmentConfig
 from spp_jax.evaluate import ONE_PASS, PROTOCOL_TITLES, evaluate, full_view_by_side
+from spp_jax.models.input_norm import takes_gray_batches
 from spp_jax.report import error_pair, markdown_table, write_report
 from spp_jax.pretrained import read_workdir
 from spp_jax.train.config import TrainConfig, build_model, embedded, trained_num_classes
@@ -57,7 +58,7 @@ def prepare_data(cfg: TrainConfig, workdir: str):
              len(ds.train), len(ds.validation), ds.num_classes, time.perf_counter() - t)
     # A gray_std net averages the channels and standardises each image itself: its training
     # batches can be that gray level already (a third of the bytes, half the host work).
-    return ds, AugmentConfig(mean=mean, gray=cfg.input_norm == "gray_std", **pca)
+    return ds, AugmentConfig(mean=mean, gray=takes_gray_batches(cfg.input_norm), **pca)
 
 
 def restore_params(cfg: TrainConfig, workdir: str, num_classes: int):

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from spp_jax.errors import NonFiniteError
+from spp_jax.models.input_norm import takes_gray_batches
 from spp_jax.models.sppnet import run_once
 from spp_jax.train import sharding as shd
 from spp_jax.train.checkpoint import Checkpointer
@@ -240,7 +241,7 @@ def _train_channels(data, cfg: TrainConfig) -> int:
     if c not in (1, 3):
         raise ValueError(f"training images must have 3 (RGB) or 1 (gray) channels, the data "
                          f"says {c}")
-    if c == 1 and cfg.input_norm != "gray_std":
+    if c == 1 and not takes_gray_batches(cfg.input_norm):
         raise ValueError(f"the data yields gray training images, which only an "
                          f"input_norm=gray_std network takes (this one: {cfg.input_norm})")
     return c
