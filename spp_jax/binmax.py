@@ -172,9 +172,53 @@ def window_max(x, rows: Edges, cols: Edges):
 
     Gradient to the first max in row-major order of each window (module docstring):
     the column stage picks each row's first max column, the row stage the first row
-    holding the window's max.
+    holding the window's max. Windows that tile both axes (kernel = stride pools, the
+    tiled pyramid levels) are one reduction instead (:func:`tiled_max`), same rule.
     """
-    return axis_bin_max(axis_bin_max(x, 2, tuple(cols)), 1, tuple(rows))
+    rows, cols = tuple(rows), tuple(cols)
+    if _is_tiled(rows) and _is_tiled(cols):
+        return tiled_max(x, (len(rows), _widest(rows)), (len(cols), _widest(cols)))
+    return axis_bin_max(axis_bin_max(x, 2, cols), 1, rows)
+
+
+def _blocks(x, rows: tuple[int, int], cols: tuple[int, int]):
+    """(B, H, W, C) -> (B, n, kh, m, kw, C): the tiled windows, a crop and a reshape."""
+    (n, kh), (m, kw) = rows, cols
+    x = x[:, :n * kh, :m * kw]
+    return x.reshape(x.shape[0], n, kh, m, kw, x.shape[-1])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def tiled_max(x, rows: tuple[int, int], cols: tuple[int, int]):
+    """(B, H, W, C) -> (B, n, m, C): max over the n x m windows of kh x kw cells that tile
+    the map from cell (0, 0) (``rows = (n, kh)``, ``cols = (m, kw)``; cells past the last
+    window are cropped).
+
+    Why not two :func:`axis_bin_max` stages: one reduction over both window axes reads
+    the map once and leaves no (B, H, m, C) intermediate; on CPU it made the 32x18x18x512
+    pyramid forward 1.37x faster (2026-12-06, bench row 1's shape, alternated pairs).
+    Gradient: each window's first max cell in row-major order, as :func:`window_max`.
+    """
+    return jnp.max(_blocks(x, rows, cols), axis=(2, 4))
+
+
+def _tiled_fwd(x, rows, cols):
+    # Under differentiation the two stages run as in window_max's general path, so the
+    # backward can reuse their compare-and-select rules on the column maxima: a one-pass
+    # 2-D backward (first max over both window axes) was 0.85-0.97x as fast forward+backward.
+    y_cols = axis_bin_max(x, 2, tiled_edges(*cols))
+    y = axis_bin_max(y_cols, 1, tiled_edges(*rows))
+    return y, (x, y_cols, y)
+
+
+def _tiled_bwd(rows, cols, res, g):
+    x, y_cols, y = res
+    row_edges, col_edges = tiled_edges(*rows), tiled_edges(*cols)
+    (g_cols,) = _bwd(1, row_edges, (y_cols, y), g)
+    return _bwd(2, col_edges, (x, y_cols), g_cols)
+
+
+tiled_max.defvjp(_tiled_fwd, _tiled_bwd)
 
 
 def as_edges(pairs: Sequence[Sequence[int]]) -> Edges:

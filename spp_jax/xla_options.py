@@ -1,10 +1,20 @@
 """XLA compile options of the library's compiled programs: the one place they are chosen.
 
-On CPU this jaxlib routes convolutions through its YNN fusion by default, and those
-convolutions barely use a second core; turning the fusion off
-(``xla_cpu_experimental_ynn_fusion_type=""``) lets XLA's own convolutions run, which on a
-2-core machine made conv1's weight gradient ~2x and the embedded train step ~1.25-1.4x
-faster (bench/results). Other backends get no options.
+On CPU this jaxlib hands convolutions, dots and reductions to its YNN library
+(``xla_cpu_experimental_ynn_fusion_type``, by default its individual convolutions and dots
+and its reductions). Its convolutions barely use a second core, so the library keeps only
+YNN's dots and reductions (``LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT`` and ``_REDUCE``) and lets
+XLA's own convolutions run:
+
+- dropping YNN's convolutions made conv1's weight gradient ~2x and the embedded train
+  step ~1.25-1.4x faster on a 2-core machine (2026-12-05, bench rows 3-4);
+- keeping its dots and reductions (they had been dropped with the convolutions until
+  2026-12-06) is another 1.08x / 1.14x on the embedded step at 224 / 180 px, 1.12x on
+  the full-width ZF-5 SGD step (batch 8) and 1.53x on Overfeat-7's (batch 4, its fc6 is a
+  large dot); XLA's own max reductions ran ``spp_jax.pool``'s forward 2.6-4.5x slower
+  (measured in one process, alternated pairs, 2026-12-06).
+
+Other backends get no options.
 
 A jaxlib that does not know an option (older or newer than the one pinned) would refuse
 the whole compile, so every option is tried once on a tiny program per backend; unknown
@@ -26,7 +36,8 @@ log = logging.getLogger(__name__)
 
 # Per platform: option -> value (strings, as XLA's debug options take them).
 OPTIONS: dict[str, dict[str, Any]] = {
-    "cpu": {"xla_cpu_experimental_ynn_fusion_type": ""},
+    "cpu": {"xla_cpu_experimental_ynn_fusion_type":
+            "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"},
 }
 
 

@@ -56,3 +56,40 @@ def test_conv_net_gradient_equals_default_compile():
     assert xla_options.jit(g).lower((w1, w2), x).compile() is not None
     for a, b in zip(got, want):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6 * float(jnp.abs(b).max()))
+
+
+def _ynn_fused(f, *args, options=None) -> bool:
+    return "__ynn_fusion" in jax.jit(f, compiler_options=options).lower(*args).compile().as_text()
+
+
+def test_cpu_options_keep_ynn_dots_and_reductions(fresh_cache):
+    # The options drop YNN's convolutions only: dots and reductions still compile to YNN
+    # fusions (with the option emptied, as before 2026-12-06, they do not).
+    opts = xla_options.compiler_options()
+    a, b = jnp.zeros((64, 128)), jnp.zeros((128, 256))
+    x = jnp.zeros((2, 16, 16, 8))
+    assert _ynn_fused(lambda p, q: p @ q, a, b, options=opts)
+    assert _ynn_fused(lambda v: v.max((1, 2)), x, options=opts)
+    empty = {"xla_cpu_experimental_ynn_fusion_type": ""}
+    assert not _ynn_fused(lambda p, q: p @ q, a, b, options=empty)
+    assert not _ynn_fused(lambda v: v.max((1, 2)), x, options=empty)
+
+
+def test_dense_and_pool_gradient_equals_default_compile():
+    # conv -> SPP -> dense: the options' YNN dots and reductions give the default's gradient.
+    import spp_jax
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((4, 13, 11, 3)).astype(np.float32))
+    w1 = jnp.asarray(rng.standard_normal((3, 3, 3, 16)).astype(np.float32) * 0.3)
+    w2 = jnp.asarray(rng.standard_normal((16 * 50, 10)).astype(np.float32) * 0.05)
+
+    def loss(ws, x):
+        y = jax.lax.conv_general_dilated(x, ws[0], (1, 1), "SAME",
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return jnp.sum(jnp.tanh(spp_jax.pool(jax.nn.relu(y)) @ ws[1]))
+
+    g = jax.grad(loss)
+    want = jax.jit(g)((w1, w2), x)
+    got = xla_options.jit(g)((w1, w2), x)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6 * float(jnp.abs(b).max()))
