@@ -212,3 +212,23 @@ def test_works_under_vmap_and_jit():
     f = jax.jit(jax.vmap(jax.grad(lambda a: spp_jax.pool(a, (3, 1)).sum())))
     want = np.stack([np.asarray(jax.grad(lambda a: spp_jax.pool(a, (3, 1)).sum())(xi)) for xi in x])
     np.testing.assert_array_equal(np.asarray(f(x)), want)
+
+
+def test_period_of_appendix_a_bins():
+    # Hand-checked: bins of a 10-cell axis at n = 6 are the 3 bins of 5 cells, twice.
+    e = lambda a, n: binmax.as_edges(B.bin_edges(a, n))  # noqa: E731
+    assert binmax._period(e(10, 6), 10) == (3, 5)
+    assert binmax._period(e(9, 6), 9) == (2, 3)
+    assert binmax._period(e(20, 6), 20) == (3, 10)
+    assert binmax._period(e(13, 6), 13) is None  # gcd 1
+    assert binmax._period(((0, 2), (1, 4), (5, 7), (6, 9)), 10) == (2, 5)
+    assert binmax._period(((0, 2), (1, 4), (5, 7), (7, 9)), 10) is None  # [7,9) is not [1,4) + 5
+    assert binmax._period(((0, 2), (1, 4), (5, 7), (6, 9)), 12) is None  # periods must tile the axis
+    assert binmax._period(((0, 6), (5, 11)), 10) is None  # a bin reaching past its period
+
+
+@pytest.mark.parametrize("make", [tied, distinct])
+def test_periodic_uneven_windows(make):
+    # 10 rows x 9 cols at n = 6: both axes periodic (the reshaped path), against brute force.
+    x = make((2, 10, 9, 3), 4)
+    check_window(x, binmax.as_edges(B.bin_edges(10, 6)), binmax.as_edges(B.bin_edges(9, 6)))
