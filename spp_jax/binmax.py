@@ -167,17 +167,17 @@ def _strided_bwd(x, y, g, axis: int, n: int, k: int, st: int):
 axis_bin_max.defvjp(_fwd, _bwd)
 
 
-def window_max(x, rows: Edges, cols: Edges):
+def window_max(x, rows: Edges, cols: Edges, fused: bool = False):
     """(B, H, W, C) -> (B, len(rows), len(cols), C): max over each rows x cols window.
 
     Gradient to the first max in row-major order of each window (module docstring):
     the column stage picks each row's first max column, the row stage the first row
     holding the window's max. Windows that tile both axes (kernel = stride pools, the
-    tiled pyramid levels) take :func:`tiled_max` (fused strided maxima), same rule.
+    tiled pyramid levels) take :func:`tiled_max` (``fused``: see there), same rule.
     """
     rows, cols = tuple(rows), tuple(cols)
     if _is_tiled(rows) and _is_tiled(cols):
-        return tiled_max(x, (len(rows), _widest(rows)), (len(cols), _widest(cols)))
+        return tiled_max(x, (len(rows), _widest(rows)), (len(cols), _widest(cols)), fused)
     return bin_max(bin_max(x, 2, cols), 1, rows)
 
 
@@ -213,41 +213,56 @@ def bin_max(x, axis: int, edges: Edges):
 
 def _tiled_axis_max(x, axis: int, n: int, k: int):
     """(..., a, ...) -> (..., n, ...): max over n windows of k cells tiling the axis from cell
-    0, as the element-wise max of k strided slices (a reduction would not fuse; see
-    :func:`tiled_max`)."""
+    0, as the element-wise max of k strided slices (fuses with the op that makes ``x``)."""
     return functools.reduce(jnp.maximum, [_strided(x, axis, n, j, k) for j in range(k)])
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def tiled_max(x, rows: tuple[int, int], cols: tuple[int, int]):
+def _blocks(x, rows: tuple[int, int], cols: tuple[int, int]):
+    """(B, H, W, C) -> (B, n, kh, m, kw, C): the tiled windows, a crop and a reshape."""
+    (n, kh), (m, kw) = rows, cols
+    x = x[:, :n * kh, :m * kw]
+    return x.reshape(x.shape[0], n, kh, m, kw, x.shape[-1])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def tiled_max(x, rows: tuple[int, int], cols: tuple[int, int], fused: bool = False):
     """(B, H, W, C) -> (B, n, m, C): max over the n x m windows of kh x kw cells that tile
     the map from cell (0, 0) (``rows = (n, kh)``, ``cols = (m, kw)``; cells past the last
     window are never read).
 
-    Why element-wise maxima of strided slices (columns, then rows) rather than
-    :func:`axis_bin_max`'s reshape-and-reduce per axis: XLA fuses them, with the ReLU that
-    produces the map, into one pass with no (B, H, m, C) intermediate, where a reduction is a
-    separate YNN call under the library's compile options (:mod:`spp_jax.xla_options`).
-    ``pool`` forward 1.32-1.37x faster on 32x18x18x512 than the two reductions; the embedded
-    Overfeat-7's conv forward 1.41x faster than with one 2-D reduction (its pool1 and pool2;
-    2026-12-06, alternated pairs). Gradient: each window's first max cell in row-major order,
-    as :func:`window_max`.
+    Two formulations, same values and gradient (each window's first max cell in row-major
+    order, as :func:`window_max`), because neither is fastest everywhere on CPU:
+
+    - ``fused=False`` (``pool``'s pyramid levels): one reduction over both window axes of a
+      reshape; reads the map once and leaves no (B, H, m, C) intermediate: ``pool`` forward on
+      32x18x18x512 1.32-1.37x faster than a reduction per axis, and 4-5x faster than the
+      strided maxima below (2026-12-06; XLA hands the reduction to its YNN library).
+    - ``fused=True`` (the backbones' kernel = stride pools, right after a ReLU): element-wise
+      maxima of strided slices, columns then rows, which XLA fuses with the ReLU; as a
+      separate YNN reduction (the library's compile options keep YNN's reductions) the pools
+      made the embedded Overfeat-7's conv forward 1.34-1.41x slower, full-width 1.13-1.19x.
     """
-    (n, kh), (m, kw) = rows, cols
-    return _tiled_axis_max(_tiled_axis_max(x, 2, m, kw), 1, n, kh)
+    if fused:
+        (n, kh), (m, kw) = rows, cols
+        return _tiled_axis_max(_tiled_axis_max(x, 2, m, kw), 1, n, kh)
+    return jnp.max(_blocks(x, rows, cols), axis=(2, 4))
 
 
-def _tiled_fwd(x, rows, cols):
+def _tiled_fwd(x, rows, cols, fused):
     # The column maxima are kept for the backward, which applies axis_bin_max's tiled rule
     # per axis (a one-pass 2-D backward, first max over both window axes, was 0.85-0.97x as
     # fast forward+backward).
     (n, kh), (m, kw) = rows, cols
-    y_cols = _tiled_axis_max(x, 2, m, kw)
-    y = _tiled_axis_max(y_cols, 1, n, kh)
+    if fused:
+        y_cols = _tiled_axis_max(x, 2, m, kw)
+        y = _tiled_axis_max(y_cols, 1, n, kh)
+    else:
+        y_cols = axis_bin_max(x, 2, tiled_edges(*cols))
+        y = axis_bin_max(y_cols, 1, tiled_edges(*rows))
     return y, (x, y_cols, y)
 
 
-def _tiled_bwd(rows, cols, res, g):
+def _tiled_bwd(rows, cols, fused, res, g):
     x, y_cols, y = res
     row_edges, col_edges = tiled_edges(*rows), tiled_edges(*cols)
     (g_cols,) = _bwd(1, row_edges, (y_cols, y), g)

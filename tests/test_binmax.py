@@ -25,20 +25,26 @@ def distinct(shape, seed):
     return (np.random.default_rng(seed).permutation(n).reshape(shape) / n).astype(np.float32)
 
 
-def check_window(x, rows, cols, seed=0):
+def check_window(x, rows, cols, seed=0, fused=False):
     g = np.random.default_rng(seed + 1).standard_normal((x.shape[0], len(rows), len(cols), x.shape[3]))
     g = g.astype(np.float32)
-    y, vjp = jax.vjp(lambda a: binmax.window_max(a, rows, cols), jnp.asarray(x))
+    y, vjp = jax.vjp(lambda a: binmax.window_max(a, rows, cols, fused), jnp.asarray(x))
     (dx,) = vjp(jnp.asarray(g))
     y_ref, dx_ref = window_ref(x, rows, cols, g)
     np.testing.assert_array_equal(np.asarray(y), y_ref)
     np.testing.assert_allclose(np.asarray(dx), dx_ref, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("fused", [False, True])  # one 2-D reduction / fused strided maxima
 @pytest.mark.parametrize("make", [tied, distinct])
-def test_tiled_windows_with_crop(make):
+def test_tiled_windows_with_crop(make, fused):
     x = make((2, 11, 8, 3), 0)  # 11 rows -> 3 windows of 3 (2 rows cropped), 8 cols -> 4 of 2
-    check_window(x, binmax.tiled_edges(3, 3), binmax.tiled_edges(4, 2))
+    check_window(x, binmax.tiled_edges(3, 3), binmax.tiled_edges(4, 2), fused=fused)
+    # the primal (no vjp) forward as well: jax.vjp above runs the forward rule
+    y = binmax.window_max(jnp.asarray(x), binmax.tiled_edges(3, 3), binmax.tiled_edges(4, 2), fused)
+    np.testing.assert_array_equal(np.asarray(y), window_ref(x, binmax.tiled_edges(3, 3),
+                                                             binmax.tiled_edges(4, 2),
+                                                             np.zeros((2, 3, 4, 3), np.float32))[0])
 
 
 @pytest.mark.parametrize("make", [tied, distinct])
