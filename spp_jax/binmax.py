@@ -60,6 +60,12 @@ def _strided(x, axis: int, n: int, j: int, st: int):
     return lax.slice_in_dim(x, j, j + st * (n - 1) + 1, stride=st, axis=axis)
 
 
+def _strided_max(x, axis: int, n: int, k: int, st: int):
+    """(..., a, ...) -> (..., n, ...): max over n windows of k cells at stride st from cell 0,
+    the element-wise max of k strided slices (XLA fuses it with the op that makes ``x``)."""
+    return functools.reduce(jnp.maximum, [_strided(x, axis, n, j, st) for j in range(k)])
+
+
 def _tiles(x, axis: int, edges: Edges):
     """Tiled bins: (..., a, ...) -> (..., n, k, ...), a crop and a reshape."""
     n, k = len(edges), _widest(edges)
@@ -87,8 +93,7 @@ def axis_bin_max(x, axis: int, edges: Edges):
     if _is_tiled(edges):
         return jnp.max(_tiles(x, axis, edges), axis=axis + 1)
     if (ks := _uniform(edges)) is not None:  # overlapping windows: k strided slices, fused max
-        return functools.reduce(jnp.maximum, [_strided(x, axis, len(edges), j, ks[1])
-                                              for j in range(ks[0])])
+        return _strided_max(x, axis, len(edges), *ks)
     return jnp.concatenate([functools.reduce(jnp.maximum, _cells(x, axis, s, e)) for s, e in edges],
                            axis=axis)
 
@@ -203,7 +208,8 @@ def bin_max(x, axis: int, edges: Edges):
     and backward then take half the (larger) ops on a 10-cell axis; ``pool`` forward+backward
     on 128x10x10x256 and 32x10x10x32 1.11x faster (2026-12-06, alternated pairs)."""
     edges = tuple(edges)
-    if _is_tiled(edges) or _uniform(edges) is not None or (ps := _period(edges, x.shape[axis])) is None:
+    if (_is_tiled(edges) or _uniform(edges) is not None
+            or (ps := _period(edges, x.shape[axis])) is None):
         return axis_bin_max(x, axis, edges)
     p, s = ps
     shape = x.shape[:axis] + (len(edges) // p, s) + x.shape[axis + 1:]
@@ -211,10 +217,15 @@ def bin_max(x, axis: int, edges: Edges):
     return y.reshape(x.shape[:axis] + (len(edges),) + x.shape[axis + 1:])
 
 
-def _tiled_axis_max(x, axis: int, n: int, k: int):
-    """(..., a, ...) -> (..., n, ...): max over n windows of k cells tiling the axis from cell
-    0, as the element-wise max of k strided slices (fuses with the op that makes ``x``)."""
-    return functools.reduce(jnp.maximum, [_strided(x, axis, n, j, k) for j in range(k)])
+def _tiled_stages(x, rows: tuple[int, int], cols: tuple[int, int], fused: bool):
+    """(column maxima (B, H, m, C), window maxima (B, n, m, C)) of tiled windows: strided
+    maxima when ``fused``, else :func:`axis_bin_max`'s reshape-and-reduce per axis."""
+    (n, kh), (m, kw) = rows, cols
+    if fused:
+        y_cols = _strided_max(x, 2, m, kw, kw)
+        return y_cols, _strided_max(y_cols, 1, n, kh, kh)
+    y_cols = axis_bin_max(x, 2, tiled_edges(m, kw))
+    return y_cols, axis_bin_max(y_cols, 1, tiled_edges(n, kh))
 
 
 def _blocks(x, rows: tuple[int, int], cols: tuple[int, int]):
@@ -243,8 +254,7 @@ def tiled_max(x, rows: tuple[int, int], cols: tuple[int, int], fused: bool = Fal
       made the embedded Overfeat-7's conv forward 1.34-1.41x slower, full-width 1.13-1.19x.
     """
     if fused:
-        (n, kh), (m, kw) = rows, cols
-        return _tiled_axis_max(_tiled_axis_max(x, 2, m, kw), 1, n, kh)
+        return _tiled_stages(x, rows, cols, True)[1]
     return jnp.max(_blocks(x, rows, cols), axis=(2, 4))
 
 
@@ -252,13 +262,7 @@ def _tiled_fwd(x, rows, cols, fused):
     # The column maxima are kept for the backward, which applies axis_bin_max's tiled rule
     # per axis (a one-pass 2-D backward, first max over both window axes, was 0.85-0.97x as
     # fast forward+backward).
-    (n, kh), (m, kw) = rows, cols
-    if fused:
-        y_cols = _tiled_axis_max(x, 2, m, kw)
-        y = _tiled_axis_max(y_cols, 1, n, kh)
-    else:
-        y_cols = axis_bin_max(x, 2, tiled_edges(*cols))
-        y = axis_bin_max(y_cols, 1, tiled_edges(*rows))
+    y_cols, y = _tiled_stages(x, rows, cols, fused)
     return y, (x, y_cols, y)
 
 

@@ -91,10 +91,10 @@ def max_pool(x, spec: Pool):
     Gradient: to each window's first max cell in row-major order (XLA's own rule; ties
     are not split). Windows that tile the map (kernel = stride, none past the edge:
     Overfeat's pool1 and pool2) go through :func:`spp_jax.binmax.window_max` (strided
-    maxima that fuse with the ReLU before them) with a compare-and-select backward: on CPU XLA's select-and-scatter
-    backward made them 3-12x slower per op, and the embedded Overfeat-7 train step
-    1.2x slower (bench rows "3 pools", 2026-12-05). Same values and gradients, ties
-    included. Other pools: :func:`reduce_window_pool`.
+    maxima that fuse with the ReLU before them) with a compare-and-select backward: on
+    CPU XLA's select-and-scatter backward made them 3-12x slower per op, and the embedded
+    Overfeat-7 train step 1.2x slower (bench rows "3 pools", 2026-12-05). Same values and
+    gradients, ties included. Other pools: :func:`reduce_window_pool`.
     """
     h, w = x.shape[1], x.shape[2]
     oh, ow = spec_out_size(h, spec), spec_out_size(w, spec)
