@@ -4,7 +4,6 @@ One tiny `make train` workdir is trained once (module fixture) and copied per te
 test asserts the safe behaviour against the workdir's file tree hashed before and after.
 """
 import dataclasses
-import gc
 import glob
 import hashlib
 import json
@@ -143,10 +142,6 @@ def test_checkpoint_of_another_network_is_a_mismatch_not_corruption(workdir):
     assert _tree(workdir) == before
 
 
-# Orbax abandons the truncated checkpoint's pending shard-read coroutines when the read fails;
-# Python reports them (GeneratorExit) whenever they are collected, so they are collected here,
-# under this test's filter, instead of in whichever test runs next.
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_reader_skips_a_corrupt_checkpoint_and_moves_nothing(workdir):
     # what voc_cls / caltech101 / detection backbones call
     _damage_newest(workdir, "truncate")
@@ -156,7 +151,6 @@ def test_reader_skips_a_corrupt_checkpoint_and_moves_nothing(workdir):
     assert meta["step"] == 7
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(variables))
     assert _tree(workdir) == before
-    gc.collect()
 
 
 def test_reader_leaves_a_running_trainers_tmp_dir_alone(workdir):
