@@ -38,8 +38,13 @@ def test_embedded_train_resume_and_eval(tmp_path, capsys):
     assert "| 1 crop |" in printed
     # one pass scores 1 full and multi-view: the report must not pass its time off as each one's
     assert printed.count("(one pass for 1 full and multi-view)") == 2
-    # Running again resumes from the final checkpoint: no new training steps, same evaluation.
+    # Running again resumes from the final checkpoint: no new training steps, same evaluation,
+    # and the wall time recorded by the invocation that finished the run is kept.
+    with open(os.path.join(wd, "run_summary.json")) as f:
+        summary = f.read()
     train_main.main(args)
+    with open(os.path.join(wd, "run_summary.json")) as f:
+        assert f.read() == summary
     assert len([r for r in _read_jsonl(os.path.join(wd, "metrics.jsonl")) if r["kind"] == "epoch"]) == 2
     out2 = json.load(open(os.path.join(wd, "eval.json")))
     assert out2["results"]["1crop"] == {**out["results"]["1crop"], "seconds": out2["results"]["1crop"]["seconds"]}

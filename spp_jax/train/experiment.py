@@ -13,6 +13,7 @@ import logging
 import os
 import time
 
+from spp_jax import atomic
 from spp_jax.config_grammar import config_dict
 from spp_jax.data import augment
 from spp_jax.data.datasets import PipelineData, classification_dataset, mean_image
@@ -150,8 +151,11 @@ def _train_and_evaluate(cfg: TrainConfig, workdir: str) -> dict:
     out = run_protocols(cfg, workdir, model, {"params": result.state.params}, ds, aug, variant_title(cfg))
     out["train_seconds"] = t_train
     out["total_seconds"] = time.perf_counter() - t0
-    with open(os.path.join(workdir, "run_summary.json"), "w") as f:
-        json.dump({k: out[k] for k in ("train_seconds", "total_seconds")}, f)
+    summary = os.path.join(workdir, "run_summary.json")
+    # The wall time of the invocation that finished the run: reusing a finished run (detection's
+    # pretraining does, every time) trains nothing and must not overwrite it with seconds.
+    if result.epochs or not os.path.exists(summary):
+        atomic.write_text(summary, json.dumps({k: out[k] for k in ("train_seconds", "total_seconds")}))
     log.info("total %.1f s (data + training %.1f s)", out["total_seconds"], t_train)
     if data.skipped:
         log.warning("validation skipped %d unreadable images", data.skipped)
