@@ -242,10 +242,10 @@ def test_a_missing_data_dir_is_refused_before_the_data(tmp_path, no_work):
 
 # The recipe written out literally (DETECTION_PRETRAIN, SINGLE_SIZE and QUICK_PRETRAIN on
 # the embedded preset), so a change to it is deliberate: a finished pretraining workdir
-# refuses a changed config. It pins the former preset's colour input and dropout 0.5, so
-# runs/zf5-det-single pretrained before the preset changed (2026-12-04) is still reused.
-RECIPE = ("model=zf5", "protocols=1crop", "epochs=20", "decay_epochs=15,18", "input_norm=none",
-          "dropout=0.5")
+# refuses a changed config. It pins the former preset's colour input (the preset's gray input
+# detects 15 points worse) and no dropout (since 2026-12-06; dropout 0.5 before).
+RECIPE = ("model=zf5", "protocols=1crop", "epochs=16", "decay_epochs=12,14", "input_norm=none",
+          "dropout=0")
 SINGLE = ("size_schedule=single", "sizes=224")
 QUICK = ("train_examples=96", "val_examples=16", "epochs=1", "width=0.125", "fc_dim=256", "mean_samples=16")
 
@@ -263,23 +263,23 @@ def test_the_pretraining_recipe_is_the_written_one(quick, multisize):
     new = C.pretrain_config(cfg)
     assert grammar.config_dict(new) == grammar.config_dict(want) and new == want
     # and it is what the paper's detection backbone is (Section 4: ZF-5, single-size trained),
-    # with the former preset's colour input and dropout
+    # with the former preset's colour input, without dropout
     want_sizes = (180, 224) if multisize else (224,)
-    assert (new.model, new.sizes, new.epochs) == ("zf5", want_sizes, 1 if quick else 20)
-    assert (new.input_norm, new.dropout) == ("none", 0.5)
+    assert (new.model, new.sizes, new.epochs) == ("zf5", want_sizes, 1 if quick else 16)
+    assert (new.input_norm, new.dropout) == ("none", 0.0)
     assert C.pretrain_workdir(cfg) == f"runs/zf5-det-{'multi' if multisize else 'single'}" + \
         ("-quick" if quick else "")
     assert C.pretrain_workdir(dataclasses.replace(cfg, pretrain_workdir="w")) == "w" + ("-quick" if quick else "")
 
 
 def test_a_pretraining_of_another_recipe_stops_with_the_detection_keys(tmp_path, no_work):
-    # A pretraining workdir of another recipe (here: gray input, no dropout, as the training
-    # preset has it since 2026-12-04). The error must name the differing keys and ways out
-    # that voc_det takes.
+    # A pretraining workdir of another recipe (here: gray input, as the training preset has it
+    # since 2026-12-04, and dropout 0.5, as this recipe had it before 2026-12-06). The error
+    # must name the differing keys and ways out that voc_det takes.
     from spp_jax.train.config import save_config
     cfg = dataclasses.replace(VocDetConfig(), pretrain_quick=True, pretrain_workdir=str(tmp_path / "w"))
     wd = C.pretrain_workdir(cfg)
-    old = get_config("embedded", list(_recipe_overrides(quick=True)) + ["input_norm=gray_std", "dropout=0"])
+    old = get_config("embedded", list(_recipe_overrides(quick=True)) + ["input_norm=gray_std", "dropout=0.5"])
     save_config(old, wd)
     with open(os.path.join(wd, "metrics.jsonl"), "w") as f:
         f.write('{"kind": "train", "step": 1}\n')
@@ -288,7 +288,7 @@ def test_a_pretraining_of_another_recipe_stops_with_the_detection_keys(tmp_path,
                        f"pretrain_workdir={tmp_path / 'w'}"])
     msg = str(e.value.code)
     assert msg.startswith(f"error: {wd} holds a backbone pretrained with another recipe (")
-    assert "dropout 0.0 -> 0.5" in msg and "input_norm gray_std -> none" in msg
+    assert "dropout 0.5 -> 0.0" in msg and "input_norm gray_std -> none" in msg
     assert f"checkpoint={wd}" in msg and "pretrain_workdir=DIR" in msg and "overwrite" not in msg
     # the same recipe passes the check (and goes on to the backbone, refused by no_work)
     save_config(C.pretrain_config(cfg), wd)

@@ -90,7 +90,7 @@ def test_detection_backbone_is_pretrained_single_size_by_default():
     # The paper's detection backbone is "ZF-5 (single-size trained)" (Section 4).
     from spp_jax.detection.config import VocDetConfig, pretrain_config
     single = pretrain_config(VocDetConfig())
-    assert (single.model, single.size_schedule, single.sizes, single.num_epochs) == ("zf5", "single", (224,), 20)
+    assert (single.model, single.size_schedule, single.sizes, single.num_epochs) == ("zf5", "single", (224,), 16)
     multi = pretrain_config(VocDetConfig(pretrain_multisize=True))
     assert (multi.size_schedule, multi.sizes) == ("multi", (180, 224))
 
