@@ -147,7 +147,7 @@ def _pool_windows(a: int, spec) -> list:
 @pytest.mark.parametrize("hw", [(11, 14), (12, 9)])
 def test_backbone_pools_values_and_gradients_with_ties(spec, hw):
     # Small integers: many exact ties per window, where gradient rules differ. Every pool
-    # of every backbone (tiled ones take spp_jax.binmax, the others reduce_window).
+    # of every backbone (through spp_jax.binmax).
     rng = np.random.default_rng(hw[0])
     x = rng.integers(0, 3, (2, *hw, 3)).astype(np.float32)
     y, vjp = jax.vjp(lambda a: L.max_pool(a, spec), jnp.asarray(x))
@@ -157,16 +157,32 @@ def test_backbone_pools_values_and_gradients_with_ties(spec, hw):
     np.testing.assert_allclose(np.asarray(vjp(jnp.asarray(g))[0]), dx_ref, rtol=1e-6, atol=1e-6)
 
 
-def test_overfeat_pools_backward_has_no_scatter():
-    # The fast path is taken: Overfeat's kernel = stride pools differentiate without XLA's
-    # select-and-scatter (3-12x slower per op on CPU).
-    for spec in (L.Pool("pool1", 3, 3), L.Pool("pool2", 2, 2)):
+def test_backbone_pools_backward_has_no_scatter():
+    # The fast paths are taken: Overfeat's kernel = stride pools and ZF-5's overlapping
+    # ceil-mode pools differentiate without XLA's select-and-scatter (slow on CPU).
+    for spec in (L.Pool("pool1", 3, 3), L.Pool("pool2", 2, 2), L.Pool("p", 3, 2, True)):
         jaxpr = str(jax.make_jaxpr(jax.grad(lambda a: L.max_pool(a, spec).sum()))(
-            jnp.zeros((1, 110, 110, 2))))
+            jnp.zeros((1, 13, 13, 2))))
         assert "scatter" not in jaxpr  # neither select_and_scatter nor scatter-add
-    zf = str(jax.make_jaxpr(jax.grad(lambda a: L.max_pool(a, L.Pool("p", 3, 2, True)).sum()))(
+    gaps = str(jax.make_jaxpr(jax.grad(lambda a: L.max_pool(a, L.Pool("p", 2, 3)).sum()))(
         jnp.zeros((1, 13, 13, 2))))
-    assert "select_and_scatter" in zf  # overlapping windows keep XLA's own pool
+    assert "select_and_scatter" in gaps  # kernel < stride keeps XLA's own pool
+
+
+@pytest.mark.parametrize("spec", [L.Pool("p", 3, 2, True), L.Pool("p", 3, 2), L.Pool("p", 5, 3, True),
+                                  L.Pool("p", 2, 3)])
+@pytest.mark.parametrize("hw", [(13, 13), (110, 27), (12, 8)])
+def test_pools_equal_reduce_window_and_its_gradient_with_ties(spec, hw):
+    # XLA's own max-pool gradient also picks each window's first max in row-major order, so
+    # even with ties (small integers) the gradients are equal, overhanging windows included.
+    rng = np.random.default_rng(sum(hw))
+    x = jnp.asarray(rng.integers(0, 3, (2, *hw, 3)).astype(np.float32))
+    y = L.max_pool(x, spec)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(L.reduce_window_pool(x, spec)))
+    g = jnp.asarray(rng.standard_normal(y.shape).astype(np.float32))
+    got = jax.vjp(lambda a: L.max_pool(a, spec), x)[1](g)[0]
+    want = jax.vjp(lambda a: L.reduce_window_pool(a, spec), x)[1](g)[0]
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("within", [True, False])

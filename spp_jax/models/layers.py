@@ -89,19 +89,36 @@ def max_pool(x, spec: Pool):
     """(B, H, W, C) -> max pooled (B, H', W', C) with Caffe ceil mode if asked.
 
     Gradient: to each window's first max cell in row-major order (XLA's own rule; ties
-    are not split). Windows that tile the map (kernel = stride, none past the edge:
-    Overfeat's pool1 and pool2) go through :func:`spp_jax.binmax.window_max` (strided
-    maxima that fuse with the ReLU before them) with a compare-and-select backward: on
-    CPU XLA's select-and-scatter backward made them 3-12x slower per op, and the embedded
-    Overfeat-7 train step 1.2x slower (bench rows "3 pools", 2026-12-05). Same values and
-    gradients, ties included. Other pools: :func:`reduce_window_pool`.
+    are not split). On CPU XLA's select-and-scatter backward is slow, so pools go through
+    :func:`spp_jax.binmax.window_max` (a compare-and-select backward), same values and
+    gradients, ties included:
+
+    - windows that tile the map (kernel = stride, none past the edge: Overfeat's pool1 and
+      pool2): strided maxima that fuse with the ReLU before them; 3-12x faster per op, the
+      embedded Overfeat-7 train step 1.2x (bench rows "3 pools", 2026-12-05);
+    - overlapping windows (kernel > stride: ZF-5's 3x3 / 2 ceil-mode pools): equal windows
+      at a stride over the map padded with -inf where a ceil-mode window hangs over the
+      edge (never a window's first max: its first cell is real and no larger than -inf's
+      ties); the embedded ZF-5 train step 1.24x faster (2026-12-06).
+
+    Other pools (kernel < stride): :func:`reduce_window_pool`.
     """
     h, w = x.shape[1], x.shape[2]
     oh, ow = spec_out_size(h, spec), spec_out_size(w, spec)
-    if spec.kernel == spec.stride and oh * spec.kernel <= h and ow * spec.kernel <= w:
-        return binmax.window_max(x, binmax.tiled_edges(oh, spec.kernel),
-                                 binmax.tiled_edges(ow, spec.kernel), fused=True)
+    k, s = spec.kernel, spec.stride
+    if k == s and oh * k <= h and ow * k <= w:
+        return binmax.window_max(x, binmax.tiled_edges(oh, k), binmax.tiled_edges(ow, k), fused=True)
+    if k > s:
+        ph, pw = _overhang(h, oh, spec), _overhang(w, ow, spec)
+        x = jnp.pad(x, ((0, 0), (0, ph), (0, pw), (0, 0)), constant_values=-jnp.inf)
+        windows = lambda n: tuple((i * s, i * s + k) for i in range(n))  # noqa: E731
+        return binmax.window_max(x, windows(oh), windows(ow))
     return reduce_window_pool(x, spec)
+
+
+def _overhang(size: int, out: int, spec: Pool) -> int:
+    """Cells the last ceil-mode window reaches past the edge of a ``size``-cell axis."""
+    return max(0, (out - 1) * spec.stride + spec.kernel - size)
 
 
 def reduce_window_pool(x, spec: Pool):
@@ -109,8 +126,7 @@ def reduce_window_pool(x, spec: Pool):
     h, w = x.shape[1], x.shape[2]
     oh, ow = spec_out_size(h, spec), spec_out_size(w, spec)
     # Extra right/bottom padding with -inf so the ceil-mode last window sees only real cells.
-    ph = max(0, (oh - 1) * spec.stride + spec.kernel - h)
-    pw = max(0, (ow - 1) * spec.stride + spec.kernel - w)
+    ph, pw = _overhang(h, oh, spec), _overhang(w, ow, spec)
     return lax.reduce_window(x, -jnp.inf, lax.max, (1, spec.kernel, spec.kernel, 1),
                              (1, spec.stride, spec.stride, 1),
                              ((0, 0), (0, ph), (0, pw), (0, 0)))
