@@ -154,9 +154,21 @@ def _pool_op_row(side: int, spec: L.Pool, in_hw: int, channels: int, b: int, rep
                f"reference: reduce_window; same gradients; {pair_spread()}")
 
 
+_LIBRARY_MAX_POOL = L.max_pool
+
+
+def _reduce_window_when_overlapping(x, spec):
+    """``max_pool`` as before 2026-12-06: overlapping pools (ZF-5's) through ``reduce_window``."""
+    return L.reduce_window_pool(x, spec) if spec.kernel > spec.stride else _LIBRARY_MAX_POOL(x, spec)
+# ZF-5 as detection pretrains it (spp_jax.detection.config.DETECTION_PRETRAIN: colour input,
+# no dropout), on the embedded preset otherwise.
+ZF5_DETECTION = ("input_norm=none", "dropout=0")
+
+
 def pool_variants(cfg: Config, device) -> list[Row]:
-    """The backbone pools (Overfeat's kernel = stride pool1 and pool2 through spp_jax.binmax)
-    against ``reduce_window``, JAX against JAX: per op at 224 and on the embedded train step."""
+    """The backbone pools through spp_jax.binmax against ``reduce_window``, JAX against JAX:
+    Overfeat's kernel = stride pool1 and pool2 per op at 224 and on the embedded train step;
+    ZF-5's overlapping 3x3 / 2 pools on the embedded ZF-5 step of detection's pretraining."""
     specs = scaled_specs("overfeat7", 0.125)
     rows, hw, cin = [], 224, 3
     for s in specs:  # each pool on its input size in the embedded Overfeat-7 at 224
@@ -166,6 +178,10 @@ def pool_variants(cfg: Config, device) -> list[Row]:
         cin = s.features if isinstance(s, L.Conv) else cin
     rows += [_step_ab_row("3 pools", side, device, _patched(L, "max_pool", L.reduce_window_pool),
                           "the same step with reduce_window pools", cfg.repeats)
+             for side in cfg.embedded_sizes]
+    rows += [_step_ab_row("3 pools", side, device, _patched(L, "max_pool", _reduce_window_when_overlapping),
+                          "the same step with reduce_window pools", cfg.repeats, channels=3,
+                          model="zf5", overrides=ZF5_DETECTION)
              for side in cfg.embedded_sizes]
     return rows
 
@@ -190,14 +206,17 @@ def conv1_fold_variants(cfg: Config, device) -> list[Row]:
 
 
 def _step_ab_row(bench: str, side: int, device, patch, what: str, repeats: int,
-                 channels: int | None = None) -> Row:
-    """The embedded preset's step against itself built under ``patch`` (a context manager)."""
-    jstep, *_ = embedded_jax_step(side, device, channels)
-    with patch:
-        rstep, *_ = embedded_jax_step(side, device, channels)  # traced and compiled while patched
+                 channels: int | None = None, model: str = "overfeat7", overrides=()) -> Row:
+    """The embedded preset's step (``model``, ``overrides``) against itself built under
+    ``patch`` (a context manager)."""
+    jstep, tc, *_ = embedded_jax_step(side, device, channels, model, overrides)
+    with patch:  # traced and compiled while patched
+        rstep, *_ = embedded_jax_step(side, device, channels, model, overrides)
     tj, tr = time_pair(jstep, rstep, 2, repeats)
-    return Row(bench, f"overfeat7 width 1/8 train step (the preset's own) batch 32 @{side}",
-               32 / tj, 32 / tr, "img/s", pair_ratio(), None, f"reference: {what}; {pair_spread()}")
+    how = " ".join(overrides) or "the preset's own"
+    return Row(bench, f"{model} width 1/8 train step ({how}) batch {tc.batch_size} @{side}",
+               tc.batch_size / tj, tc.batch_size / tr, "img/s", pair_ratio(), None,
+               f"reference: {what}; {pair_spread()}")
 
 
 # --------------------------------------------------------------------------- models
@@ -339,14 +358,16 @@ def _preset_channels(tc) -> int:
     return 1 if takes_gray_batches(tc.input_norm) else 3
 
 
-def embedded_jax_step(side: int, device, channels: int | None = None):
+def embedded_jax_step(side: int, device, channels: int | None = None, model: str = "overfeat7",
+                      overrides=()):
     """The embedded preset's own compiled train step (spp_jax.train.CompiledSteps: Overfeat-7
-    width 1/8, fc 1024, 10 classes, Adam with L2, batch 32, NaN guard) on a fixed batch at
-    ``side`` px: (step(), the preset's TrainConfig, the model, compile seconds)."""
+    width 1/8, or ``model``, with ``overrides`` (key=value); fc 1024, 10 classes, Adam with L2,
+    batch 32, NaN guard) on a fixed batch at ``side`` px: (step(), the preset's TrainConfig, the
+    model, compile seconds)."""
     from spp_jax.train.config import build_model, get_config
     from spp_jax.train.state import create_state, optimizer_from_config
     from spp_jax.train.steps import CompiledSteps, make_eval_step, make_train_step
-    tc = get_config("embedded", ["model=overfeat7"])
+    tc = get_config("embedded", [f"model={model}", *overrides])
     model = build_model(tc, 10)
     tx = optimizer_from_config(tc, 1000)
     b = tc.batch_size
