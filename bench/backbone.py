@@ -160,9 +160,13 @@ _LIBRARY_MAX_POOL = L.max_pool
 def _reduce_window_when_overlapping(x, spec):
     """``max_pool`` as before 2026-12-06: overlapping pools (ZF-5's) through ``reduce_window``."""
     return L.reduce_window_pool(x, spec) if spec.kernel > spec.stride else _LIBRARY_MAX_POOL(x, spec)
-# ZF-5 as detection pretrains it (spp_jax.detection.config.DETECTION_PRETRAIN: colour input,
-# no dropout), on the embedded preset otherwise.
-ZF5_DETECTION = ("input_norm=none", "dropout=0")
+
+
+def _zf5_detection_overrides() -> tuple[str, ...]:
+    """ZF-5 as detection pretrains it: the recipe's input and dropout
+    (spp_jax.detection.config.DETECTION_PRETRAIN), on the embedded preset otherwise."""
+    from spp_jax.detection.config import DETECTION_PRETRAIN
+    return tuple(f"{k}={DETECTION_PRETRAIN[k]}" for k in ("input_norm", "dropout"))
 
 
 def pool_variants(cfg: Config, device) -> list[Row]:
@@ -181,7 +185,7 @@ def pool_variants(cfg: Config, device) -> list[Row]:
              for side in cfg.embedded_sizes]
     rows += [_step_ab_row("3 pools", side, device, _patched(L, "max_pool", _reduce_window_when_overlapping),
                           "the same step with reduce_window pools", cfg.repeats, channels=3,
-                          model="zf5", overrides=ZF5_DETECTION)
+                          model="zf5", overrides=_zf5_detection_overrides())
              for side in cfg.embedded_sizes]
     return rows
 
