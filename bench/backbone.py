@@ -98,30 +98,13 @@ def lrn_pow(x, spec):
     return x * (spec.k + spec.alpha * total / (spec.size * spec.size)) ** (-spec.beta)
 
 
-def lrn_separable(x, spec):
-    """Within-channel LRN with the size x size box sum done as two 1-D sums (rows, then columns)
-    written as shifted adds of a zero-padded map, and rsqrt for the 0.75 power."""
-    if not spec.within_channel or spec.beta != 0.75:
-        return L.lrn(x, spec)
-    p = spec.size // 2
-    sq = jnp.square(x)
-    h, w = x.shape[1], x.shape[2]
-    padded = jnp.pad(sq, ((0, 0), (p, p), (0, 0), (0, 0)))
-    rows = sum(padded[:, i:i + h] for i in range(spec.size))
-    padded = jnp.pad(rows, ((0, 0), (0, 0), (p, p), (0, 0)))
-    total = sum(padded[:, :, j:j + w] for j in range(spec.size))
-    s = spec.k + (spec.alpha / (spec.size * spec.size)) * total
-    r = jax.lax.rsqrt(s)
-    return x * r * jnp.sqrt(r)
-
-
 def lrn_none(x, spec):
     """No LRN at all: the lower bound of what any LRN formulation can cost."""
     return x
 
 
-LRN_VARIANTS = {"library (rsqrt)": None, "pow": lrn_pow, "separable+rsqrt": lrn_separable,
-                "none (bound)": lrn_none}
+LRN_VARIANTS = {"library (separable, hand-written backward)": None, "pow": lrn_pow,
+                "reduce_window (before 2026-12-06)": L.reduce_window_lrn, "none (bound)": lrn_none}
 
 
 @contextlib.contextmanager
@@ -351,6 +334,7 @@ def run(cfg: Config, device, peak: dict) -> list[Row]:
     rows += pool_variants(cfg, device)
     rows += conv1_fold_variants(cfg, device)
     rows += lrn_variants(cfg, device, pk)
+    rows += lrn_step_variants(cfg, device)
     if cfg.flag_variants and cfg.device == "cpu":  # XLA CPU flags
         rows += flag_variants(cfg)
     return rows
@@ -460,6 +444,15 @@ def lrn_variants(cfg: Config, device, pk: float) -> list[Row]:
         rows.append(Row("3 LRN", f"zf5 fwd batch {b} @224, LRN {name}", b / tj, b / tt, "img/s", pair_ratio(),
                         None, f"jax {fl / tj / 1e9:.0f} GFLOP/s ({fl / tj / 1e9 / pk:.0%} of peak); {pair_spread()}"))
     return rows
+
+
+def lrn_step_variants(cfg: Config, device) -> list[Row]:
+    """The embedded ZF-5 step as detection pretrains it, with the library's LRN against
+    autodiff of the ``reduce_window`` box sum (the library's until 2026-12-06), JAX against JAX."""
+    return [_step_ab_row("3 LRN", side, device, _patched(L, "lrn", L.reduce_window_lrn),
+                         "the same step, LRN by autodiff of reduce_window", cfg.repeats, channels=3,
+                         model="zf5", overrides=_zf5_detection_overrides())
+            for side in cfg.embedded_sizes]
 
 
 def flag_variants(cfg: Config) -> list[Row]:

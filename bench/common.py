@@ -43,7 +43,8 @@ class Config:
     train_repeats: int = 2
     matmul_n: int = 4096
     flag_variants: bool = True
-    lrn_variants: tuple = ("library (rsqrt)", "pow", "separable+rsqrt", "none (bound)")
+    lrn_variants: tuple = ("library (separable, hand-written backward)", "pow",
+                          "reduce_window (before 2026-12-06)", "none (bound)")
     fc_repeats: int = 5
     flag_train_batch: int = 8  # train step of the XLA-flag sweep (0: forward only)
     # 5. detection
@@ -73,7 +74,7 @@ def make_config(quick: bool = False, device: str = "cpu") -> Config:
                   spp_shapes=((128, 13, 13, 256), (128, 10, 10, 256), (32, 18, 18, 512)),
                   batch=8, batch_overfeat=4, bb_repeats=2, train_repeats=1,
                   flag_variants=False, rcnn_windows=32, fc_repeats=1,
-                  lrn_variants=("library (rsqrt)", "none (bound)"), det_repeats=1, compile_batch=8,
+                  lrn_variants=("library (separable, hand-written backward)", "none (bound)"), det_repeats=1, compile_batch=8,
                   pair_tol=0.05, min_pairs=5, max_pair_seconds=15.0,
                   pipeline_examples=800, pipeline_batches=20, pipeline_steps=8)
 

@@ -1,4 +1,6 @@
 """The Table-1 backbones: map sizes, pooled lengths, geometry vs measured receptive fields, layers."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -204,6 +206,24 @@ def test_lrn_brute_force(within):
                     s = 1 + spec.alpha / n * (win ** 2).sum()
                 want[0, y, xx, c] = x[0, y, xx, c] * s ** -0.75
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("size,hw", [(3, (5, 6)), (3, (1, 1)), (5, (2, 7)), (3, (13, 9))])
+def test_within_channel_lrn_gradient(size, hw):
+    # The hand-written backward (one more box sum) against XLA's autodiff of the
+    # reduce_window formulation, and against finite differences (float64).
+    rng = np.random.default_rng(size + sum(hw))
+    spec = L.LRN("n", size=size, alpha=5e-2, beta=0.75)
+    x = jnp.asarray(rng.standard_normal((2, *hw, 4)).astype(np.float32) * 5)
+    g = jnp.asarray(rng.standard_normal(x.shape).astype(np.float32))
+    y, vjp = jax.vjp(lambda a: L.lrn(a, spec), x)
+    y_ref, vjp_ref = jax.vjp(lambda a: L.reduce_window_lrn(a, spec), x)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(vjp(g)[0]), np.asarray(vjp_ref(g)[0]), rtol=1e-4, atol=1e-5)
+    with jax.enable_x64(True):
+        from jax.test_util import check_grads
+        check_grads(lambda a: L.lrn(a, dataclasses.replace(spec, beta=0.6)),
+                    (jnp.asarray(np.asarray(x), jnp.float64),), order=1, modes=["rev"])
 
 
 def test_backbone_tables_follow_table_1():
