@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from spp_jax.models import get_model, random_variables
+from spp_jax.models import layers as L
 from spp_jax.models.input_norm import gray_standardise
 from spp_jax.train.config import ConfigError, build_model, get_config
 
@@ -85,21 +86,28 @@ def test_results_recorded_before_the_key_existed_still_count_as_this_config():
     assert not same_results_config({**old, "dropout": 0.3}, cfg)
 
 
-def test_input_conv_is_nn_conv_on_three_channels():
+@pytest.mark.parametrize("features", [40, 5])
+def test_input_conv_is_nn_conv_on_three_channels(features):
     # conv1's module has nn.Conv's parameters (same names, shapes, initial values from the
-    # same key) and, on a 3-channel input, its exact output: presets without gray input
-    # compute what they did before.
+    # same key) and, on a 3-channel input, nn.Conv's output: exactly where it is XLA's strided
+    # convolution (3 x 40 channels, above layers.BLOCK_CONV_MAX_UNITS), to float rounding
+    # where it runs on space-to-depth blocks (3 x 5).
     from flax import linen as nn
     from spp_jax.models.sppnet import InputConv
-    ours = InputConv(5, 7, 2, 1, kernel_init=nn.initializers.normal(0.3),
+    ours = InputConv(features, 7, 2, 1, kernel_init=nn.initializers.normal(0.3),
                      bias_init=nn.initializers.normal(0.3))
-    ref = nn.Conv(5, (7, 7), (2, 2), padding=((1, 1), (1, 1)), kernel_init=nn.initializers.normal(0.3),
-                  bias_init=nn.initializers.normal(0.3))
+    ref = nn.Conv(features, (7, 7), (2, 2), padding=((1, 1), (1, 1)),
+                  kernel_init=nn.initializers.normal(0.3), bias_init=nn.initializers.normal(0.3))
     x = jnp.asarray(np.random.default_rng(4).normal(0, 1, (2, 23, 19, 3)).astype(np.float32))
     p_ours, p_ref = ours.init(jax.random.key(1), x), ref.init(jax.random.key(1), x)
     for k in ("kernel", "bias"):
         np.testing.assert_array_equal(p_ours["params"][k], p_ref["params"][k])
-    np.testing.assert_array_equal(ours.apply(p_ours, x), ref.apply(p_ref, x))
+    got, want = np.asarray(ours.apply(p_ours, x)), np.asarray(ref.apply(p_ref, x))
+    if 3 * features > L.BLOCK_CONV_MAX_UNITS:
+        np.testing.assert_array_equal(got, want)
+    else:
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+        assert not np.array_equal(got, want)  # the blocks did run (another summation order)
     with pytest.raises(ValueError, match="conv1 takes 3 channels"):
         ours.apply(p_ours, x[..., :2])
 
@@ -139,10 +147,11 @@ def test_gray_model_folds_conv1_and_equals_the_unfolded_network():
         got = m.apply(v, jnp.asarray(x), valid_hw=valid, features=True)["fc7"]
         want = m3.apply(v, gray_standardise(jnp.asarray(x), valid), valid_hw=valid, features=True)["fc7"]
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
-    # conv1 really runs on one channel (the folded kernel), the others as before.
+    # conv1 really runs on one channel (the folded kernel; in 2x2 space-to-depth blocks, so 4
+    # channels where the unfolded conv1 has 12), the others as before.
     lhs = [e.invars[0].aval.shape[-1] for e in _eqns(jax.make_jaxpr(lambda a: m.apply(v, a))(
         jnp.asarray(x)).jaxpr) if e.primitive.name == "conv_general_dilated"]
-    assert lhs[0] == 1 and len(lhs) == 7
+    assert lhs[0] == 4 and len(lhs) == 7
 
 
 def _eqns(jaxpr):

@@ -263,3 +263,66 @@ def test_input_sides():
     assert spp == list(range(spp[0], 301))
     with pytest.raises(ValueError):
         map_size("overfeat7", spp[0] - 1)
+
+
+def _brute_conv(x, w, s, pad):
+    """Brute-force numpy strided convolution, zero padding: (B,H,W,C) x (k,k,C,F)."""
+    x = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    k = w.shape[0]
+    oh, ow = (x.shape[1] - k) // s + 1, (x.shape[2] - k) // s + 1
+    out = np.zeros((x.shape[0], oh, ow, w.shape[3]))
+    for i in range(oh):
+        for j in range(ow):
+            out[:, i, j] = np.einsum("bhwc,hwcf->bf", x[:, i * s:i * s + k, j * s:j * s + k], w)
+    return out
+
+
+@pytest.mark.parametrize("hw,k,s,pad,c,f", [
+    ((23, 30), 7, 2, 0, 1, 5),    # Overfeat's conv1 on gray input; odd sides crop the last row
+    ((24, 19), 7, 2, 1, 3, 4),    # ZF-5's conv1 (pad 1), colour
+    ((31, 31), 11, 4, 0, 3, 2),   # Convnet*-5's 11x11 / 4
+    ((16, 17), 4, 2, 2, 2, 3),    # kernel a multiple of the stride, padding past the blocks
+    ((7, 9), 3, 3, 1, 1, 1),      # kernel = stride
+])
+def test_space_to_depth_conv(hw, k, s, pad, c, f):
+    # Values against brute force; the custom gradient against autodiff of the blocks
+    # formulation itself (an independent path: pads, reshapes and a stride-1 convolution).
+    from spp_jax.models import space_to_depth as S2D
+    rng = np.random.default_rng(k * 100 + s * 10 + pad)
+    x = rng.standard_normal((2, *hw, c)).astype(np.float32)
+    w = rng.standard_normal((k, k, c, f)).astype(np.float32)
+    y, vjp = jax.vjp(lambda a, b: S2D.conv(a, b, s, pad), jnp.asarray(x), jnp.asarray(w))
+    np.testing.assert_allclose(np.asarray(y), _brute_conv(x, w, s, pad), rtol=1e-4, atol=1e-4)
+    g = jnp.asarray(rng.standard_normal(y.shape).astype(np.float32))
+    _, vjp_blocks = jax.vjp(lambda a, b: S2D._block_conv(a, b, s, pad), jnp.asarray(x), jnp.asarray(w))
+    for got, want in zip(vjp(g), vjp_blocks(g)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
+
+
+def test_input_conv_uses_blocks_for_small_strided_layers():
+    # The backbones' conv1 goes through the blocks only where they measured faster
+    # (L.BLOCK_CONV_MAX_UNITS); either way the model equals brute force.
+    from spp_jax.models import space_to_depth as S2D
+    calls = []
+    orig = S2D.conv
+    try:
+        S2D.conv = lambda *a: calls.append(a[1].shape) or orig(*a)
+        x = jnp.ones((1, 15, 15, 1))
+        L.input_conv(x, jnp.ones((7, 7, 1, 12)), 2, 0)
+        L.input_conv(jnp.ones((1, 15, 15, 3)), jnp.ones((7, 7, 3, 96)), 2, 0)  # full-width colour
+        L.input_conv(x, jnp.ones((3, 3, 1, 4)), 1, 1)  # stride 1: nothing to gain
+    finally:
+        S2D.conv = orig
+    assert calls == [(7, 7, 1, 12)]
+    m = get_model("overfeat7", width=0.125, fc_dim=8, num_classes=3)
+    p = init_params(m, jax.random.key(0), 64)
+    img = np.random.default_rng(0).standard_normal((1, 64, 64, 3)).astype(np.float32)
+    feats = m.apply(p, jnp.asarray(img), features=True)
+    k1 = np.asarray(p["params"]["backbone"]["conv1"]["kernel"])
+    b1 = np.asarray(p["params"]["backbone"]["conv1"]["bias"])
+    spec = BACKBONES["overfeat7"][0]
+    conv1 = np.maximum(_brute_conv(img, k1, spec.stride, spec.pad) + b1, 0)
+    sown = m.apply(p, jnp.asarray(img), method=m.conv_map, mutable=["intermediates"])[1]
+    np.testing.assert_allclose(np.asarray(sown["intermediates"]["backbone"]["conv1_out"][0]), conv1,
+                               rtol=1e-4, atol=1e-4)
+    assert np.isfinite(np.asarray(feats["logits"])).all()

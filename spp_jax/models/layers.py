@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from spp_jax import binmax
+from spp_jax.models import space_to_depth
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,6 +216,22 @@ def reduce_window_lrn(x, spec: LRN):
     total = lax.reduce_window(jnp.square(x), 0.0, lax.add, (1, spec.size, spec.size, 1),
                               (1, 1, 1, 1), ((0, 0), (p, p), (p, p), (0, 0)))
     return x * _pow_neg_beta(spec.k + spec.alpha * total / (spec.size * spec.size), spec.beta)
+
+
+# Why conv1 is convolved on blocks only when in_channels x filters is at most this: the
+# blocks' forward was 1.06-1.69x faster for 1 channel x 12-96 filters and 3 x 12-24, but
+# 1.03x for 3 x 48 and 0.92x for 3 x 96 (full-width colour conv1, batch 8 @224; 2026-12-06).
+BLOCK_CONV_MAX_UNITS = 96
+
+
+def input_conv(x, kernel, stride: int, pad: int):
+    """conv1 of the backbones: (B, H, W, C) x (k, k, C, F) -> (B, H', W', F), zero-padded by
+    ``pad``. Small strided layers (C x F <= :data:`BLOCK_CONV_MAX_UNITS`) run on space-to-depth
+    blocks (:mod:`spp_jax.models.space_to_depth`), others as XLA's strided convolution; same
+    values up to float rounding, same gradient."""
+    if stride > 1 and kernel.shape[2] * kernel.shape[3] <= BLOCK_CONV_MAX_UNITS:
+        return space_to_depth.conv(x, kernel, stride, pad)
+    return space_to_depth.strided_conv(x, kernel, stride, pad)
 
 
 def receptive_layers(specs):
