@@ -192,17 +192,14 @@ def conv1_fold_variants(cfg: Config, device) -> list[Row]:
             for side in cfg.embedded_sizes]
 
 
-def _strided_input_conv(x, kernel, stride: int, pad: int):
-    """conv1 as XLA's strided convolution whatever its size (the library's until 2026-12-06)."""
-    from spp_jax.models import space_to_depth
-    return space_to_depth.strided_conv(x, kernel, stride, pad)
-
-
 def conv1_block_variants(cfg: Config, device) -> list[Row]:
     """The embedded steps with conv1 on space-to-depth blocks (the library) against XLA's
     strided convolution, JAX against JAX: Overfeat-7's preset (gray input) and ZF-5 as
     detection pretrains it (colour)."""
-    patch = lambda: _patched(L, "input_conv", _strided_input_conv)  # noqa: E731
+    from spp_jax.models import space_to_depth
+    # The reference: conv1 as XLA's strided convolution whatever its size (the library's
+    # until 2026-12-06).
+    patch = lambda: _patched(L, "input_conv", space_to_depth.strided_conv)  # noqa: E731
     what = "the same step, conv1 as XLA's strided convolution"
     rows = [_step_ab_row("3 conv1", side, device, patch(), what, cfg.repeats)
             for side in cfg.embedded_sizes]

@@ -196,26 +196,29 @@ def lrn(x, spec: LRN):
     """Local response normalisation of (B, H, W, C) maps (see :class:`LRN`).
 
     Within-channel LRN (ZF-5's, Overfeat's) has a hand-written gradient
-    (:func:`_within_bwd`); across channels it is XLA's autodiff of a ``reduce_window`` sum.
+    (:func:`_within_bwd`); across channels it is XLA's autodiff of a ``reduce_window`` sum
+    (:func:`reduce_window_lrn`).
     """
     if spec.within_channel:
         return _within_channel_lrn(x, spec)
-    sq = jnp.square(x)
-    p = spec.size // 2
-    total = lax.reduce_window(sq, 0.0, lax.add, (1, 1, 1, spec.size), (1, 1, 1, 1),
-                              ((0, 0), (0, 0), (0, 0), (p, p)))
-    return x * _pow_neg_beta(spec.k + spec.alpha / spec.size * total, spec.beta)
+    return reduce_window_lrn(x, spec)
 
 
 def reduce_window_lrn(x, spec: LRN):
-    """:func:`lrn` as autodiff of a ``reduce_window`` box sum (the library's until
-    2026-12-06): the reference of tests and of bench rows "3 LRN"."""
-    if not spec.within_channel:
-        return lrn(x, spec)
+    """:func:`lrn` as autodiff of a ``reduce_window`` sum, within or across channels (the
+    library's within-channel LRN until 2026-12-06): the reference of tests and of bench rows
+    "3 LRN"."""
+    sq = jnp.square(x)
     p = spec.size // 2
-    total = lax.reduce_window(jnp.square(x), 0.0, lax.add, (1, spec.size, spec.size, 1),
-                              (1, 1, 1, 1), ((0, 0), (p, p), (p, p), (0, 0)))
-    return x * _pow_neg_beta(spec.k + spec.alpha * total / (spec.size * spec.size), spec.beta)
+    if spec.within_channel:
+        total = lax.reduce_window(sq, 0.0, lax.add, (1, spec.size, spec.size, 1), (1, 1, 1, 1),
+                                  ((0, 0), (p, p), (p, p), (0, 0)))
+        scale = spec.k + spec.alpha * total / (spec.size * spec.size)
+    else:
+        total = lax.reduce_window(sq, 0.0, lax.add, (1, 1, 1, spec.size), (1, 1, 1, 1),
+                                  ((0, 0), (0, 0), (0, 0), (p, p)))
+        scale = spec.k + spec.alpha / spec.size * total
+    return x * _pow_neg_beta(scale, spec.beta)
 
 
 # Why conv1 is convolved on blocks only when in_channels x filters is at most this: the
