@@ -3,7 +3,7 @@ import pytest
 
 import jax.numpy as jnp
 
-from spp_jax import roi_pool
+from spp_jax import roi_pool, serve
 from spp_jax.detection.cache import FeatureCache, cache_features
 from spp_jax.models import SPPNet
 from spp_jax.serve import Server, fc_layers
@@ -70,11 +70,16 @@ def test_multi_scale_uses_one_map_per_needed_scale():
     assert list(sidx) == [0, 1] and np.isfinite(got).all()
 
 
-def test_fc_layers_match_head():
+def test_fc_layers_match_head(monkeypatch):
     m, v = tiny_model()
-    x = np.random.default_rng(0).normal(size=(5, m.pooled_dim)).astype(np.float32)
+    x = np.random.default_rng(0).normal(size=(21, m.pooled_dim)).astype(np.float32)
     out = m.apply(v, jnp.asarray(x), method=SPPNet.head)
-    got = fc_layers(v["params"]["classifier"], x, chunk=4)  # 5 rows in chunks of 4: padding exercised
+    rows = []
+    real_head = serve._head
+    monkeypatch.setattr(serve, "_head", lambda h, p, a, logits: rows.append(a.shape[0]) or real_head(h, p, a, logits))
+    got = fc_layers(v["params"]["classifier"], x, chunk=16)
+    # 21 rows in chunks of 16: the tail's 5 rows padded to a multiple of 16 // 8 = 2, not to 16.
+    assert rows == [16, 6]
     for k in ("fc6", "fc7", "logits"):
         np.testing.assert_allclose(got[k], np.asarray(out[k]), rtol=1e-5, atol=1e-5)
     fc67 = {k: v["params"]["classifier"][k] for k in ("fc6", "fc7")}  # fc6/fc7 need no fc8
