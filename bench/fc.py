@@ -106,6 +106,6 @@ def run(cfg: Config, device, peak: dict) -> list[Row]:
     rows.append(Row("4 fc6+fc7", "rows saved by dedup, 1 scale (688)", saved1, s1["windows"], "rows",
                     saved1 / s1["windows"], None, f"{prov}; unique {s1['unique']}"))
     rows.append(Row("4 fc6+fc7", "rows saved by dedup, 5 scales", saved5, s5["windows"], "rows",
-                    saved5 / s5["windows"], None, f"unique per scale {s5['per_scale']}; note: the library's "
-                    "detector dedups pooling only and runs fc6/fc7 on all rows"))
+                    saved5 / s5["windows"], None, f"unique per scale {s5['per_scale']}; the library pools unique cells once "
+                    "and fc_layers computes equal rows once"))
     return rows

@@ -45,7 +45,7 @@ from spp_jax.pooling import pool as spp_pool
 from spp_jax.pooling import transposed_layout
 from spp_jax.roi import roi_pool_cells
 
-__all__ = ["Batch", "Maps", "Server", "bucket_shape", "fc_layers", "params_fingerprint"]
+__all__ = ["Batch", "Maps", "Server", "bucket_shape", "fc_layers", "params_fingerprint", "unique_rows"]
 
 FC_CHUNK = 512  # rows per fc call; fewer rows are padded to a multiple of FC_CHUNK // 8
 
@@ -137,9 +137,40 @@ def _head(head, params, x, logits):
     return head.apply({"params": params}, x, method=None if logits else Head.features)
 
 
+def unique_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(N, D) -> first (U,) int64, inverse (N,) int64: the first row of each set of equal rows,
+    in order, and each row's index in ``first``, so ``x[first][inverse]`` equals ``x``.
+
+    Rows are equal when ``np.array_equal`` says so (NaN rows are never merged). Why not
+    ``np.unique(axis=0)``: it sorts whole rows, 0.6 s for 1,996 rows of 12,800 floats; here
+    a dict keyed on every 16th value finds the candidates (under 0.05 s) and full rows are
+    compared only within a key.
+    """
+    x = np.asarray(x)
+    keys = np.ascontiguousarray(x.reshape(len(x), -1)[:, ::16])
+    groups: dict[bytes, list[int]] = {}
+    first: list[int] = []
+    inverse = np.empty(len(x), np.int64)
+    for i in range(len(x)):
+        reps = groups.setdefault(keys[i].tobytes(), [])
+        for u in reps:
+            if np.array_equal(x[i], x[first[u]]):
+                inverse[i] = u
+                break
+        else:
+            reps.append(len(first))
+            inverse[i] = len(first)
+            first.append(i)
+    return np.asarray(first, np.int64), inverse
+
+
 def fc_layers(params: dict, pooled, *, logits: bool = True, dtype=jnp.float32,
               chunk: int = FC_CHUNK) -> dict[str, np.ndarray]:
     """fc6, fc7 (after ReLU) and logits of pooled vectors, through :class:`~spp_jax.models.Head`.
+
+    Equal rows are computed once (:func:`unique_rows`): windows that cover the same conv5
+    cells pool to the same vector (21 % of 1,996 selective-search windows of a 688 x 917
+    image at one scale), and fc6 + fc7 are most of a detection image's feature time.
 
     Args:
       params: Head params {"fc6", "fc7", "fc8"}: ``variables["params"]["classifier"]`` of an
@@ -156,18 +187,20 @@ def fc_layers(params: dict, pooled, *, logits: bool = True, dtype=jnp.float32,
     classes = int(params["fc8"]["kernel"].shape[1]) if "fc8" in params else 1
     head = Head(num_classes=classes, fc_dim=int(params["fc7"]["kernel"].shape[1]), dtype=dtype)
     keys = ("fc6", "fc7", "logits") if logits else ("fc6", "fc7")
+    first, inverse = unique_rows(np.asarray(pooled, np.float32))
+    pooled = np.asarray(pooled, np.float32)[first]
     n = int(pooled.shape[0])
     step = max(1, chunk // 8)
     parts = []
     for i in range(0, max(n, 1), chunk):
-        x = jnp.asarray(pooled[i:i + chunk], jnp.float32)
+        x = jnp.asarray(pooled[i:i + chunk])
         # Why the tail is padded to its own multiple of ``step``, not to ``chunk``: 1,576
         # windows padded to 4 x 512 rows wasted 23 % of fc6/fc7's matmuls (bench row 4).
         size = -(-max(1, x.shape[0]) // step) * step
         if x.shape[0] < size:
             x = jnp.concatenate([x, jnp.zeros((size - x.shape[0], x.shape[1]), x.dtype)])
         parts.append(_head(head, params, x, logits))
-    return {k: np.concatenate([np.asarray(p[k]) for p in parts])[:n] for k in keys}
+    return {k: np.concatenate([np.asarray(p[k]) for p in parts])[:n][inverse] for k in keys}
 
 
 class Server:

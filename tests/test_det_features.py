@@ -6,7 +6,7 @@ import jax.numpy as jnp
 from spp_jax import roi_pool, serve
 from spp_jax.detection.cache import FeatureCache, cache_features
 from spp_jax.models import SPPNet
-from spp_jax.serve import Server, fc_layers
+from spp_jax.serve import Server, fc_layers, unique_rows
 from test_det_common import tiny_extractor, tiny_model, tiny_records
 
 
@@ -70,15 +70,29 @@ def test_multi_scale_uses_one_map_per_needed_scale():
     assert list(sidx) == [0, 1] and np.isfinite(got).all()
 
 
+def test_unique_rows_matches_numpy():
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(6, 40)).astype(np.float32)
+    near = base[2].copy()
+    near[1] += 1.0  # differs only in a column the dict key skips: must stay its own row
+    x = np.concatenate([base, base[[3, 0, 3]], near[None], base[[2]]])
+    first, inverse = unique_rows(x)
+    np.testing.assert_array_equal(x[first][inverse], x)
+    _, np_first = np.unique(x, axis=0, return_index=True)
+    assert sorted(first) == sorted(np_first) and len(first) == 7
+
+
 def test_fc_layers_match_head(monkeypatch):
     m, v = tiny_model()
-    x = np.random.default_rng(0).normal(size=(21, m.pooled_dim)).astype(np.float32)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(21, m.pooled_dim)).astype(np.float32)
+    x = np.concatenate([x, x[[4, 20, 4]]])  # 3 repeated rows: computed once
     out = m.apply(v, jnp.asarray(x), method=SPPNet.head)
     rows = []
     real_head = serve._head
     monkeypatch.setattr(serve, "_head", lambda h, p, a, logits: rows.append(a.shape[0]) or real_head(h, p, a, logits))
     got = fc_layers(v["params"]["classifier"], x, chunk=16)
-    # 21 rows in chunks of 16: the tail's 5 rows padded to a multiple of 16 // 8 = 2, not to 16.
+    # 21 distinct rows in chunks of 16: the tail's 5 rows padded to a multiple of 16 // 8 = 2.
     assert rows == [16, 6]
     for k in ("fc6", "fc7", "logits"):
         np.testing.assert_allclose(got[k], np.asarray(out[k]), rtol=1e-5, atol=1e-5)
