@@ -137,3 +137,37 @@ def test_eval_step_views_and_mask(env):
     np.testing.assert_allclose(views["loss"], single["loss"], rtol=1e-5)
     masked = ev(state.params, {"image": imgs, "label": labels, "mask": jnp.array([1, 1, 0, 0], bool)})
     assert float(masked["count"]) == 2
+
+
+def _host(tree):
+    return jax.tree.map(np.asarray, tree)
+
+
+def test_nan_guard_skips_non_finite_steps_and_flags_overflow(env):
+    import optax
+    model, tx = env["model"], optimizer_from_config(env["cfg"], 3)
+    b = env["batches"][48]
+    state = _fresh(env)
+    before = _host(state)
+    step = jax.jit(make_train_step(model, tx, 0))
+    nan_batch = dict(b, image=np.full_like(b["image"], np.nan))
+    new, m = step(state, nan_batch)
+    assert not bool(m["ok"])
+    jax.tree.map(np.testing.assert_array_equal, _host(new), before)  # not applied, bit for bit
+    new, m = step(state, b)  # a finite step is applied: the optimizer's own update
+    assert bool(m["ok"]) and int(new.step) == 1
+    key = dropout_key(0, state.step)
+    grads = jax.grad(lambda p: optax.softmax_cross_entropy_with_integer_labels(
+        model.apply({"params": p}, b["image"], train=True, rngs={"dropout": key}), b["label"]).mean())(
+        state.params)
+    updates, _ = tx.update(grads, state.opt_state, state.params)
+    want = optax.apply_updates(state.params, updates)
+    jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7), _host(new.params),
+                 _host(want))
+    # A finite gradient whose update overflows: applied (nothing to fall back on inside the
+    # cond), but flagged, so the loop stops before saving it.
+    huge = optax.chain(optax.scale(3e38), optax.scale(10.0))
+    over = jax.jit(make_train_step(model, huge, 0))
+    s2 = create_state(state.params, huge)
+    new, m = over(s2, b)
+    assert np.isfinite(float(m["loss"])) and np.isfinite(float(m["grad_norm"])) and not bool(m["ok"])

@@ -10,8 +10,9 @@ train state; metrics go to a tqdm bar and ``metrics.jsonl``; checkpoints every
 
 Safety (see spp_jax.train.workdir and spp_jax.train.checkpoint): before anything is
 written the workdir is checked (a run of another config stops here) and locked (one
-writer); every restore is verified.  NaN guard: the compiled step never applies a
-non-finite update and reports ``ok``; the loop checks it at every log interval and
+writer); every restore is verified.  NaN guard: the compiled step applies no update
+from a non-finite loss or gradient and reports ``ok`` (False too when an update overflowed a
+parameter); the loop checks it at every log interval and
 before every checkpoint and stops with ``NonFiniteError`` naming the step (the last
 good checkpoints stay; nothing non-finite is saved).
 
@@ -110,9 +111,9 @@ def _check_finite(oks, first_step: int, cfg: TrainConfig) -> None:
     bad = [i for i, ok in enumerate(jax.device_get(list(oks))) if not ok]
     if bad:
         raise NonFiniteError(
-            f"training diverged at step {first_step + bad[0]}: the loss or gradient became NaN or "
-            f"infinite, so that update was not applied and nothing after it was saved (the last "
-            f"good checkpoints are kept); lower learning_rate (now {cfg.learning_rate:g}) or check "
+            f"training diverged at step {first_step + bad[0]}: the loss, gradient or parameters became "
+            f"NaN or infinite, and nothing from that step on was saved (the last good checkpoints "
+            f"are kept); lower learning_rate (now {cfg.learning_rate:g}) or check "
             f"input_scale ({cfg.input_scale:g}) and the data, then train in a new --workdir or add "
             f"overwrite=true")
 
