@@ -43,3 +43,42 @@ def test_loss_decreases_on_separable_toy():
     assert h[-1]["holdout_acc"] > 0.8
     assert res.params["fc8"]["kernel"].shape == (fc_dim, k + 1)
     assert res.best_iter == min(h, key=lambda r: r["holdout_loss"])["iter"]
+
+
+def test_blocks_of_steps_equal_single_steps(monkeypatch):
+    """The compiled blocks of steps (scan) give the floats of one step per dispatch, dropout
+    included, and end on the evaluation points; a hand-written loop of the same steps is the
+    reference."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from spp_jax.detection import finetune as F
+    from spp_jax.models import Head
+    rng = np.random.default_rng(1)
+    d, k, n, fc_dim = 24, 3, 300, 16
+    X = rng.normal(size=(n, d)).astype(np.float32)
+    y = rng.integers(0, k + 1, n).astype(np.int32)
+    pre = {name: {"kernel": rng.normal(0, 0.2, shape).astype(np.float32), "bias": np.zeros(shape[1], np.float32)}
+           for name, shape in (("fc6", (d, fc_dim)), ("fc7", (fc_dim, fc_dim)))}
+    cfg = FinetuneConfig(lrs=(1e-2, 1e-3), eval_every=10, batch=16, dropout=0.5)
+    assert F._block_len(10, 16, d) == 10 and F._block_len(500, 128, 1600) == 50  # 64 MiB blocks
+    res = finetune_arrays(X, y, pre, k + 1, iters=(17, 6), config=cfg)  # blocks of 10, 10, 3
+    assert [h["iter"] for h in res.history] == [10, 20, 23] and res.best_iter == 23
+
+    head = Head(k + 1, fc_dim, cfg.dropout)
+    tx, _ = F.two_step_sgd(cfg.lrs, 17, cfg.weight_decay, cfg.momentum)
+    params = F.new_head_params(pre, k + 1, cfg.seed)
+    opt_state, key, r = tx.init(params), jax.random.PRNGKey(cfg.seed), np.random.default_rng(cfg.seed)
+    fg, bg = np.flatnonzero(y > 0), np.flatnonzero(y == 0)
+
+    def loss(p, xb, yb, sub):
+        logits = head.apply({"params": p}, xb, train=True, rngs={"dropout": sub})["logits"]
+        return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
+    for _ in range(23):
+        idx = sample_batch(r, fg, bg, cfg.batch, cfg.fg_fraction)
+        key, sub = jax.random.split(key)
+        g = jax.grad(loss)(params, jnp.asarray(X[idx]), jnp.asarray(y[idx]), sub)
+        updates, opt_state = tx.update(g, opt_state, params)
+        params = optax.apply_updates(params, updates)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), res.params,
+                 jax.tree.map(np.asarray, params))
