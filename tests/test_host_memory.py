@@ -65,8 +65,9 @@ def test_restarted_process_stops_the_per_call_page_faults():
     if control["faults_per_step"] < 5000:  # 20 MB
         pytest.skip(f"this jaxlib does not fault its buffers in per step "
                     f"({control['faults_per_step']} faults): nothing to keep")
-    # Kept: the buffers come back from the heap (a few stray faults allowed: stacks, bookkeeping).
-    assert kept["faults_per_step"] < 0.01 * control["faults_per_step"], (kept, control)
+    # Kept: the buffers come back from the heap. A few stray faults are allowed (thread stacks,
+    # bookkeeping): 0 alone, 183 beside another test process, against 17,600 for the control.
+    assert kept["faults_per_step"] < 0.03 * control["faults_per_step"], (kept, control)
 
 
 def test_tunables_are_added_to_the_users_own_and_never_override_them():
