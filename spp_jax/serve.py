@@ -188,8 +188,9 @@ def fc_layers(params: dict, pooled, *, logits: bool = True, dtype=jnp.float32,
     classes = int(params["fc8"]["kernel"].shape[1]) if "fc8" in params else 1
     head = Head(num_classes=classes, fc_dim=int(params["fc7"]["kernel"].shape[1]), dtype=dtype)
     keys = ("fc6", "fc7", "logits") if logits else ("fc6", "fc7")
-    first, inverse = unique_rows(np.asarray(pooled, np.float32))
-    pooled = np.asarray(pooled, np.float32)[first]
+    pooled = np.asarray(pooled, np.float32)
+    first, inverse = unique_rows(pooled)
+    pooled = pooled[first]
     n = int(pooled.shape[0])
     step = max(1, chunk // 8)
     parts = []
