@@ -145,8 +145,7 @@ def unique_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     kept together only when equal to their group's first row (``==``, so NaN rows are never
     merged); a row whose hash collides with an unequal row's stays on its own. Why not
     ``np.unique(axis=0)``: it sorts whole rows, 0.6 s for 1,996 rows of 12,800 floats; a
-    Python dict of row keys took 15-30 ms per detection image of 1,600-float rows, more
-    than the fc6 + fc7 it saved at width 1/8; this is a few ms, all in numpy.
+    Python dict of row keys took 6 ms for 1,996 rows of 1,600 floats, this 3 ms.
     """
     x = np.ascontiguousarray(np.asarray(x)).reshape(len(x), -1)
     n = len(x)
