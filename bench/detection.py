@@ -10,12 +10,10 @@ image, so its pool5 rows do not repeat).
 """
 from __future__ import annotations
 
-import time
-
 import jax
 import numpy as np
 
-from bench.common import Config, Row, median
+from bench.common import Config, Row, median, time_fn
 from bench.windows import IMAGE_HW, proposals
 
 GOAL = (">=", 20.0)
@@ -34,13 +32,8 @@ def _spp_times(ext, image, boxes, repeats: int) -> dict:
 
 def _fc_time(head, pool5, repeats: int) -> float:
     from spp_jax.serve import fc_layers
-    fc_layers(head, pool5, logits=False)  # warm-up: compiles the row counts used
-    times = []
-    for _ in range(max(2, repeats)):
-        t0 = time.perf_counter()
-        fc_layers(head, pool5, logits=False)
-        times.append(time.perf_counter() - t0)
-    return median(times)
+    # One warm-up call compiles the row counts used; fc_layers returns numpy, so it blocks.
+    return time_fn(lambda: fc_layers(head, pool5, logits=False), 1, max(2, repeats))
 
 
 def run(cfg: Config, device) -> list[Row]:
