@@ -41,7 +41,7 @@ def run(cfg: Config, device, peak: dict) -> list[Row]:
     import torch
     import torch.nn.functional as F
     from spp_jax.models import get_model, init_params
-    from spp_jax.serve import fc_layers
+    from spp_jax.serve import fc_call_rows, fc_layers
 
     def fc_features(head, x, layer):  # what the detector computes: fc6, fc7 through the model's Head
         return fc_layers(head, x, logits=False)[layer]
@@ -99,8 +99,7 @@ def run(cfg: Config, device, peak: dict) -> list[Row]:
     rows.append(Row("4 fc6+fc7", f"{u} dedup rows, one call padded to a multiple of 128 (bench-only)", g,
                     per_row * u / tt / 1e9, "GFLOP/s", g / pk, GOAL,
                     f"{len(pad)} rows computed; times jax {tj * 1e3:.0f} ms, torch {tt * 1e3:.0f} ms "
-                    f"(torch/jax {tt / tj:.2f}x); fc_features computes {u // 512 * 512 + -(-(u % 512) // 64) * 64} "
-                    f"rows for {u}"))
+                    f"(torch/jax {tt / tj:.2f}x); fc_features computes {sum(fc_call_rows(u))} rows for {u}"))
     saved1 = s1["windows"] - s1["unique"]
     saved5 = s5["windows"] - s5["unique"]
     rows.append(Row("4 fc6+fc7", "rows saved by dedup, 1 scale (688)", saved1, s1["windows"], "rows",

@@ -45,7 +45,7 @@ from spp_jax.pooling import pool as spp_pool
 from spp_jax.pooling import transposed_layout
 from spp_jax.roi import roi_pool_cells
 
-__all__ = ["Batch", "Maps", "Server", "bucket_shape", "fc_layers", "params_fingerprint", "unique_rows"]
+__all__ = ["Batch", "Maps", "Server", "bucket_shape", "fc_call_rows", "fc_layers", "params_fingerprint", "unique_rows"]
 
 FC_CHUNK = 512  # rows per fc call; fewer rows are padded to a multiple of FC_CHUNK // 8
 
@@ -164,6 +164,18 @@ def unique_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return first.astype(np.int64), np.searchsorted(first, rep).astype(np.int64)
 
 
+def fc_call_rows(n: int, chunk: int = FC_CHUNK) -> list[int]:
+    """Rows each call of :func:`fc_layers` computes for ``n`` distinct rows: ``chunk`` per call,
+    the last call's rows zero-padded up to a multiple of ``chunk // 8`` (one call of
+    ``chunk // 8`` rows when n is 0).
+
+    Why the tail is padded to its own multiple, not to ``chunk``: 1,576 windows padded to
+    4 x 512 rows wasted 23 % of fc6/fc7's matmuls (bench row 4)."""
+    step = max(1, chunk // 8)
+    full, tail = divmod(max(n, 0), chunk)
+    return [chunk] * full + ([-(-max(tail, 1) // step) * step] if tail or not full else [])
+
+
 def fc_layers(params: dict, pooled, *, logits: bool = True, dtype=jnp.float32,
               chunk: int = FC_CHUNK) -> dict[str, np.ndarray]:
     """fc6, fc7 (after ReLU) and logits of pooled vectors, through :class:`~spp_jax.models.Head`.
@@ -191,13 +203,9 @@ def fc_layers(params: dict, pooled, *, logits: bool = True, dtype=jnp.float32,
     first, inverse = unique_rows(pooled)
     pooled = pooled[first]
     n = int(pooled.shape[0])
-    step = max(1, chunk // 8)
     parts = []
-    for i in range(0, max(n, 1), chunk):
+    for i, size in zip(range(0, max(n, 1), chunk), fc_call_rows(n, chunk)):
         x = jnp.asarray(pooled[i:i + chunk])
-        # Why the tail is padded to its own multiple of ``step``, not to ``chunk``: 1,576
-        # windows padded to 4 x 512 rows wasted 23 % of fc6/fc7's matmuls (bench row 4).
-        size = -(-max(1, x.shape[0]) // step) * step
         if x.shape[0] < size:
             x = jnp.concatenate([x, jnp.zeros((size - x.shape[0], x.shape[1]), x.dtype)])
         parts.append(_head(head, params, x, logits))
