@@ -65,6 +65,31 @@ def test_strided_overlapping_windows(make, k, st, a):
     check_window(make((2, a, a + 1, 3), 2), edges, edges)
 
 
+@pytest.mark.parametrize("make", [tied, distinct])
+@pytest.mark.parametrize("rows,cols,h,w", [
+    ((4, 5, 2), (3, 3, 2), 11, 9),   # windows reaching two strides past their own
+    ((3, 2, 3), (5, 3, 1), 10, 8),   # gaps between row windows; a cell past the last column
+    ((2, 4, 4), (2, 3, 2), 8, 6),    # rows that tile, columns that overlap
+])
+def test_strided_max_backward_on_mixed_strides(make, rows, cols, h, w):
+    """The one-pass backward of :func:`binmax.strided_max` (window_max's path when both axes
+    are equal windows at a stride) against brute force, ties and uncovered cells included."""
+    edges = lambda n, k, s: tuple((i * s, i * s + k) for i in range(n))  # noqa: E731
+    r, c = edges(*rows), edges(*cols)
+    assert binmax._uniform(r) == rows[1:] and binmax._uniform(c) == cols[1:]
+    check_window(make((2, h, w, 3), 4), r, c)
+
+
+def test_strided_max_nan_window_passes_no_gradient():
+    x = np.arange(25, dtype=np.float32).reshape(1, 5, 5, 1)
+    x[0, 1, 1, 0] = np.nan  # in window (0, 0) only
+    edges = ((0, 3), (2, 5))
+    g = jax.grad(lambda a: jnp.nansum(binmax.window_max(a, edges, edges)))(jnp.asarray(x))
+    want = np.zeros((5, 5))
+    want[2, 4] = want[4, 2] = want[4, 4] = 1  # the other windows' first max cells
+    np.testing.assert_array_equal(np.asarray(g)[0, :, :, 0], want)
+
+
 def test_strided_nan_window_passes_no_gradient():
     x = np.arange(7, dtype=np.float32).reshape(1, 1, 7, 1)
     x[0, 0, 1, 0] = np.nan
