@@ -178,7 +178,9 @@ def window_max(x, rows: Edges, cols: Edges, fused: bool = False):
     Gradient to the first max in row-major order of each window (module docstring):
     the column stage picks each row's first max column, the row stage the first row
     holding the window's max. Windows that tile both axes (kernel = stride pools, the
-    tiled pyramid levels) take :func:`tiled_max` (``fused``: see there), same rule.
+    tiled pyramid levels) take :func:`tiled_max` (``fused``: see there), and equal windows
+    at a stride on both axes :func:`strided_max` (a one-pass backward); same values, same
+    rule.
     """
     rows, cols = tuple(rows), tuple(cols)
     if _is_tiled(rows) and _is_tiled(cols):
@@ -220,7 +222,7 @@ def _first_code(x, y, rows: Strided, cols: Strided):
     """(B, n, m, C) int32: offset code dr * kw + dc of each window's first max cell
     (row-major), -1 where no cell equals the max (a NaN max: no gradient). A chain of
     selects, which XLA fuses into the map-sized consumer: recomputing it there was faster
-    than materializing it (an arg-max reduction made the backward 2.1x slower)."""
+    than materializing it (as an arg-max reduction: forward+backward 2.1x slower)."""
     (n, kh, sh), (m, kw, sw) = rows, cols
     code = jnp.full(y.shape, -1, jnp.int32)
     for dr in reversed(range(kh)):  # reversed: the first hit in row-major order wins
