@@ -185,8 +185,8 @@ def window_max(x, rows: Edges, cols: Edges, fused: bool = False):
     rows, cols = tuple(rows), tuple(cols)
     if _is_tiled(rows) and _is_tiled(cols):
         return tiled_max(x, (len(rows), _widest(rows)), (len(cols), _widest(cols)), fused)
-    if _uniform(rows) is not None and _uniform(cols) is not None:
-        return strided_max(x, (len(rows), *_uniform(rows)), (len(cols), *_uniform(cols)))
+    if (ur := _uniform(rows)) is not None and (uc := _uniform(cols)) is not None:
+        return strided_max(x, (len(rows), *ur), (len(cols), *uc))
     return bin_max(bin_max(x, 2, cols), 1, rows)
 
 
@@ -227,8 +227,7 @@ def _first_code(x, y, rows: Strided, cols: Strided):
     code = jnp.full(y.shape, -1, jnp.int32)
     for dr in reversed(range(kh)):  # reversed: the first hit in row-major order wins
         for dc in reversed(range(kw)):
-            cells = lax.slice(x, (0, dr, dc, 0), (x.shape[0], dr + sh * (n - 1) + 1,
-                                                  dc + sw * (m - 1) + 1, x.shape[3]), (1, sh, sw, 1))
+            cells = _strided(_strided(x, 1, n, dr, sh), 2, m, dc, sw)  # cell (dr, dc) of each window
             code = jnp.where(cells == y, np.int32(dr * kw + dc), code)
     return code
 
