@@ -147,11 +147,14 @@ def test_gray_model_folds_conv1_and_equals_the_unfolded_network():
         got = m.apply(v, jnp.asarray(x), valid_hw=valid, features=True)["fc7"]
         want = m3.apply(v, gray_standardise(jnp.asarray(x), valid), valid_hw=valid, features=True)["fc7"]
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
-    # conv1 really runs on one channel (the folded kernel; in 2x2 space-to-depth blocks, so 4
-    # channels where the unfolded conv1 has 12), the others as before.
+    # conv1 really runs on one channel (the folded kernel; in space-to-depth blocks of 2 x 4
+    # cells, so 8 channels, where the unfolded conv1 has blocks of 2 x 2 cells x 3 channels),
+    # the others as before.
     lhs = [e.invars[0].aval.shape[-1] for e in _eqns(jax.make_jaxpr(lambda a: m.apply(v, a))(
         jnp.asarray(x)).jaxpr) if e.primitive.name == "conv_general_dilated"]
-    assert lhs[0] == 4 and len(lhs) == 7
+    lhs3 = [e.invars[0].aval.shape[-1] for e in _eqns(jax.make_jaxpr(lambda a: m3.apply(v, a))(
+        jnp.asarray(x)).jaxpr) if e.primitive.name == "conv_general_dilated"]
+    assert lhs[0] == 8 and lhs3[0] == 12 and lhs[1:] == lhs3[1:] and len(lhs) == 7
 
 
 def _eqns(jaxpr):

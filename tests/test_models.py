@@ -283,6 +283,8 @@ def _brute_conv(x, w, s, pad):
     ((31, 31), 11, 4, 0, 3, 2),   # Convnet*-5's 11x11 / 4
     ((16, 17), 4, 2, 2, 2, 3),    # kernel a multiple of the stride, padding past the blocks
     ((7, 9), 3, 3, 1, 1, 1),      # kernel = stride
+    ((25, 26), 11, 4, 2, 1, 3),   # one channel: blocks two outputs wide, an odd last block
+    ((9, 10), 4, 2, 2, 1, 2),     # one channel, padding past the wide blocks
 ])
 def test_space_to_depth_conv(hw, k, s, pad, c, f):
     # Values against brute force; the custom gradient against autodiff of the blocks
