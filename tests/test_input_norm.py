@@ -150,11 +150,15 @@ def test_gray_model_folds_conv1_and_equals_the_unfolded_network():
     # conv1 really runs on one channel (the folded kernel; in space-to-depth blocks of 2 x 4
     # cells, so 8 channels, where the unfolded conv1 has blocks of 2 x 2 cells x 3 channels),
     # the others as before.
-    lhs = [e.invars[0].aval.shape[-1] for e in _eqns(jax.make_jaxpr(lambda a: m.apply(v, a))(
-        jnp.asarray(x)).jaxpr) if e.primitive.name == "conv_general_dilated"]
-    lhs3 = [e.invars[0].aval.shape[-1] for e in _eqns(jax.make_jaxpr(lambda a: m3.apply(v, a))(
-        jnp.asarray(x)).jaxpr) if e.primitive.name == "conv_general_dilated"]
+    lhs, lhs3 = (_conv_input_channels(net, v, x) for net in (m, m3))
     assert lhs[0] == 8 and lhs3[0] == 12 and lhs[1:] == lhs3[1:] and len(lhs) == 7
+
+
+def _conv_input_channels(model, variables, x) -> list[int]:
+    """The input channel count of every convolution ``model`` runs on ``x``, in order."""
+    jaxpr = jax.make_jaxpr(lambda a: model.apply(variables, a))(jnp.asarray(x)).jaxpr
+    return [e.invars[0].aval.shape[-1] for e in _eqns(jaxpr)
+            if e.primitive.name == "conv_general_dilated"]
 
 
 def _eqns(jaxpr):

@@ -12,9 +12,9 @@ How: cell (s*Y + p, s*X + q, c) of the padded input is channel (p*s + q)*C + c o
 (Y, X); tap (s*KY + p, s*KX + q) of the kernel is tap (KY, KX) of the block kernel on the
 same channel, zero where s*KY + p is past the kernel. Each output cell then sums exactly the
 products the strided convolution sums (plus products with zero taps), so only float
-rounding differs. A one-channel input with few filters takes blocks two outputs wide (s x 2s cells, each block
-position computing output columns 2X and 2X + 1 as 2F filters, :func:`group_columns`): the
-same sums again, on a wider product that XLA runs faster.
+rounding differs. A one-channel input with few filters takes blocks two outputs wide (s x 2s
+cells, each block position computing output columns 2X and 2X + 1 as 2F filters,
+:func:`group_columns`): the same sums again, on a wider product that XLA runs faster.
 
 The gradient is the strided convolution's own (the transposes of :func:`strided_conv`): its
 weight gradient was faster than the blocks' autodiff (colour input 0.86-0.98x for the
@@ -43,7 +43,7 @@ def group_columns(channels: int, features: int) -> int:
     and few filters, too narrow a product for XLA's CPU convolution; two output columns per
     block double both (2 s*s channels, 2F outputs, a few zero taps more). The gray conv1 of
     the embedded Overfeat-7 (1 channel x 12 filters, batch 32) 1.25x faster forward at 224 and
-    180 px, 1 x 24 1.13x, the embedded Overfeat-7 train step 1.02x / 1.04x; 3 x 12 was 0.90x,
+    180 px, 1 x 24 1.13x, the embedded Overfeat-7 train step 1.02x / 1.02x; 3 x 12 was 0.90x,
     1 x 48 and 1 x 96 0.96-0.97x (2026-12-07, alternated pairs)."""
     return 2 if channels == 1 and features <= 24 else 1
 
