@@ -87,3 +87,34 @@ def window_ref(x, rows, cols, g):
                 for ci in range(c):
                     dx[bi, r0 + dr[bi, ci], c0 + dc[bi, ci], ci] += g[bi, i, j, ci]
     return y, dx
+
+
+def conv_ref(x, w, stride, padding):
+    """Brute-force float64 convolution: (B,H,W,C) x (KH,KW,C,F), stride, ((top, bottom), (left,
+    right)) zero padding -> (B,OH,OW,F)."""
+    x = np.pad(np.asarray(x, np.float64), ((0, 0), *padding, (0, 0)))
+    kh, kw = w.shape[:2]
+    oh, ow = (x.shape[1] - kh) // stride + 1, (x.shape[2] - kw) // stride + 1
+    out = np.zeros((x.shape[0], oh, ow, w.shape[3]))
+    for i in range(oh):
+        for j in range(ow):
+            patch = x[:, i * stride:i * stride + kh, j * stride:j * stride + kw]
+            out[:, i, j] = np.einsum("bhwc,hwcf->bf", patch, np.asarray(w, np.float64))
+    return out
+
+
+def conv_grads_ref(x, w, stride, padding, dy):
+    """Brute-force (d x, d w) of :func:`conv_ref` for the output cotangent ``dy``: every output
+    cell sends dy times the kernel back to its input patch and dy times the patch to the
+    kernel."""
+    xp = np.pad(np.asarray(x, np.float64), ((0, 0), *padding, (0, 0)))
+    w, dy = np.asarray(w, np.float64), np.asarray(dy, np.float64)
+    kh, kw = w.shape[:2]
+    dxp, dw = np.zeros_like(xp), np.zeros_like(w)
+    for i in range(dy.shape[1]):
+        for j in range(dy.shape[2]):
+            rows, cols = slice(i * stride, i * stride + kh), slice(j * stride, j * stride + kw)
+            dxp[:, rows, cols] += np.einsum("bf,hwcf->bhwc", dy[:, i, j], w)
+            dw += np.einsum("bhwc,bf->hwcf", xp[:, rows, cols], dy[:, i, j])
+    (t, _), (l, _) = padding
+    return dxp[:, t:t + x.shape[1], l:l + x.shape[2]], dw

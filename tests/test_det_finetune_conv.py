@@ -157,12 +157,37 @@ def _conv_ops(from_layer) -> int:
     return str(jaxpr).count("conv_general_dilated")
 
 
-def test_no_gradient_is_computed_below_the_chosen_layer():
+def _compiled_conv_ops(from_layer) -> tuple[int, int]:
+    """(convolutions, kernel gradients) in the compiled gradient program: XLA's convolutions
+    and native forward calls, and native kernel-gradient calls (after XLA's dead-code
+    elimination, which drops a native layer's unused input gradient)."""
+    train, frozen = _split(from_layer)
+    wb = _batch(_config())
+    txt = jax.jit(jax.grad(lambda t: _loss_fn()(t, frozen, *FC.batch_arrays(wb), None)[0])).lower(
+        train).compile().as_text()
+    calls = lambda name: txt.count(f'custom_call_target="{name}"')  # noqa: E731
+    return txt.count(" convolution(") + calls("spp_conv_forward"), calls("spp_conv_kernel_grad")
+
+
+def test_no_gradient_is_computed_below_the_chosen_layer(monkeypatch):
     # ZF-5 has 5 convs. Backward from conv3: kernel gradients of conv3-5 (3) and input
     # gradients of conv4-5 (2); conv3's input gradient, and anything for conv1-2, is not computed.
+    # XLA's convolutions (the jaxpr counts them); the native kernels below.
+    monkeypatch.setenv("SPP_JAX_NATIVE", "0")
     assert _conv_ops("fc6") == 5
     assert _conv_ops("conv3") == 5 + 3 + 2
     assert _conv_ops("conv1") == 5 + 5 + 4
+
+
+def test_no_gradient_is_computed_below_the_chosen_layer_native():
+    # The same on the native kernels, counted in the compiled program: each layer's kernel
+    # gradient is a native call, each input gradient a convolution (native or XLA's).
+    from spp_jax import native
+    if not native.available():
+        pytest.skip("native kernels unavailable (no C++ compiler)")
+    assert _compiled_conv_ops("fc6") == (5, 0)
+    assert _compiled_conv_ops("conv3") == (5 + 2, 3)
+    assert _compiled_conv_ops("conv1") == (5 + 4, 5)
 
 
 def test_frozen_layers_stay_bit_identical_and_the_others_change():

@@ -133,9 +133,12 @@ def test_folded_conv1_equals_three_equal_channels_with_the_same_gradients():
     assert out["gray"][1]["kernel"].shape == (7, 7, 3, 6)
 
 
-def test_gray_model_folds_conv1_and_equals_the_unfolded_network():
+def test_gray_model_folds_conv1_and_equals_the_unfolded_network(monkeypatch):
     # The model with gray_std (conv1 folded) against the same weights fed the 3-channel
-    # standardised image without the option (conv1 unfolded), also with a padded batch.
+    # standardised image without the option (conv1 unfolded), also with a padded batch. XLA's
+    # convolutions, so the jaxpr shows each one's input channels (the native kernels:
+    # test_native_conv.py).
+    monkeypatch.setenv("SPP_JAX_NATIVE", "0")
     kw = dict(width=0.0625, fc_dim=8, num_classes=3, init_scheme="he")
     m = get_model("overfeat7", input_norm="gray_std", **kw)
     m3 = get_model("overfeat7", **kw)

@@ -36,7 +36,9 @@ try:
     installed = importlib.metadata.version("spp_jax")
 except importlib.metadata.PackageNotFoundError:
     installed = None
+from spp_jax import native
 print(json.dumps({{"file": spp_jax.__file__, "version": spp_jax.__version__, "installed": installed,
+                  "native": native.available(),
                   "modules": sorted({{m.split(".")[0] for m in sys.modules}})}}))
 """.format(stride=STRIDE, offset=OFFSET, slack=SLACK, levels=LEVELS, roi_levels=ROI_LEVELS)
 
@@ -119,7 +121,8 @@ def test_wheel_holds_spp_jax_only_and_works_with_only_the_core_dependencies(tmp_
     names = zipfile.ZipFile(wheel).namelist()
     assert {n.split("/")[0] for n in names} == {"spp_jax", dist_info}
     sources = {os.path.relpath(os.path.join(d, f), src).replace(os.sep, "/")
-               for d, _, fs in os.walk(src / "spp_jax") for f in fs if f.endswith(".py")}
+               for d, _, fs in os.walk(src / "spp_jax") for f in fs if f.endswith((".py", ".cc"))}
+    assert "spp_jax/native/conv.cc" in sources  # the native kernels' source, built at first use
     assert {n for n in names if n.startswith("spp_jax/")} == sources  # every subpackage, nothing else
     assert f"{dist_info}/licenses/LICENSE" in names
 
@@ -132,4 +135,7 @@ def test_wheel_holds_spp_jax_only_and_works_with_only_the_core_dependencies(tmp_
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     report = _run_probe(py, tmp_path, env)
     assert os.path.realpath(report["file"]).startswith(os.path.realpath(venv))
+    # The installed package builds its native kernels from the source it ships (where a
+    # compiler exists; elsewhere it falls back to XLA's convolutions).
+    assert report["native"] == (shutil.which(os.environ.get("CXX") or "c++") is not None)
     assert report["version"] == report["installed"] == spp_jax.__version__

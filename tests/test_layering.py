@@ -11,6 +11,7 @@ ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 RANKS = {
     "spp_jax.errors": 0, "spp_jax.atomic": 0, "spp_jax.bins": 0, "spp_jax.binmax": 0, "spp_jax.xla_options": 0,
     "spp_jax.host_memory": 0,
+    "spp_jax.native": 1,  # the native CPU kernels: build (atomic), FFI registration, their ops
     "spp_jax.geometry": 1, "spp_jax.pooling": 1,
     "spp_jax.roi": 2,
     "spp_jax": 3, "spp_jax.models": 3,  # the package itself re-exports the core API

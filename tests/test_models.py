@@ -301,10 +301,12 @@ def test_space_to_depth_conv(hw, k, s, pad, c, f):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
 
 
-def test_input_conv_uses_blocks_for_small_strided_layers():
-    # The backbones' conv1 goes through the blocks only where they measured faster
-    # (L.BLOCK_CONV_MAX_UNITS); either way the model equals brute force.
+def test_input_conv_uses_blocks_for_small_strided_layers(monkeypatch):
+    # Without the native kernels (test_native_conv.py) the backbones' conv1 goes through the
+    # blocks only where they measured faster (L.BLOCK_CONV_MAX_UNITS); either way the model
+    # equals brute force.
     from spp_jax.models import space_to_depth as S2D
+    monkeypatch.setenv("SPP_JAX_NATIVE", "0")
     calls = []
     orig = S2D.conv
     try:

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from spp_jax import binmax
-from spp_jax.models import space_to_depth
+from spp_jax.models import convolution, space_to_depth
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,9 +232,12 @@ def input_conv(x, kernel, stride: int, pad: int):
     ``pad``. Small strided layers (C x F <= :data:`BLOCK_CONV_MAX_UNITS`) run on space-to-depth
     blocks (:mod:`spp_jax.models.space_to_depth`), others as XLA's strided convolution; same
     values up to float rounding, same gradient."""
-    if stride > 1 and kernel.shape[2] * kernel.shape[3] <= BLOCK_CONV_MAX_UNITS:
+    pads = ((pad, pad), (pad, pad))
+    if (stride > 1 and kernel.shape[2] * kernel.shape[3] <= BLOCK_CONV_MAX_UNITS
+            and not convolution.native_conv_takes(x, kernel, stride, pads)):
         return space_to_depth.conv(x, kernel, stride, pad)
-    return space_to_depth.strided_conv(x, kernel, stride, pad)
+    return convolution.conv_general_dilated(x, kernel, (stride, stride), ((pad, pad), (pad, pad)),
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
 def receptive_layers(specs):

@@ -17,6 +17,7 @@ import numpy as np
 from spp_jax import bins as B
 from spp_jax.config_grammar import check_value
 from spp_jax.geometry import Geometry, geometry_from_layers
+from spp_jax.models import convolution
 from spp_jax.models import layers as L
 from spp_jax.models import masking as M
 from spp_jax.models.input_norm import check_input_norm, normalise_input
@@ -158,7 +159,8 @@ class Backbone(nn.Module):
                 x = nn.Conv(s.features, (s.kernel, s.kernel), (s.stride, s.stride),
                             padding=((s.pad, s.pad), (s.pad, s.pad)), name=s.name,
                             kernel_init=_kernel_init(self.init_scheme),
-                            bias_init=_bias_init(self.init_scheme, s.name), dtype=self.dtype)(x)
+                            bias_init=_bias_init(self.init_scheme, s.name), dtype=self.dtype,
+                            conv_general_dilated=convolution.conv_general_dilated)(x)
                 x = nn.relu(x)
             elif isinstance(s, L.Pool):
                 x = L.max_pool(x, s)

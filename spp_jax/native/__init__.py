@@ -1,0 +1,104 @@
+"""Native CPU kernels, built from source on first use and registered as XLA FFI targets.
+
+What: ``conv.cc`` (stride-1 convolutions, :mod:`spp_jax.native.conv`). Why native: XLA's CPU
+convolutions are the train step's bound (README "How it is fast"); these kernels are
+register-tiled direct convolutions that XLA calls like its own ops inside a compiled step.
+
+How: :func:`library` compiles ``conv.cc`` once per machine with the system C++ compiler
+(``$CXX``, else ``c++``; ``-O3 -march=native``, so it is built where it runs) against the FFI
+headers that ship with jaxlib, into ``$SPP_JAX_NATIVE_CACHE`` (default
+``~/.cache/spp_jax/native``) under a name hashing the source, the flags, the jaxlib version
+and the CPU's feature flags; the file is written atomically (parallel test workers may build
+it at once). Nothing is downloaded.
+
+Fallback: :func:`available` is False, and every caller keeps XLA's own ops, when the backend
+is not the CPU, ``SPP_JAX_NATIVE=0`` is set, or the build fails (no compiler: one warning
+line, the reason, once per process).
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+
+import jax
+
+from spp_jax import atomic
+
+log = logging.getLogger(__name__)
+
+SOURCE = os.path.join(os.path.dirname(__file__), "conv.cc")
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
+#: FFI target name -> exported handler symbol of conv.cc
+TARGETS = {"spp_conv_forward": "SppConvForward", "spp_conv_kernel_grad": "SppConvKernelGrad"}
+
+
+def _cpu_flags() -> str:
+    """The CPU's feature flags (``-march=native`` builds for them), '' where unknown."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((ln for ln in f if ln.startswith(("flags", "Features"))), "")
+    except OSError:
+        return platform.processor()
+
+
+def _cache_dir() -> str:
+    return os.environ.get("SPP_JAX_NATIVE_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "spp_jax", "native")
+
+
+def _compiler() -> str:
+    cxx = os.environ.get("CXX") or "c++"
+    if shutil.which(cxx) is None:
+        raise RuntimeError(f"no C++ compiler ({cxx!r} not on PATH; set CXX)")
+    return cxx
+
+
+def build() -> str:
+    """Path of the compiled library, building it first unless the cache holds it."""
+    with open(SOURCE, "rb") as f:
+        src = f.read()
+    cxx = _compiler()
+    key = hashlib.sha256(b"\0".join([src, " ".join((cxx,) + FLAGS).encode(),
+                                     jax.__version__.encode(), _cpu_flags().encode()]))
+    target = os.path.join(_cache_dir(), f"conv-{key.hexdigest()[:16]}.so")
+    if os.path.exists(target):
+        return target
+    with atomic.path(target) as tmp:
+        cmd = [cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", "-o", tmp, SOURCE, "-lpthread"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr.strip()[-500:]}")
+    log.info("built %s", target)
+    return target
+
+
+@functools.cache
+def _load() -> bool:
+    lib = ctypes.CDLL(build())
+    for name, symbol in TARGETS.items():
+        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+    return True
+
+
+def available() -> bool:
+    """True when the native kernels can run here (see the module docstring); builds and
+    registers them on the first call."""
+    if os.environ.get("SPP_JAX_NATIVE", "1") == "0" or jax.default_backend() != "cpu":
+        return False
+    return _try_load()
+
+
+@functools.cache
+def _try_load() -> bool:
+    try:
+        return _load()
+    except Exception as e:  # no compiler, a failed build, an unloadable library
+        log.warning("native CPU kernels unavailable, using XLA's convolutions: %s",
+                    str(e).splitlines()[0][:300])
+        return False
