@@ -192,10 +192,26 @@ def conv1_fold_variants(cfg: Config, device) -> list[Row]:
             for side in cfg.embedded_sizes]
 
 
+def native_conv_variants(cfg: Config, device) -> list[Row]:
+    """The embedded steps with the library's convolutions (the native CPU kernels where they
+    apply) against the same steps with XLA's convolutions only (conv1 on space-to-depth
+    blocks), JAX against JAX: Overfeat-7's preset (gray input) and ZF-5 as detection
+    pretrains it (colour)."""
+    from spp_jax.models import convolution
+    patch = lambda: _patched(convolution, "_native_takes", lambda *a: False)  # noqa: E731
+    what = "the same step on XLA's convolutions only"
+    rows = [_step_ab_row("3 native conv", side, device, patch(), what, cfg.repeats)
+            for side in cfg.embedded_sizes]
+    rows += [_step_ab_row("3 native conv", side, device, patch(), what, cfg.repeats, channels=3,
+                          model="zf5", overrides=_zf5_detection_overrides())
+             for side in cfg.embedded_sizes]
+    return rows
+
+
 def conv1_block_variants(cfg: Config, device) -> list[Row]:
-    """The embedded steps with conv1 on space-to-depth blocks (the library) against XLA's
-    strided convolution, JAX against JAX: Overfeat-7's preset (gray input) and ZF-5 as
-    detection pretrains it (colour)."""
+    """The embedded steps with the library's conv1 (the native kernels; without them
+    space-to-depth blocks) against XLA's strided convolution, JAX against JAX: Overfeat-7's
+    preset (gray input) and ZF-5 as detection pretrains it (colour)."""
     from spp_jax.models import space_to_depth
     # The reference: conv1 as XLA's strided convolution whatever its size (the library's
     # until 2026-12-06).
@@ -351,6 +367,7 @@ def run(cfg: Config, device, peak: dict) -> list[Row]:
     rows += pool_variants(cfg, device)
     rows += conv1_fold_variants(cfg, device)
     rows += conv1_block_variants(cfg, device)
+    rows += native_conv_variants(cfg, device)
     rows += lrn_variants(cfg, device, pk)
     rows += lrn_step_variants(cfg, device)
     if cfg.flag_variants and cfg.device == "cpu":  # XLA CPU flags

@@ -102,6 +102,7 @@ def test_dispatch_takes_only_plain_convolutions():
     assert not takes(padding="SAME")
     assert not takes(padding=((3, 3), (1, 1)))           # padding past the kernel
     assert not takes(lhs=x.astype(jnp.bfloat16))
+    assert not takes(rhs=jnp.ones((3, 3, 4, 1040)))        # wide: XLA's (NATIVE_MAX_UNITS)
     nchw = jax.lax.conv_dimension_numbers((1, 4, 9, 9), (16, 4, 3, 3), ("NCHW", "OIHW", "NCHW"))
     assert not takes(lhs=jnp.ones((1, 4, 9, 9)), rhs=jnp.ones((16, 4, 3, 3)), dimension_numbers=nchw)
 
