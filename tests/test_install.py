@@ -137,5 +137,7 @@ def test_wheel_holds_spp_jax_only_and_works_with_only_the_core_dependencies(tmp_
     assert os.path.realpath(report["file"]).startswith(os.path.realpath(venv))
     # The installed package builds its native kernels from the source it ships (where a
     # compiler exists; elsewhere it falls back to XLA's convolutions).
-    assert report["native"] == (shutil.which(os.environ.get("CXX") or "c++") is not None)
+    from spp_jax import native
+    assert report["native"] == (shutil.which(os.environ.get("CXX") or "c++") is not None
+                                and native.cpu_supported())
     assert report["version"] == report["installed"] == spp_jax.__version__

@@ -12,8 +12,8 @@ and the CPU's feature flags; the file is written atomically (parallel test worke
 it at once). Nothing is downloaded.
 
 Fallback: :func:`available` is False, and every caller keeps XLA's own ops, when the backend
-is not the CPU, ``SPP_JAX_NATIVE=0`` is set, or the build fails (no compiler: one warning
-line, the reason, once per process).
+is not the CPU, ``SPP_JAX_NATIVE=0`` is set, the CPU lacks AVX-512 (:func:`cpu_supported`),
+or the build fails (no compiler: one warning line, the reason, once per process).
 """
 from __future__ import annotations
 
@@ -86,12 +86,29 @@ def _load() -> bool:
     return True
 
 
+def cpu_supported() -> bool:
+    """Whether this CPU has AVX-512 (``avx512f``). Why required: the kernels' tiles keep up to
+    24 accumulators and their operands in vector registers, sized for AVX-512's 32, and were
+    measured only there (AMD Zen 4); with AVX2's 16 narrower ones they would spill, so other
+    CPUs keep XLA's convolutions."""
+    return "avx512f" in _cpu_flags().split()
+
+
 def available() -> bool:
     """True when the native kernels can run here (see the module docstring); builds and
     registers them on the first call."""
     if os.environ.get("SPP_JAX_NATIVE", "1") == "0" or jax.default_backend() != "cpu":
         return False
-    return _try_load()
+    return _cpu_ok() and _try_load()
+
+
+@functools.cache
+def _cpu_ok() -> bool:
+    if not cpu_supported():
+        log.warning("native CPU kernels unavailable, using XLA's convolutions: this CPU has no "
+                    "AVX-512 (avx512f), where they were built and measured")
+        return False
+    return True
 
 
 @functools.cache
