@@ -192,37 +192,36 @@ def conv1_fold_variants(cfg: Config, device) -> list[Row]:
             for side in cfg.embedded_sizes]
 
 
-def native_conv_variants(cfg: Config, device) -> list[Row]:
-    """The embedded steps with the library's convolutions (the native CPU kernels where they
-    apply) against the same steps with XLA's convolutions only (conv1 on space-to-depth
-    blocks), JAX against JAX: Overfeat-7's preset (gray input) and ZF-5 as detection
-    pretrains it (colour)."""
-    from spp_jax.models import convolution
-    patch = lambda: _patched(convolution, "_native_takes", lambda *a: False)  # noqa: E731
-    what = "the same step on XLA's convolutions only"
-    rows = [_step_ab_row("3 native conv", side, device, patch(), what, cfg.repeats)
+def _embedded_ab_rows(cfg: Config, device, bench: str, patch, what: str) -> list[Row]:
+    """:func:`_step_ab_row` at every embedded size for Overfeat-7's preset (gray input) and
+    ZF-5 as detection pretrains it (colour); ``patch()`` makes a fresh context manager."""
+    rows = [_step_ab_row(bench, side, device, patch(), what, cfg.repeats)
             for side in cfg.embedded_sizes]
-    rows += [_step_ab_row("3 native conv", side, device, patch(), what, cfg.repeats, channels=3,
+    rows += [_step_ab_row(bench, side, device, patch(), what, cfg.repeats, channels=3,
                           model="zf5", overrides=_zf5_detection_overrides())
              for side in cfg.embedded_sizes]
     return rows
+
+
+def native_conv_variants(cfg: Config, device) -> list[Row]:
+    """The embedded steps with the library's convolutions (the native CPU kernels where they
+    apply) against the same steps with XLA's convolutions only (conv1 on space-to-depth
+    blocks), JAX against JAX."""
+    from spp_jax.models import convolution
+    return _embedded_ab_rows(cfg, device, "3 native conv",
+                             lambda: _patched(convolution, "_native_takes", lambda *a: False),
+                             "the same step on XLA's convolutions only")
 
 
 def conv1_block_variants(cfg: Config, device) -> list[Row]:
     """The embedded steps with the library's conv1 (the native kernels; without them
-    space-to-depth blocks) against XLA's strided convolution, JAX against JAX: Overfeat-7's
-    preset (gray input) and ZF-5 as detection pretrains it (colour)."""
+    space-to-depth blocks) against XLA's strided convolution, JAX against JAX."""
     from spp_jax.models import space_to_depth
     # The reference: conv1 as XLA's strided convolution whatever its size (the library's
     # until 2026-12-06).
-    patch = lambda: _patched(L, "input_conv", space_to_depth.strided_conv)  # noqa: E731
-    what = "the same step, conv1 as XLA's strided convolution"
-    rows = [_step_ab_row("3 conv1", side, device, patch(), what, cfg.repeats)
-            for side in cfg.embedded_sizes]
-    rows += [_step_ab_row("3 conv1", side, device, patch(), what, cfg.repeats, channels=3,
-                          model="zf5", overrides=_zf5_detection_overrides())
-             for side in cfg.embedded_sizes]
-    return rows
+    return _embedded_ab_rows(cfg, device, "3 conv1",
+                             lambda: _patched(L, "input_conv", space_to_depth.strided_conv),
+                             "the same step, conv1 as XLA's strided convolution")
 
 
 def _step_ab_row(bench: str, side: int, device, patch, what: str, repeats: int,

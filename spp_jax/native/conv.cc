@@ -157,78 +157,69 @@ constexpr int64_t kFewChannels = 6;
 
 // ---- kernel gradient: dw[ky,kx,ci..,co..] = sum_p x[s p + (ky,kx), ci..] * dy[p, co..] ----
 
-// P input channels at c x NV output-channel vectors at co, tap (ky, kx), over output rows
-// [r0, r1); adds to dw.
+// P rows of dw x NV output-channel vectors at co, summed over output rows [r0, r1) and
+// added to out: row i is input value x0[i * x_step] of each window (x0: tap (ky, kx), channel
+// c of the window at output cell 0) and dw row out + i * out_step. Channel tiles (P channels
+// of one tap): x_step 1, out_step CO; tap tiles (P neighbouring taps of one channel, for few
+// input channels): x_step Ci, out_step Ci CO.
 template <int P, int NV, bool Partial>
-inline void dw_tile(const Geometry& g, const float* x, const float* dy, float* dw, int64_t ky,
-                    int64_t kx, int64_t c, int64_t co, int64_t r0, int64_t r1) {
-  float* out = dw + ((ky * g.kw + kx) * g.ci + c) * g.co + co;
+inline void dw_tile(const Geometry& g, const float* x0, int64_t x_step, const float* dy,
+                    float* out, int64_t out_step, int64_t co, int64_t r0, int64_t r1) {
   v16 acc[P][NV];
   for (int i = 0; i < P; ++i)
-    for (int j = 0; j < NV; ++j) acc[i][j] = load(out + i * g.co + 16 * j);
+    for (int j = 0; j < NV; ++j) acc[i][j] = load(out + i * out_step + 16 * j);
   const int64_t step = g.s * g.ci;
   for (int64_t r = r0; r < r1; ++r) {
-    const float* xr = x + (((r / g.oh) * g.h + (r % g.oh) * g.s + ky) * g.w + kx) * g.ci + c;
+    const float* xr = x0 + ((r / g.oh) * g.h + (r % g.oh) * g.s) * g.w * g.ci;
     const float* dr = dy + r * g.ow * g.cov + co;
     for (int64_t o = 0; o < g.ow; ++o) {
       v16 d[NV];
       for (int j = 0; j < NV; ++j) d[j] = load_y<Partial>(g, dr + o * g.cov + 16 * j);
       for (int i = 0; i < P; ++i) {
-        v16 a = splat(xr[o * step + i]);
+        v16 a = splat(xr[o * step + i * x_step]);
         for (int j = 0; j < NV; ++j) acc[i][j] += a * d[j];
       }
     }
   }
   for (int i = 0; i < P; ++i)
-    for (int j = 0; j < NV; ++j) store(out + i * g.co + 16 * j, acc[i][j]);
+    for (int j = 0; j < NV; ++j) store(out + i * out_step + 16 * j, acc[i][j]);
 }
 
+// The dw tile of P rows from channel c of tap (ky, kx) on (x_step, out_step as dw_tile).
+template <int P, int NV, bool Partial>
+inline void dw_tile_at(const Geometry& g, const float* x, const float* dy, float* dw, int64_t ky,
+                       int64_t kx, int64_t c, int64_t x_step, int64_t out_step, int64_t co,
+                       int64_t r0, int64_t r1) {
+  dw_tile<P, NV, Partial>(g, x + (ky * g.w + kx) * g.ci + c, x_step, dy,
+                          dw + ((ky * g.kw + kx) * g.ci + c) * g.co + co, out_step, co, r0, r1);
+}
+
+// Tap (ky, kx): tiles of P input channels, then 4, 2, 1.
 template <int P, int NV, bool Partial = false>
 void dw_channels(const Geometry& g, const float* x, const float* dy, float* dw, int64_t ky,
                  int64_t kx, int64_t co, int64_t r0, int64_t r1) {
+  auto at = [&](auto tile, int64_t c) { tile(g, x, dy, dw, ky, kx, c, 1, g.co, co, r0, r1); };
   int64_t c = 0;
-  for (; c + P <= g.ci; c += P) dw_tile<P, NV, Partial>(g, x, dy, dw, ky, kx, c, co, r0, r1);
-  for (; c + 4 <= g.ci; c += 4) dw_tile<4, NV, Partial>(g, x, dy, dw, ky, kx, c, co, r0, r1);
-  for (; c + 2 <= g.ci; c += 2) dw_tile<2, NV, Partial>(g, x, dy, dw, ky, kx, c, co, r0, r1);
-  for (; c < g.ci; ++c) dw_tile<1, NV, Partial>(g, x, dy, dw, ky, kx, c, co, r0, r1);
+  for (; c + P <= g.ci; c += P) at(dw_tile_at<P, NV, Partial>, c);
+  for (; c + 4 <= g.ci; c += 4) at(dw_tile_at<4, NV, Partial>, c);
+  for (; c + 2 <= g.ci; c += 2) at(dw_tile_at<2, NV, Partial>, c);
+  for (; c < g.ci; ++c) at(dw_tile_at<1, NV, Partial>, c);
 }
 
-// Few input channels: T neighbouring taps (kx0 ..) of channel c in registers instead of P
-// channels of one tap (conv1: 1 or 3 channels, 7 taps a row).
-template <int T, int NV, bool Partial>
-inline void dw_tap_tile(const Geometry& g, const float* x, const float* dy, float* dw, int64_t ky,
-                        int64_t kx0, int64_t c, int64_t co, int64_t r0, int64_t r1) {
-  float* out = dw + ((ky * g.kw + kx0) * g.ci + c) * g.co + co;
-  const int64_t tap = g.ci * g.co;  // dw floats between neighbouring taps
-  v16 acc[T][NV];
-  for (int i = 0; i < T; ++i)
-    for (int j = 0; j < NV; ++j) acc[i][j] = load(out + i * tap + 16 * j);
-  const int64_t step = g.s * g.ci;
-  for (int64_t r = r0; r < r1; ++r) {
-    const float* xr = x + (((r / g.oh) * g.h + (r % g.oh) * g.s + ky) * g.w + kx0) * g.ci + c;
-    const float* dr = dy + r * g.ow * g.cov + co;
-    for (int64_t o = 0; o < g.ow; ++o) {
-      v16 d[NV];
-      for (int j = 0; j < NV; ++j) d[j] = load_y<Partial>(g, dr + o * g.cov + 16 * j);
-      for (int i = 0; i < T; ++i) {
-        v16 a = splat(xr[o * step + i * g.ci]);
-        for (int j = 0; j < NV; ++j) acc[i][j] += a * d[j];
-      }
-    }
-  }
-  for (int i = 0; i < T; ++i)
-    for (int j = 0; j < NV; ++j) store(out + i * tap + 16 * j, acc[i][j]);
-}
-
+// Few input channels (conv1: 1 or 3, 7 taps a row): row ky of each channel in tiles of T
+// neighbouring taps, then 4, 2, 1.
 template <int T, int NV, bool Partial = false>
 void dw_taps(const Geometry& g, const float* x, const float* dy, float* dw, int64_t ky,
              int64_t co, int64_t r0, int64_t r1) {
   for (int64_t c = 0; c < g.ci; ++c) {
+    auto at = [&](auto tile, int64_t kx) {
+      tile(g, x, dy, dw, ky, kx, c, g.ci, g.ci * g.co, co, r0, r1);
+    };
     int64_t kx = 0;
-    for (; kx + T <= g.kw; kx += T) dw_tap_tile<T, NV, Partial>(g, x, dy, dw, ky, kx, c, co, r0, r1);
-    for (; kx + 4 <= g.kw; kx += 4) dw_tap_tile<4, NV, Partial>(g, x, dy, dw, ky, kx, c, co, r0, r1);
-    for (; kx + 2 <= g.kw; kx += 2) dw_tap_tile<2, NV, Partial>(g, x, dy, dw, ky, kx, c, co, r0, r1);
-    for (; kx < g.kw; ++kx) dw_tap_tile<1, NV, Partial>(g, x, dy, dw, ky, kx, c, co, r0, r1);
+    for (; kx + T <= g.kw; kx += T) at(dw_tile_at<T, NV, Partial>, kx);
+    for (; kx + 4 <= g.kw; kx += 4) at(dw_tile_at<4, NV, Partial>, kx);
+    for (; kx + 2 <= g.kw; kx += 2) at(dw_tile_at<2, NV, Partial>, kx);
+    for (; kx < g.kw; ++kx) at(dw_tile_at<1, NV, Partial>, kx);
   }
 }
 
