@@ -336,18 +336,14 @@ ffi::Error ConvKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SppConvForward, ConvForward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("stride"));
+// Both handlers: (XLA's thread pool; x, the second operand; the result; the stride).
+#define SPP_CONV_BINDING                        \
+  ffi::Ffi::Bind()                              \
+      .Ctx<ffi::ThreadPool>()                   \
+      .Arg<ffi::Buffer<ffi::F32>>()             \
+      .Arg<ffi::Buffer<ffi::F32>>()             \
+      .Ret<ffi::Buffer<ffi::F32>>()             \
+      .Attr<int64_t>("stride")
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SppConvKernelGrad, ConvKernelGrad,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("stride"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SppConvForward, ConvForward, SPP_CONV_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SppConvKernelGrad, ConvKernelGrad, SPP_CONV_BINDING);
