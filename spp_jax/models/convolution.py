@@ -1,8 +1,8 @@
 """The backbones' convolution: the native CPU kernels where they apply and win, else XLA's.
 
 :func:`conv_general_dilated` has ``lax.conv_general_dilated``'s signature (``nn.Conv`` takes it
-as its ``conv_general_dilated``; conv1 calls it too); :func:`kernel_grad` is conv1's kernel
-gradient when its forward runs on space-to-depth blocks.
+as its ``conv_general_dilated``; conv1 calls it too); :func:`native_conv_takes` tells conv1
+whether to use it or its space-to-depth blocks.
 """
 from __future__ import annotations
 
@@ -59,20 +59,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
                                     **kw)
 
 
-
 def native_conv_takes(x, kernel, stride: int, padding) -> bool:
     """Whether an NHWC x HWIO convolution of ``x`` at ``stride`` runs natively."""
     dn = lax.conv_dimension_numbers(x.shape, kernel.shape, _NHWC)
     return _native_takes(x, kernel, (stride, stride), padding, None, None, dn, 1)
 
-
-def kernel_grad(x, dy, kernel, stride: int, pad: int):
-    """(k, k, C, F): the gradient of the NHWC convolution of ``x`` with ``kernel`` at ``stride``,
-    zero-padded by ``pad``, with respect to its kernel, for the output cotangent ``dy``:
-    native where :func:`native_conv_takes` says so, else XLA's transpose of its convolution."""
-    pads = ((pad, pad), (pad, pad))
-    if native_conv_takes(x, kernel, stride, pads):
-        return native_conv.kernel_grad(x, dy, kernel.shape[:2], pads, stride)
-    f = lambda w: lax.conv_general_dilated(x, w, (stride, stride), pads,  # noqa: E731
-                                           dimension_numbers=_NHWC)
-    return jax.linear_transpose(f, kernel)(dy)[0]

@@ -229,14 +229,15 @@ BLOCK_CONV_MAX_UNITS = 96
 
 def input_conv(x, kernel, stride: int, pad: int):
     """conv1 of the backbones: (B, H, W, C) x (k, k, C, F) -> (B, H', W', F), zero-padded by
-    ``pad``. Small strided layers (C x F <= :data:`BLOCK_CONV_MAX_UNITS`) run on space-to-depth
+    ``pad``. On the native CPU kernels where they take it (:mod:`spp_jax.models.convolution`);
+    otherwise small strided layers (C x F <= :data:`BLOCK_CONV_MAX_UNITS`) run on space-to-depth
     blocks (:mod:`spp_jax.models.space_to_depth`), others as XLA's strided convolution; same
     values up to float rounding, same gradient."""
     pads = ((pad, pad), (pad, pad))
     if (stride > 1 and kernel.shape[2] * kernel.shape[3] <= BLOCK_CONV_MAX_UNITS
             and not convolution.native_conv_takes(x, kernel, stride, pads)):
         return space_to_depth.conv(x, kernel, stride, pad)
-    return convolution.conv_general_dilated(x, kernel, (stride, stride), ((pad, pad), (pad, pad)),
+    return convolution.conv_general_dilated(x, kernel, (stride, stride), pads,
                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 

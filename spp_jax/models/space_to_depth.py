@@ -29,8 +29,6 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from spp_jax.models import convolution
-
 
 def strided_conv(x, kernel, stride: int, pad: int):
     """(B, H, W, C) x (k, k, C, F) kernel -> (B, H', W', F), H' = (H + 2 pad - k) // stride + 1:
@@ -107,7 +105,7 @@ def _fwd(x, kernel, stride, pad):
 def _bwd(stride, pad, res, g):
     # The strided convolution's transposes (linear in each argument; no primal recomputed).
     x, kernel = res[:2]
-    d_kernel = convolution.kernel_grad(x, g, kernel, stride, pad)
+    d_kernel = jax.linear_transpose(lambda w: strided_conv(x, w, stride, pad), kernel)(g)[0]
     if len(res) == 2:
         return None, d_kernel
     d_x = jax.linear_transpose(lambda a: strided_conv(a, kernel, stride, pad), x)(g)[0]

@@ -1,10 +1,10 @@
 """Native CPU kernels, built from source on first use and registered as XLA FFI targets.
 
-What: ``conv.cc`` (stride-1 convolutions, :mod:`spp_jax.native.conv`). Why native: XLA's CPU
+What: ``conv.cc`` (convolutions and their kernel gradients, :mod:`spp_jax.native.conv`). Why native: XLA's CPU
 convolutions are the train step's bound (README "How it is fast"); these kernels are
 register-tiled direct convolutions that XLA calls like its own ops inside a compiled step.
 
-How: :func:`library` compiles ``conv.cc`` once per machine with the system C++ compiler
+How: :func:`build` compiles ``conv.cc`` once per machine with the system C++ compiler
 (``$CXX``, else ``c++``; ``-O3 -march=native``, so it is built where it runs) against the FFI
 headers that ship with jaxlib, into ``$SPP_JAX_NATIVE_CACHE`` (default
 ``~/.cache/spp_jax/native``) under a name hashing the source, the flags, the jaxlib version

@@ -119,12 +119,6 @@ def _input_grad(dy, kernel, padding: Padding, stride: int, x_shape):
     return lax.conv_general_dilated(dy, flipped, (1, 1), back, dimension_numbers=_NHWC)
 
 
-def kernel_grad(x, dy, kernel_hw: tuple[int, int], padding: Padding, stride: int = 1):
-    """(KH, KW, Ci, Co): the gradient of :func:`conv` (x, kernel, padding, stride) with respect
-    to its kernel, for the output cotangent ``dy`` (B, OH, OW, Co)."""
-    return _kernel_grad(_pad_hw(x, padding), dy, *kernel_hw, stride)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def conv(x, kernel, padding: Padding, stride: int = 1):
     """(B, H, W, Ci) x (KH, KW, Ci, Co) -> the convolution at ``stride`` (module docstring)."""
