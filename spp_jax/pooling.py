@@ -21,6 +21,8 @@ import numpy as np
 
 from spp_jax import binmax
 from spp_jax import bins as B
+from spp_jax import native
+from spp_jax.native import pool as native_pool
 
 MODES = ("appendix_a", "window_stride", "released")
 
@@ -84,13 +86,41 @@ def _pyramid(fmap, levels: tuple[int, ...], rule: str) -> dict:
             got[n] = binmax.window_max(got[src], groups, groups)
     return got
 
+def _native_levels(h: int, w: int, levels: tuple[int, ...], rule: str) -> tuple:
+    """:func:`_pyramid`'s plan for the native kernels (:mod:`spp_jax.native.pool`): the
+    first occurrence of each directly pooled level from the map, every other level (a
+    coarse one, or a repeat) from that occurrence's bins, with the same rules.
+
+    Why native: one call for the whole pyramid, forward and backward, where the XLA
+    formulation makes several passes over the map for uneven bins and further ops for the
+    coarse levels, their gradients and the concatenation. Against it in one process
+    (2026-12-07, 30 alternated pairs): forward+backward 1.5x / 4.4x / 2.3x faster on
+    128x13x13x256 / 128x10x10x256 / 32x18x18x512, forward 1.1x / 2.0x / 1.7x."""
+    plan = B.derivation_plan(levels, rule)
+    first = {n: levels.index(n) for n in levels}
+    out = []
+    for k, n in enumerate(levels):
+        src = plan[n]
+        if src == n and first[n] == k:
+            out.append(native_pool.Level(_edges(h, n, rule), _edges(w, n, rule)))
+        else:
+            groups = binmax.tiled_edges(n, src // n)
+            out.append(native_pool.Level(groups, groups, first[src]))
+    return tuple(out)
+
 @functools.partial(jax.jit, static_argnames=("levels", "mode"))
 def _pool(fmap, levels: tuple[int, ...], mode: str):
     _TRACE_COUNT[0] += 1  # lets tests prove a second call with the same shape does not retrace
     b, c = fmap.shape[0], fmap.shape[-1]
     # window_stride is only accepted where its windows are exactly the Appendix A bins
     # (checked by pool()), so both modes pool the same bins.
-    got = _pyramid(fmap, levels, "released" if mode == "released" else "appendix_a")
+    rule = "released" if mode == "released" else "appendix_a"
+    # On a CPU with the native kernels, one native call (same floats, same gradient rules);
+    # elsewhere (other backends, several devices, no compiler, SPP_JAX_NATIVE=0) XLA's ops.
+    if native_pool.supported(fmap.shape, fmap.dtype) and native.usable():
+        h, w = fmap.shape[1], fmap.shape[2]
+        return native_pool.pyramid_max(fmap, _native_levels(h, w, levels, rule))
+    got = _pyramid(fmap, levels, rule)
     return jnp.concatenate([got[n].reshape(b, n * n * c) for n in levels], axis=-1)
 
 _TRACE_COUNT = [0]

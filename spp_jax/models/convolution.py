@@ -6,7 +6,6 @@ whether to use it or its space-to-depth blocks.
 """
 from __future__ import annotations
 
-import jax
 from jax import lax
 
 from spp_jax import native
@@ -38,7 +37,7 @@ def _native_takes(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
     padding = tuple((int(lo), int(hi)) for lo, hi in padding)
     return (rhs.shape[2] * rhs.shape[3] <= NATIVE_MAX_UNITS and rhs.dtype == lhs.dtype
             and native_conv.supported(lhs.shape, rhs.shape, padding, strides[0], lhs.dtype)
-            and jax.device_count() == 1 and native.available())
+            and native.usable())
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,

@@ -1,10 +1,12 @@
 """Native CPU kernels, built from source on first use and registered as XLA FFI targets.
 
-What: ``conv.cc`` (convolutions and their kernel gradients, :mod:`spp_jax.native.conv`). Why native: XLA's CPU
-convolutions are the train step's bound (README "How it is fast"); these kernels are
-register-tiled direct convolutions that XLA calls like its own ops inside a compiled step.
+What: ``conv.cc`` (convolutions and their kernel gradients, :mod:`spp_jax.native.conv`) and
+``pool.cc`` (spatial pyramid max pooling and its gradient, :mod:`spp_jax.native.pool`),
+sharing ``parallel.h``. Why native: XLA's CPU convolutions are the train step's bound, and
+its uneven pyramid bins the slowest part of ``pool`` (README "How it is fast"); these kernels
+are direct loops that XLA calls like its own ops inside a compiled step.
 
-How: :func:`build` compiles ``conv.cc`` once per machine with the system C++ compiler
+How: :func:`build` compiles them into one library once per machine with the system C++ compiler
 (``$CXX``, else ``c++``; ``-O3 -march=native``, so it is built where it runs) against the FFI
 headers that ship with jaxlib, into ``$SPP_JAX_NATIVE_CACHE`` (default
 ``~/.cache/spp_jax/native``) under a name hashing the source, the flags, the jaxlib version
@@ -32,10 +34,13 @@ from spp_jax import atomic
 
 log = logging.getLogger(__name__)
 
-SOURCE = os.path.join(os.path.dirname(__file__), "conv.cc")
+_HERE = os.path.dirname(__file__)
+SOURCES = tuple(os.path.join(_HERE, f) for f in ("conv.cc", "pool.cc"))
+HEADERS = (os.path.join(_HERE, "parallel.h"),)
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
-#: FFI target name -> exported handler symbol of conv.cc
-TARGETS = {"spp_conv_forward": "SppConvForward", "spp_conv_kernel_grad": "SppConvKernelGrad"}
+#: FFI target name -> exported handler symbol of the library
+TARGETS = {"spp_conv_forward": "SppConvForward", "spp_conv_kernel_grad": "SppConvKernelGrad",
+           "spp_pyramid_max": "SppPyramidMax", "spp_pyramid_max_grad": "SppPyramidMaxGrad"}
 
 
 def _cpu_flags() -> str:
@@ -61,16 +66,18 @@ def _compiler() -> str:
 
 def build() -> str:
     """Path of the compiled library, building it first unless the cache holds it."""
-    with open(SOURCE, "rb") as f:
-        src = f.read()
+    src = []
+    for path in SOURCES + HEADERS:
+        with open(path, "rb") as f:
+            src.append(f.read())
     cxx = _compiler()
-    key = hashlib.sha256(b"\0".join([src, " ".join((cxx,) + FLAGS).encode(),
+    key = hashlib.sha256(b"\0".join([*src, " ".join((cxx,) + FLAGS).encode(),
                                      jax.__version__.encode(), _cpu_flags().encode()]))
-    target = os.path.join(_cache_dir(), f"conv-{key.hexdigest()[:16]}.so")
+    target = os.path.join(_cache_dir(), f"spp_native-{key.hexdigest()[:16]}.so")
     if os.path.exists(target):
         return target
     with atomic.path(target) as tmp:
-        cmd = [cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", "-o", tmp, SOURCE, "-lpthread"]
+        cmd = [cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", "-o", tmp, *SOURCES, "-lpthread"]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr.strip()[-500:]}")
@@ -102,10 +109,16 @@ def available() -> bool:
     return _cpu_ok() and _try_load()
 
 
+def usable() -> bool:
+    """:func:`available`, and JAX sees one device. Why: XLA does not partition an FFI call, so
+    in a program sharded over several devices each would gather and compute the whole op."""
+    return jax.device_count() == 1 and available()
+
+
 @functools.cache
 def _cpu_ok() -> bool:
     if not cpu_supported():
-        log.warning("native CPU kernels unavailable, using XLA's convolutions: this CPU has no "
+        log.warning("native CPU kernels unavailable, using XLA's ops: this CPU has no "
                     "AVX-512 (avx512f), where they were built and measured")
         return False
     return True
@@ -116,6 +129,6 @@ def _try_load() -> bool:
     try:
         return _load()
     except Exception as e:  # no compiler, a failed build, an unloadable library
-        log.warning("native CPU kernels unavailable, using XLA's convolutions: %s",
+        log.warning("native CPU kernels unavailable, using XLA's ops: %s",
                     str(e).splitlines()[0][:300])
         return False

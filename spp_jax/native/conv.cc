@@ -15,58 +15,21 @@
 // (KH, KW, Ci, CO) with CO a multiple of 16, output / cotangent (B, OH, OW, COV) with
 // OH = (H - KH) / s + 1 (floor), COV == CO or COV < 16 (then the kernel's last filters are
 // zero and each cell's vector is loaded and stored in part). Work is split over XLA's
-// intra-op thread pool: chunks are claimed from an atomic counter by the calling thread and
-// by helpers, and the caller waits only for chunks a helper has started, so a busy pool can
-// never deadlock the call.
+// intra-op thread pool (parallel.h).
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstring>
-#include <functional>
-#include <memory>
-#include <thread>
 #include <vector>
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #endif
 
-#include "xla/ffi/api/ffi.h"
-
-namespace ffi = xla::ffi;
+#include "parallel.h"
 
 namespace {
 
-typedef float v16 __attribute__((vector_size(64), aligned(4)));  // 16 floats, unaligned loads
-
-inline v16 load(const float* p) { v16 r; std::memcpy(&r, p, sizeof r); return r; }
-inline void store(float* p, v16 v) { std::memcpy(p, &v, sizeof v); }
-inline v16 splat(float a) { return v16{} + a; }
-
-struct Chunks {
-  std::atomic<int64_t> next{0}, done{0};
-  int64_t n = 0;
-  std::function<void(int64_t)> fn;
-};
-
-void drain(Chunks& c) {
-  for (int64_t i; (i = c.next.fetch_add(1, std::memory_order_relaxed)) < c.n;) {
-    c.fn(i);
-    c.done.fetch_add(1, std::memory_order_release);
-  }
-}
-
-// fn(i) for i in [0, n), on the calling thread and the pool's threads. Which thread runs
-// a chunk varies; what a chunk computes must not depend on it.
-void parallel_for(ffi::ThreadPool& pool, int64_t n, std::function<void(int64_t)> fn) {
-  auto c = std::make_shared<Chunks>();
-  c->n = n;
-  c->fn = std::move(fn);
-  int64_t helpers = std::min<int64_t>(pool.num_threads(), n - 1);
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([c] { drain(*c); });
-  drain(*c);
-  while (c->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
-}
+using namespace spp_native;  // NOLINT: v16, load, store, splat, parallel_for, num_chunks
 
 // ---- forward: y[p, co..] = sum_{ky,kx,ci} x[s p + (ky,kx), ci] * w[ky,kx,ci,co..] ---------
 
@@ -276,10 +239,6 @@ ffi::Error geometry(Geometry& g, ffi::Span<const int64_t> xd, ffi::Span<const in
         "spp_jax conv: inconsistent shapes (kernel outputs must be a multiple of 16, and the "
         "output's channels equal to them or fewer than 16)");
   return ffi::Error::Success();
-}
-
-int64_t num_chunks(ffi::ThreadPool& pool, int64_t rows) {
-  return std::max<int64_t>(1, std::min<int64_t>(rows, 4 * (pool.num_threads() + 1)));
 }
 
 ffi::Error ConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
