@@ -111,7 +111,6 @@ def _native_levels(h: int, w: int, levels: tuple[int, ...], rule: str) -> tuple:
 @functools.partial(jax.jit, static_argnames=("levels", "mode"))
 def _pool(fmap, levels: tuple[int, ...], mode: str):
     _TRACE_COUNT[0] += 1  # lets tests prove a second call with the same shape does not retrace
-    b, c = fmap.shape[0], fmap.shape[-1]
     # window_stride is only accepted where its windows are exactly the Appendix A bins
     # (checked by pool()), so both modes pool the same bins.
     rule = "released" if mode == "released" else "appendix_a"
@@ -121,6 +120,7 @@ def _pool(fmap, levels: tuple[int, ...], mode: str):
         h, w = fmap.shape[1], fmap.shape[2]
         return native_pool.pyramid_max(fmap, _native_levels(h, w, levels, rule))
     got = _pyramid(fmap, levels, rule)
+    b, c = fmap.shape[0], fmap.shape[-1]
     return jnp.concatenate([got[n].reshape(b, n * n * c) for n in levels], axis=-1)
 
 _TRACE_COUNT = [0]

@@ -21,15 +21,11 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#endif
-
 #include "parallel.h"
 
 namespace {
 
-using namespace spp_native;  // NOLINT: v16, load, store, splat, parallel_for, num_chunks
+using namespace spp_native;  // NOLINT: v16, load(_part), store(_part), splat, parallel_for, num_chunks
 
 // ---- forward: y[p, co..] = sum_{ky,kx,ci} x[s p + (ky,kx), ci] * w[ky,kx,ci,co..] ---------
 
@@ -40,29 +36,18 @@ struct Geometry {
   int64_t oh, ow, s;
 };
 
-// Partial: y holds cov < 16 channels, so the one vector is loaded (stored) in part: a masked
-// load (store) with AVX-512, else element by element (never a memcpy of a run-time length,
-// which is a library call per cell).
+// Partial: y holds cov < 16 channels, so the one vector is loaded (stored) in part.
 template <bool Partial>
 inline v16 load_y(const Geometry& g, const float* p) {
-  if (!Partial) return load(p);
-#ifdef __AVX512F__
-  return (v16)_mm512_maskz_loadu_ps((__mmask16)((1u << g.cov) - 1), p);
-#else
-  v16 r{};
-  for (int64_t i = 0; i < g.cov; ++i) r[i] = p[i];
-  return r;
-#endif
+  return Partial ? load_part<v16>(p, g.cov) : load(p);
 }
 
 template <bool Partial>
 inline void store_y(const Geometry& g, float* p, v16 v) {
-  if (!Partial) return store(p, v);
-#ifdef __AVX512F__
-  _mm512_mask_storeu_ps(p, (__mmask16)((1u << g.cov) - 1), (__m512)v);
-#else
-  for (int64_t i = 0; i < g.cov; ++i) p[i] = v[i];
-#endif
+  if (Partial)
+    store_part(p, v, g.cov);
+  else
+    store(p, v);
 }
 
 // P output cells of one row (consecutive columns) x NV vectors of output channels at co.

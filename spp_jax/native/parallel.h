@@ -1,5 +1,5 @@
-// What conv.cc and pool.cc share: 16-float vectors (GCC vector extensions; unaligned loads
-// and stores) and parallel_for over XLA's intra-op thread pool.
+// What conv.cc and pool.cc share: 16-lane vectors (GCC vector extensions; unaligned loads
+// and stores, whole or in part) and parallel_for over XLA's intra-op thread pool.
 //
 // Why a counter rather than a fixed split: chunks are claimed from an atomic counter by the
 // calling thread and by helpers, and the caller waits only for chunks a helper has started,
@@ -15,6 +15,10 @@
 #include <memory>
 #include <thread>
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
 #include "xla/ffi/api/ffi.h"
 
 namespace spp_native {
@@ -26,6 +30,29 @@ typedef float v16 __attribute__((vector_size(64), aligned(4)));  // 16 floats, u
 inline v16 load(const float* p) { v16 r; std::memcpy(&r, p, sizeof r); return r; }
 inline void store(float* p, v16 v) { std::memcpy(p, &v, sizeof v); }
 inline v16 splat(float a) { return v16{} + a; }
+
+// The first `lanes` < 16 lanes of a vector V (16 floats or int32s) at p: a masked load /
+// store with AVX-512, else lane by lane (never a memcpy of a run-time length, which is a
+// library call per cell).
+template <typename V, typename T>
+inline V load_part(const T* p, int64_t lanes) {
+#ifdef __AVX512F__
+  return (V)_mm512_maskz_loadu_ps((__mmask16)((1u << lanes) - 1), p);
+#else
+  V r{};
+  for (int64_t l = 0; l < lanes; ++l) r[l] = p[l];
+  return r;
+#endif
+}
+
+template <typename V, typename T>
+inline void store_part(T* p, V v, int64_t lanes) {
+#ifdef __AVX512F__
+  _mm512_mask_storeu_ps(p, (__mmask16)((1u << lanes) - 1), (__m512)v);
+#else
+  for (int64_t l = 0; l < lanes; ++l) p[l] = v[l];
+#endif
+}
 
 struct Chunks {
   std::atomic<int64_t> next{0}, done{0};

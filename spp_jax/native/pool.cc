@@ -25,15 +25,11 @@
 #include <cstring>
 #include <limits>
 
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#endif
-
 #include "parallel.h"
 
 namespace {
 
-using namespace spp_native;  // NOLINT: v16, load, store, parallel_for, num_chunks
+using namespace spp_native;  // NOLINT: v16, load(_part), store(_part), parallel_for, num_chunks
 
 typedef int32_t vi16 __attribute__((vector_size(64), aligned(4)));  // 16 int32 lanes
 
@@ -76,28 +72,6 @@ ffi::Error pyramid(Pyramid& g, ffi::Span<const int64_t> x_dims, ffi::Span<const 
     }
   }
   return ffi::Error::Success();
-}
-
-// The last `lanes` < 16 channels of a cell: a masked load / store with AVX-512, else lane
-// by lane (never a memcpy of a run-time length, a library call per cell).
-template <typename V, typename T>
-inline V load_part(const T* p, int64_t lanes) {
-#ifdef __AVX512F__
-  return (V)_mm512_maskz_loadu_ps((__mmask16)((1u << lanes) - 1), p);
-#else
-  V r{};
-  for (int64_t l = 0; l < lanes; ++l) r[l] = p[l];
-  return r;
-#endif
-}
-
-template <typename V, typename T>
-inline void store_part(T* p, V v, int64_t lanes) {
-#ifdef __AVX512F__
-  _mm512_mask_storeu_ps(p, (__mmask16)((1u << lanes) - 1), (__m512)v);
-#else
-  for (int64_t l = 0; l < lanes; ++l) p[l] = v[l];
-#endif
 }
 
 struct Bin {
