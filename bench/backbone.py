@@ -209,7 +209,7 @@ def native_conv_variants(cfg: Config, device) -> list[Row]:
     blocks), JAX against JAX."""
     from spp_jax.models import convolution
     return _embedded_ab_rows(cfg, device, "3 native conv",
-                             lambda: _patched(convolution, "_native_takes", lambda *a: False),
+                             lambda: _patched(convolution, "_route", lambda *a: "xla"),
                              "the same step on XLA's convolutions only")
 
 
@@ -287,15 +287,17 @@ def check_forward(fj, ft, variables, x, x_t):
     return err
 
 
-def train_steps(model, variables, tnet, b: int, side: int, device):
-    import optax
-    import torch
-    params = variables["params"]
-    tx = optax.sgd(0.01, momentum=0.9)
-    opt = tx.init(params)
+def _batch(b: int, side: int):
     rng = np.random.default_rng(3)
     x_np = rng.standard_normal((b, side, side, 3), dtype=np.float32) * 50.0
-    y_np = rng.integers(0, 1000, b).astype(np.int32)
+    return x_np, rng.integers(0, 1000, b).astype(np.int32)
+
+
+def jax_train_step(model, params, b: int, side: int, device):
+    """One SGD (momentum 0.9) step of ``model`` on a fixed random batch, as a timed callable."""
+    import optax
+    tx = optax.sgd(0.01, momentum=0.9)
+    x_np, y_np = _batch(b, side)
     x, y = jax.device_put(jnp.asarray(x_np), device), jax.device_put(jnp.asarray(y_np), device)
 
     @xla_options.jit
@@ -307,16 +309,23 @@ def train_steps(model, variables, tnet, b: int, side: int, device):
         upd, opt = tx.update(g, opt, params)
         return optax.apply_updates(params, upd), opt, loss
 
-    state = {"p": params, "o": opt, "i": 0}
+    state = {"p": params, "o": tx.init(params), "i": 0}
 
     def jstep():
         state["i"] += 1
         p, o, loss = step(state["p"], state["o"], x, y, jax.random.key(state["i"]))
         loss.block_until_ready()
         state["p"], state["o"] = p, o
+    return jstep
 
+
+def train_steps(model, variables, tnet, b: int, side: int, device):
+    """The JAX step (:func:`jax_train_step`) and torch's on the same batch."""
+    import torch
+    jstep = jax_train_step(model, variables["params"], b, side, device)
     tnet.train()
     topt = torch.optim.SGD(tnet.parameters(), lr=0.01, momentum=0.9)
+    x_np, y_np = _batch(b, side)
     x_t = torch.from_numpy(x_np).to(_tdev()).permute(0, 3, 1, 2)
     y_t = torch.from_numpy(y_np.astype(np.int64)).to(_tdev())
 
@@ -327,6 +336,29 @@ def train_steps(model, variables, tnet, b: int, side: int, device):
         topt.step()
         tsync(_tdev())
     return jstep, tstep
+
+
+def winograd_variants(cfg: Config, device) -> list[Row]:
+    """The full-width SGD steps with the library's convolutions (wide 3x3 layers by Winograd)
+    against the same steps with those layers on XLA's convolutions, JAX against JAX."""
+    from spp_jax.models import convolution, get_model, init_params
+    route = convolution._route
+    no_winograd = lambda *a: "xla" if route(*a) == "winograd" else route(*a)  # noqa: E731
+    rows = []
+    for arch in cfg.backbones:
+        b = cfg.batch if arch == "zf5" else cfg.batch_overfeat
+        model = get_model(arch)
+        params = jax.device_put(init_params(model, jax.random.key(0)), device)["params"]
+        jstep = jax_train_step(model, params, b, 224, device)
+        with _patched(convolution, "_route", no_winograd):
+            rstep = jax_train_step(model, params, b, 224, device)
+            rstep()  # traced and compiled while patched
+        tj, tr = time_pair(jstep, rstep, 1, cfg.train_repeats)
+        rows.append(Row("3 winograd", f"{arch} SGD train step batch {b} @224", b / tj, b / tr,
+                        "img/s", pair_ratio(), None,
+                        f"reference: the same step, its 3x3 stride-1 layers on XLA's convolutions; "
+                        f"{pair_spread()}"))
+    return rows
 
 
 def F_cross_entropy(logits, y):
@@ -367,6 +399,7 @@ def run(cfg: Config, device, peak: dict) -> list[Row]:
     rows += conv1_fold_variants(cfg, device)
     rows += conv1_block_variants(cfg, device)
     rows += native_conv_variants(cfg, device)
+    rows += winograd_variants(cfg, device)
     rows += lrn_variants(cfg, device, pk)
     rows += lrn_step_variants(cfg, device)
     if cfg.flag_variants and cfg.device == "cpu":  # XLA CPU flags

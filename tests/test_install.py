@@ -123,7 +123,8 @@ def test_wheel_holds_spp_jax_only_and_works_with_only_the_core_dependencies(tmp_
     sources = {os.path.relpath(os.path.join(d, f), src).replace(os.sep, "/")
                for d, _, fs in os.walk(src / "spp_jax") for f in fs if f.endswith((".py", ".cc", ".h"))}
     # the native kernels' sources, built at first use
-    assert {"spp_jax/native/conv.cc", "spp_jax/native/pool.cc", "spp_jax/native/parallel.h"} <= sources
+    assert {"spp_jax/native/conv.cc", "spp_jax/native/pool.cc", "spp_jax/native/winograd.cc",
+            "spp_jax/native/parallel.h"} <= sources
     assert {n for n in names if n.startswith("spp_jax/")} == sources  # every subpackage, nothing else
     assert f"{dist_info}/licenses/LICENSE" in names
 

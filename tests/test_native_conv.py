@@ -94,10 +94,10 @@ def test_native_conv_runs_as_ffi_calls_and_under_vmap():
 def test_dispatch_takes_only_plain_convolutions():
     x, k = jnp.ones((1, 9, 9, 4)), jnp.ones((3, 3, 4, 16))
     dn = jax.lax.conv_dimension_numbers(x.shape, k.shape, ("NHWC", "HWIO", "NHWC"))
-    takes = lambda **kw: convolution._native_takes(**{  # noqa: E731
+    takes = lambda **kw: convolution._route(**{  # noqa: E731
         "lhs": x, "rhs": k, "window_strides": (1, 1), "padding": ((1, 1), (1, 1)),
         "lhs_dilation": None, "rhs_dilation": None, "dimension_numbers": dn,
-        "feature_group_count": 1, **kw})
+        "feature_group_count": 1, **kw}) == "native"
     assert takes()
     assert takes(window_strides=(2, 2))
     assert not takes(window_strides=(1, 2))
@@ -105,7 +105,7 @@ def test_dispatch_takes_only_plain_convolutions():
     assert not takes(padding="SAME")
     assert not takes(padding=((3, 3), (1, 1)))           # padding past the kernel
     assert not takes(lhs=x.astype(jnp.bfloat16))
-    assert not takes(rhs=jnp.ones((3, 3, 4, 1040)))        # wide: XLA's (NATIVE_MAX_UNITS)
+    assert not takes(rhs=jnp.ones((3, 3, 4, 1040)))        # wide: Winograd (NATIVE_MAX_UNITS)
     nchw = jax.lax.conv_dimension_numbers((1, 4, 9, 9), (16, 4, 3, 3), ("NCHW", "OIHW", "NCHW"))
     assert not takes(lhs=jnp.ones((1, 4, 9, 9)), rhs=jnp.ones((16, 4, 3, 3)), dimension_numbers=nchw)
 

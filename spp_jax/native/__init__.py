@@ -35,12 +35,15 @@ from spp_jax import atomic
 log = logging.getLogger(__name__)
 
 _HERE = os.path.dirname(__file__)
-SOURCES = tuple(os.path.join(_HERE, f) for f in ("conv.cc", "pool.cc"))
+SOURCES = tuple(os.path.join(_HERE, f) for f in ("conv.cc", "pool.cc", "winograd.cc"))
 HEADERS = (os.path.join(_HERE, "parallel.h"),)
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 #: FFI target name -> exported handler symbol of the library
 TARGETS = {"spp_conv_forward": "SppConvForward", "spp_conv_kernel_grad": "SppConvKernelGrad",
-           "spp_pyramid_max": "SppPyramidMax", "spp_pyramid_max_grad": "SppPyramidMaxGrad"}
+           "spp_pyramid_max": "SppPyramidMax", "spp_pyramid_max_grad": "SppPyramidMaxGrad",
+           "spp_winograd_input": "SppWinogradInput", "spp_winograd_input_grad": "SppWinogradInputGrad",
+           "spp_winograd_output": "SppWinogradOutput",
+           "spp_winograd_output_grad": "SppWinogradOutputGrad"}
 
 
 def _cpu_flags() -> str:
