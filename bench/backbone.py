@@ -385,13 +385,13 @@ def run(cfg: Config, device, peak: dict) -> list[Row]:
                                1, cfg.bb_repeats)
             fl = conv_flops(arch, h, w) * n
             rows.append(Row("3 backbone", f"{arch} {label}", n / tj, n / tt, "img/s", pair_ratio(), GOAL,
-                            f"conv GFLOP/s jax {fl / tj / 1e9:.0f} ({fl / tj / 1e9 / pk:.0%} of peak), "
+                            f"conv GFLOP/s (direct-convolution count) jax {fl / tj / 1e9:.0f} ({fl / tj / 1e9 / pk:.0%} of peak), "
                             f"torch {fl / tt / 1e9:.0f} ({fl / tt / 1e9 / pk:.0%}); max rel diff {err:.1e}; {pair_spread()}"))
         jstep, tstep = train_steps(model, variables, tnet, b, 224, device)
         tj, tt = time_pair(jstep, tstep, 1, cfg.train_repeats)
         fl = 3.0 * b * (conv_flops(arch, 224, 224) + head_flops(model.channels))
         rows.append(Row("3 backbone", f"{arch} SGD train step batch {b} @224", b / tj, b / tt, "img/s",
-                        pair_ratio(), GOAL, f"GFLOP/s (3x fwd) jax {fl / tj / 1e9:.0f} ({fl / tj / 1e9 / pk:.0%} "
+                        pair_ratio(), GOAL, f"GFLOP/s (3x fwd, direct-convolution count) jax {fl / tj / 1e9:.0f} ({fl / tj / 1e9 / pk:.0%} "
                         f"of peak), torch {fl / tt / 1e9:.0f} ({fl / tt / 1e9 / pk:.0%}); {pair_spread()}"))
         del jstep, tstep, model, variables, tnet
     rows += embedded_steps(cfg, device)
