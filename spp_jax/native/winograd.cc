@@ -97,6 +97,17 @@ void each_tile_row(ffi::ThreadPool& pool, const Tiles& g, F f) {
   });
 }
 
+// f(cells, sample, ty, tx, first channel) for every tile and 16-lane channel vector, by tile
+// rows (each_tile_row).
+template <typename F>
+void each_tile_vector(ffi::ThreadPool& pool, const Tiles& g, F f) {
+  each_tile_row(pool, g, [&](int64_t s, int64_t ty) {
+    for (int64_t tx = 0; tx < g.tw; ++tx)
+      for (int64_t c = 0; c < g.c; c += 16)
+        f(Cells{g, std::min<int64_t>(16, g.c - c)}, s, ty, tx, c);
+  });
+}
+
 template <typename F>
 void each_channel_block(ffi::ThreadPool& pool, const Tiles& g, F f) {
   const int64_t blocks = (g.c + kBlock - 1) / kBlock, units = g.b * blocks;
@@ -116,20 +127,16 @@ ffi::Error Input(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::ResultBuffe
     return e;
   const float* xp = x.typed_data();
   float* vp = v->typed_data();
-  each_tile_row(pool, g, [&](int64_t s, int64_t ty) {
-    for (int64_t tx = 0; tx < tw; ++tx)
-      for (int64_t c = 0; c < g.c; c += 16) {
-        const Cells at{g, std::min<int64_t>(16, g.c - c)};
-        const float* m = xp + s * g.h * g.w * g.c + c;
-        v16 d[16];
-        for (int64_t i = 0; i < 4; ++i)
-          for (int64_t j = 0; j < 4; ++j)
-            d[4 * i + j] = at.get(m, 2 * ty - top + i, 2 * tx - left + j);
-        for (int64_t j = 0; j < 4; ++j) bt4(d + j, 4);      // rows: B^T d
-        for (int64_t i = 0; i < 4; ++i) bt4(d + 4 * i, 1);  // columns: (B^T d) B
-        const int64_t t = (s * th + ty) * tw + tx;
-        for (int64_t p = 0; p < 16; ++p) at.set_tile(vp + c, p, t, d[p]);
-      }
+  each_tile_vector(pool, g, [&](const Cells& at, int64_t s, int64_t ty, int64_t tx, int64_t c) {
+    const float* m = xp + s * g.h * g.w * g.c + c;
+    v16 d[16];
+    for (int64_t i = 0; i < 4; ++i)
+      for (int64_t j = 0; j < 4; ++j)
+        d[4 * i + j] = at.get(m, 2 * ty - top + i, 2 * tx - left + j);
+    for (int64_t j = 0; j < 4; ++j) bt4(d + j, 4);      // rows: B^T d
+    for (int64_t i = 0; i < 4; ++i) bt4(d + 4 * i, 1);  // columns: (B^T d) B
+    const int64_t t = (s * th + ty) * tw + tx;
+    for (int64_t p = 0; p < 16; ++p) at.set_tile(vp + c, p, t, d[p]);
   });
   return ffi::Error::Success();
 }
@@ -173,22 +180,18 @@ ffi::Error Output(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> mm, ffi::ResultBuf
     return e;
   const float* mp = mm.typed_data();
   float* yp = y->typed_data();
-  each_tile_row(pool, g, [&](int64_t s, int64_t ty) {
-    for (int64_t tx = 0; tx < tw; ++tx)
-      for (int64_t c = 0; c < g.c; c += 16) {
-        const Cells at{g, std::min<int64_t>(16, g.c - c)};
-        float* m = yp + s * g.h * g.w * g.c + c;
-        const int64_t t = (s * th + ty) * tw + tx;
-        v16 d[16], r[8];
-        for (int64_t p = 0; p < 16; ++p) d[p] = at.tile(mp + c, p, t);
-        for (int64_t j = 0; j < 4; ++j)  // rows: A^T M
-          r[j] = d[j] + d[4 + j] + d[8 + j], r[4 + j] = d[4 + j] - d[8 + j] - d[12 + j];
-        for (int64_t i = 0; i < 2 && 2 * ty + i < g.h; ++i) {  // columns: (A^T M) A
-          const v16* a = r + 4 * i;
-          at.put(m, 2 * ty + i, 2 * tx, a[0] + a[1] + a[2]);
-          if (2 * tx + 1 < g.w) at.put(m, 2 * ty + i, 2 * tx + 1, a[1] - a[2] - a[3]);
-        }
-      }
+  each_tile_vector(pool, g, [&](const Cells& at, int64_t s, int64_t ty, int64_t tx, int64_t c) {
+    float* m = yp + s * g.h * g.w * g.c + c;
+    const int64_t t = (s * th + ty) * tw + tx;
+    v16 d[16], r[8];
+    for (int64_t p = 0; p < 16; ++p) d[p] = at.tile(mp + c, p, t);
+    for (int64_t j = 0; j < 4; ++j)  // rows: A^T M
+      r[j] = d[j] + d[4 + j] + d[8 + j], r[4 + j] = d[4 + j] - d[8 + j] - d[12 + j];
+    for (int64_t i = 0; i < 2 && 2 * ty + i < g.h; ++i) {  // columns: (A^T M) A
+      const v16* a = r + 4 * i;
+      at.put(m, 2 * ty + i, 2 * tx, a[0] + a[1] + a[2]);
+      if (2 * tx + 1 < g.w) at.put(m, 2 * ty + i, 2 * tx + 1, a[1] - a[2] - a[3]);
+    }
   });
   return ffi::Error::Success();
 }
@@ -200,25 +203,21 @@ ffi::Error OutputGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy,
     return e;
   const float* yp = dy.typed_data();
   float* mp = dm->typed_data();
-  each_tile_row(pool, g, [&](int64_t s, int64_t ty) {
-    for (int64_t tx = 0; tx < tw; ++tx)
-      for (int64_t c = 0; c < g.c; c += 16) {
-        const Cells at{g, std::min<int64_t>(16, g.c - c)};
-        const float* m = yp + s * g.h * g.w * g.c + c;
-        v16 u[4], r[8];  // u: the 2x2 cotangent tile; r = A u (4 x 2); then (A u) A^T
-        for (int64_t i = 0; i < 2; ++i)
-          for (int64_t j = 0; j < 2; ++j) u[2 * i + j] = at.get(m, 2 * ty + i, 2 * tx + j);
-        for (int64_t j = 0; j < 2; ++j)
-          r[j] = u[j], r[2 + j] = u[j] + u[2 + j], r[4 + j] = u[j] - u[2 + j], r[6 + j] = -u[2 + j];
-        const int64_t t = (s * th + ty) * tw + tx;
-        for (int64_t i = 0; i < 4; ++i) {
-          const v16 a = r[2 * i], b = r[2 * i + 1];
-          at.set_tile(mp + c, 4 * i, t, a);
-          at.set_tile(mp + c, 4 * i + 1, t, a + b);
-          at.set_tile(mp + c, 4 * i + 2, t, a - b);
-          at.set_tile(mp + c, 4 * i + 3, t, -b);
-        }
-      }
+  each_tile_vector(pool, g, [&](const Cells& at, int64_t s, int64_t ty, int64_t tx, int64_t c) {
+    const float* m = yp + s * g.h * g.w * g.c + c;
+    v16 u[4], r[8];  // u: the 2x2 cotangent tile; r = A u (4 x 2); then (A u) A^T
+    for (int64_t i = 0; i < 2; ++i)
+      for (int64_t j = 0; j < 2; ++j) u[2 * i + j] = at.get(m, 2 * ty + i, 2 * tx + j);
+    for (int64_t j = 0; j < 2; ++j)
+      r[j] = u[j], r[2 + j] = u[j] + u[2 + j], r[4 + j] = u[j] - u[2 + j], r[6 + j] = -u[2 + j];
+    const int64_t t = (s * th + ty) * tw + tx;
+    for (int64_t i = 0; i < 4; ++i) {
+      const v16 a = r[2 * i], b = r[2 * i + 1];
+      at.set_tile(mp + c, 4 * i, t, a);
+      at.set_tile(mp + c, 4 * i + 1, t, a + b);
+      at.set_tile(mp + c, 4 * i + 2, t, a - b);
+      at.set_tile(mp + c, 4 * i + 3, t, -b);
+    }
   });
   return ffi::Error::Success();
 }
