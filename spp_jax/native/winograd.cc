@@ -224,26 +224,18 @@ ffi::Error OutputGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy,
 
 }  // namespace
 
-// Handlers: (XLA's thread pool; the operand; the result; the tiling).
-#define SPP_WINOGRAD_INPUT(symbol, fn)                                     \
-  XLA_FFI_DEFINE_HANDLER_SYMBOL(symbol, fn,                                \
-                                ffi::Ffi::Bind()                           \
-                                    .Ctx<ffi::ThreadPool>()                \
-                                    .Arg<ffi::Buffer<ffi::F32>>()          \
-                                    .Ret<ffi::Buffer<ffi::F32>>()          \
-                                    .Attr<int64_t>("th")                   \
-                                    .Attr<int64_t>("tw")                   \
-                                    .Attr<int64_t>("top")                  \
-                                    .Attr<int64_t>("left"));
-#define SPP_WINOGRAD_OUTPUT(symbol, fn)                                    \
-  XLA_FFI_DEFINE_HANDLER_SYMBOL(symbol, fn,                                \
-                                ffi::Ffi::Bind()                           \
-                                    .Ctx<ffi::ThreadPool>()                \
-                                    .Arg<ffi::Buffer<ffi::F32>>()          \
-                                    .Ret<ffi::Buffer<ffi::F32>>()          \
-                                    .Attr<int64_t>("th")                   \
-                                    .Attr<int64_t>("tw"));
-SPP_WINOGRAD_INPUT(SppWinogradInput, Input)
-SPP_WINOGRAD_INPUT(SppWinogradInputGrad, InputGrad)
-SPP_WINOGRAD_OUTPUT(SppWinogradOutput, Output)
-SPP_WINOGRAD_OUTPUT(SppWinogradOutputGrad, OutputGrad)
+// Handlers: (XLA's thread pool; the operand; the result; the tiling, and for the input's pair
+// its padding).
+#define SPP_WINOGRAD_BINDING                    \
+  ffi::Ffi::Bind()                              \
+      .Ctx<ffi::ThreadPool>()                   \
+      .Arg<ffi::Buffer<ffi::F32>>()             \
+      .Ret<ffi::Buffer<ffi::F32>>()             \
+      .Attr<int64_t>("th")                      \
+      .Attr<int64_t>("tw")
+#define SPP_WINOGRAD_PADDED_BINDING SPP_WINOGRAD_BINDING.Attr<int64_t>("top").Attr<int64_t>("left")
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SppWinogradInput, Input, SPP_WINOGRAD_PADDED_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SppWinogradInputGrad, InputGrad, SPP_WINOGRAD_PADDED_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SppWinogradOutput, Output, SPP_WINOGRAD_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SppWinogradOutputGrad, OutputGrad, SPP_WINOGRAD_BINDING);

@@ -23,6 +23,7 @@ result differs from the direct convolution's by a few float32 ulps of the inputs
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -51,47 +52,77 @@ def out_hw(x_shape, padding: Padding) -> tuple[int, int]:
     return tuple(n + lo + hi - 2 for n, (lo, hi) in zip(x_shape[1:3], padding))
 
 
-def _tiles_call(name: str, shape, operand, **attrs):
+class Tiling(NamedTuple):
+    """A convolution's 2x2 output tiles: the input's (h, w), the output's (oh, ow), and the
+    padding above and left of the input (the window of tile (ty, tx) starts at input cell
+    (2 ty - top, 2 tx - left))."""
+
+    h: int
+    w: int
+    oh: int
+    ow: int
+    top: int
+    left: int
+
+    @property
+    def th(self) -> int:
+        return -(-self.oh // 2)
+
+    @property
+    def tw(self) -> int:
+        return -(-self.ow // 2)
+
+    @property
+    def tiles(self) -> int:
+        """Tiles per image."""
+        return self.th * self.tw
+
+    def attrs(self, padded: bool) -> dict:
+        """The FFI attributes: th, tw, and for the input's pair top, left."""
+        a = {"th": self.th, "tw": self.tw}
+        if padded:
+            a.update(top=self.top, left=self.left)
+        return {k: np.int64(v) for k, v in a.items()}
+
+
+def _tiles_call(name: str, shape, operand, tiling: Tiling, padded: bool):
     out = jax.ShapeDtypeStruct(shape, jnp.float32)
-    return jax.ffi.ffi_call(name, out, vmap_method="sequential")(
-        operand, **{k: np.int64(v) for k, v in attrs.items()})
+    return jax.ffi.ffi_call(name, out, vmap_method="sequential")(operand, **tiling.attrs(padded))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def _input(x, tiling: tuple[int, int], pads: tuple[int, int]):
-    """(B, H, W, C) -> (16, B * th * tw, C): each tile's B^T d B."""
-    (th, tw), (top, left) = tiling, pads
-    shape = (16, x.shape[0] * th * tw, x.shape[3])
-    return _tiles_call("spp_winograd_input", shape, x, th=th, tw=tw, top=top, left=left)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _input(x, tiling: Tiling):
+    """(B, H, W, C) -> (16, B * tiles, C): each tile's B^T d B."""
+    shape = (16, x.shape[0] * tiling.tiles, x.shape[3])
+    return _tiles_call("spp_winograd_input", shape, x, tiling, True)
 
 
-def _input_fwd(x, tiling, pads):
-    return _input(x, tiling, pads), x.shape
+def _input_fwd(x, tiling):
+    return _input(x, tiling), None
 
 
-def _input_bwd(tiling, pads, shape, dv):
-    (th, tw), (top, left) = tiling, pads
-    return (_tiles_call("spp_winograd_input_grad", shape, dv, th=th, tw=tw, top=top, left=left),)
+def _input_bwd(tiling, _, dv):
+    shape = (dv.shape[1] // tiling.tiles, tiling.h, tiling.w, dv.shape[2])
+    return (_tiles_call("spp_winograd_input_grad", shape, dv, tiling, True),)
 
 
 _input.defvjp(_input_fwd, _input_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def _output(m, tiling: tuple[int, int], shape: tuple[int, ...]):
-    """(16, B * th * tw, F) -> (B, OH, OW, F): each tile's A^T m A, cropped to the output."""
-    th, tw = tiling
-    return _tiles_call("spp_winograd_output", shape, m, th=th, tw=tw)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _output(m, tiling: Tiling):
+    """(16, B * tiles, F) -> (B, OH, OW, F): each tile's A^T m A, cropped to the output."""
+    shape = (m.shape[1] // tiling.tiles, tiling.oh, tiling.ow, m.shape[2])
+    return _tiles_call("spp_winograd_output", shape, m, tiling, False)
 
 
-def _output_fwd(m, tiling, shape):
-    return _output(m, tiling, shape), None
+def _output_fwd(m, tiling):
+    return _output(m, tiling), None
 
 
-def _output_bwd(tiling, shape, _, dy):
-    th, tw = tiling
-    dm_shape = (16, shape[0] * th * tw, shape[3])
-    return (_tiles_call("spp_winograd_output_grad", dm_shape, dy, th=th, tw=tw),)
+def _output_bwd(tiling, _, dy):
+    shape = (16, dy.shape[0] * tiling.tiles, dy.shape[3])
+    return (_tiles_call("spp_winograd_output_grad", shape, dy, tiling, False),)
 
 
 _output.defvjp(_output_fwd, _output_bwd)
@@ -112,8 +143,7 @@ def conv(x, kernel, padding: Padding):
     if not supported(x.shape, kernel.shape, padding, 1, x.dtype):
         raise ValueError(f"winograd.conv takes float32 3x3 stride-1 convolutions padded 0..2, "
                          f"not x {x.shape} {x.dtype}, kernel {kernel.shape}, padding {padding}")
-    oh, ow = out_hw(x.shape, padding)
-    tiling = (-(-oh // 2), -(-ow // 2))
-    v = _input(x, tiling, (padding[0][0], padding[1][0]))
+    tiling = Tiling(*x.shape[1:3], *out_hw(x.shape, padding), padding[0][0], padding[1][0])
+    v = _input(x, tiling)
     m = lax.dot_general(v, _kernel(kernel.astype(jnp.float32)), (((2,), (1,)), ((0,), (0,))))
-    return _output(m, tiling, (x.shape[0], oh, ow, kernel.shape[3]))
+    return _output(m, tiling)
